@@ -1,0 +1,1 @@
+"""Model configurations shipped with gptoss-jax (gpt-oss-20b, gpt-oss-120b, tiny)."""

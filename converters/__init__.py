@@ -1,0 +1,1 @@
+"""Checkpoint layouts and conversion (installed as gptoss_jax.converters)."""

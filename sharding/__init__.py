@@ -1,0 +1,1 @@
+"""Sharding rules and mesh helpers (installed as gptoss_jax.sharding)."""
