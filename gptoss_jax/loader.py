@@ -1,0 +1,141 @@
+"""`gptoss_jax.load`: a model from a checkpoint directory (either MXFP4 layout) or from a
+preset name with seeded random weights, placed parameter by parameter onto the devices
+(or the mesh's shardings), so the host never holds more than one tensor at a time."""
+
+from __future__ import annotations
+
+import functools
+import math
+import zlib
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from gptoss_jax import mxfp4
+from gptoss_jax.config import PRESETS, GptOssConfig
+from gptoss_jax.converters.layouts import DENSE, E8M0_SCALES, FP4_VALUES, Checkpoint, tensor_to_leaves
+from gptoss_jax.model import GptOss
+from gptoss_jax.sharding.rules import named_sharding
+
+DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
+
+
+def parse_dtype(dtype) -> jnp.dtype:
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
+        return jnp.dtype(DTYPES[dtype])
+    dtype = jnp.dtype(dtype)
+    if dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)):
+        raise ValueError(f"dtype must be bfloat16 or float32, got {dtype}")
+    return dtype
+
+
+def load(path, *, mesh=None, dtype="bfloat16", seed: int = 0) -> GptOss:
+    """A checkpoint directory (HF or original MXFP4 layout), or a preset name
+    ("tiny", "gpt-oss-20b", "gpt-oss-120b") for random weights drawn from `seed`."""
+    dtype = parse_dtype(dtype)
+    if isinstance(path, str) and path in PRESETS and not Path(path).exists():
+        return random_model(GptOssConfig.preset(path), mesh=mesh, dtype=dtype, seed=seed)
+    return model_from_checkpoint(Checkpoint(path), mesh=mesh, dtype=dtype)
+
+
+def abstract_model(config: GptOssConfig, dtype) -> tuple[nnx.GraphDef, list]:
+    """The module tree without memory: its graph and (path, Variable) leaves."""
+    abstract = nnx.eval_shape(lambda: GptOss(config, dtype))
+    graphdef, state = nnx.split(abstract)
+    return graphdef, list(nnx.to_flat_state(state))
+
+
+def _assemble(graphdef, leaves, values: dict) -> GptOss:
+    for path, var in leaves:
+        var.set_value(values[path])
+    return nnx.merge(graphdef, nnx.from_flat_state(leaves))
+
+
+def leaf_sharding(var, mesh):
+    return named_sharding(var.get_metadata()["axes"], var.shape, mesh)
+
+
+def model_from_checkpoint(checkpoint: Checkpoint, *, mesh=None, dtype=jnp.bfloat16) -> GptOss:
+    graphdef, leaves = abstract_model(checkpoint.config, dtype)
+    by_path = dict(leaves)
+    values = {}
+    for spec in checkpoint.specs:
+        for part, piece in tensor_to_leaves(spec, checkpoint.read(spec)):
+            var = by_path[part.leaf]
+            sharding = leaf_sharding(var, mesh)
+            if part.kind == FP4_VALUES:
+                packed = jax.device_put(np.asarray(piece), sharding)
+                values[part.leaf] = jax.jit(mxfp4.blocks_to_fp4, out_shardings=sharding)(packed)
+            elif part.kind == E8M0_SCALES:
+                values[part.leaf] = jax.device_put(np.asarray(piece), sharding)
+            else:
+                values[part.leaf] = _put_dense(np.asarray(piece), sharding, var.dtype)
+    return _assemble(graphdef, leaves, values)
+
+
+def _put_dense(array: np.ndarray, sharding, dtype):
+    if array.dtype == dtype:
+        return jax.device_put(array, sharding)
+    return jax.jit(lambda a: a.astype(dtype), out_shardings=sharding)(jax.device_put(array, sharding))
+
+
+# ------------------------------------------------------------------------ random weights
+def random_model(config: GptOssConfig, *, mesh=None, dtype=jnp.bfloat16, seed: int = 0,
+                 expert_scale_shift: int = 0) -> GptOss:
+    """Random weights created directly on the devices, one parameter at a time."""
+    graphdef, leaves = abstract_model(config, dtype)
+    values = {}
+    for path, var in leaves:
+        make = _random_leaf_fn(config, path[-1], var.shape, var.dtype, expert_scale_shift, leaf_sharding(var, mesh))
+        values[path] = make(leaf_key(seed, path))
+    return _assemble(graphdef, leaves, values)
+
+
+@functools.lru_cache(maxsize=None)
+def _random_leaf_fn(config, leaf, shape, dtype, expert_scale_shift, sharding=None):
+    return jax.jit(partial(random_leaf, config, leaf, shape, dtype, expert_scale_shift), out_shardings=sharding)
+
+
+def path_name(path: tuple) -> str:
+    return "/".join(str(p) for p in path)
+
+
+def leaf_key(seed: int, path: tuple) -> jax.Array:
+    return jax.random.fold_in(jax.random.key(seed), zlib.crc32(path_name(path).encode()))
+
+
+def random_leaf(config: GptOssConfig, leaf: str, shape, dtype, expert_scale_shift: int, key):
+    """One parameter of a random model. Values are drawn in bf16, so bf16 and fp32 models of
+    the same seed hold the same numbers. `expert_scale_shift` raises every E8M0 scale by that
+    many binary orders (to push expert pre-activations past the SwiGLU clamp)."""
+    c = config
+    if leaf.endswith("_fp4"):
+        packed = jax.random.randint(key, (*shape[:-1], shape[-1] // 2), 0, 256, jnp.int32).astype(jnp.uint8)
+        return mxfp4.blocks_to_fp4(packed)
+    if leaf.endswith("_scales"):
+        fan_in = c.hidden_size if leaf.startswith("mlp1") else c.intermediate_size
+        # Mean |FP4 value| is about 2.7: aim for weights of size 1/sqrt(fan_in).
+        center = 127 + round(math.log2(1 / (2.7 * math.sqrt(fan_in)))) + expert_scale_shift
+        exponents = center + jax.random.randint(key, shape, -1, 2, jnp.int32)
+        return mxfp4.scales_to_e8m0(jnp.clip(exponents, 0, 254).astype(jnp.uint8))
+    if leaf == "scale":
+        values = jax.random.uniform(key, shape, jnp.float32, 0.5, 1.5)
+    else:
+        std = {
+            "embedding": 1.0,
+            "sinks": 1.0,
+            "unembedding": 1 / math.sqrt(c.hidden_size),
+            "wq": 1 / math.sqrt(c.hidden_size),
+            "wk": 1 / math.sqrt(c.hidden_size),
+            "wv": 1 / math.sqrt(c.hidden_size),
+            "router_w": 1 / math.sqrt(c.hidden_size),
+            "wo": 1 / math.sqrt(c.num_attention_heads * c.head_dim),
+        }.get(leaf, 0.5)  # biases
+        values = jax.random.normal(key, shape, jnp.float32) * std
+    return values.astype(jnp.bfloat16).astype(dtype)

@@ -1,0 +1,309 @@
+"""The gpt-oss model as a Flax NNX module tree (spec section 2).
+
+Every parameter carries `axes`, its logical axis names; `gptoss_jax.sharding.rules` maps
+them to mesh axes. Expert weights stay FP4 (`float4_e2m1fn` + `float8_e8m0fnu` scales) and
+are dequantized inside the forward: this reference path is the oracle for fused kernels.
+
+Numerics follow the torch reference: activations in the compute dtype (bf16 by default)
+with a rounding after each op, GEMMs accumulated in fp32, softmaxes computed in fp32.
+With dtype=float32 everything is fp32.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from gptoss_jax import mxfp4
+from gptoss_jax.config import GptOssConfig, yarn_correction_range
+
+F32 = jnp.float32
+NO_POSITION = -1  # marks padding tokens and empty cache slots
+
+
+def _param(shape, dtype, axes):
+    return nnx.Param(jnp.zeros(shape, dtype), axes=axes)
+
+
+def _precision(dtype):
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == F32 else jax.lax.Precision.DEFAULT
+
+
+def _einsum(spec, a, b, dtype):
+    """A GEMM with bf16 (or fp32) inputs and fp32 accumulation; the result stays fp32."""
+    return jnp.einsum(spec, a, b, preferred_element_type=F32, precision=_precision(dtype))
+
+
+class LayerCache(NamedTuple):
+    """KV cache of one attention layer. Full layers hold `max_len` slots indexed by position;
+    sliding layers hold a ring of exactly `sliding_window` slots indexed by position modulo
+    the window. `positions` is the absolute position held in each slot (NO_POSITION: empty)."""
+
+    k: jax.Array  # [batch, slots, kv_heads, head_dim]
+    v: jax.Array
+    positions: jax.Array  # [batch, slots] int32
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, config: GptOssConfig, dtype):
+        self.eps = config.rms_norm_eps
+        self.scale = _param((config.hidden_size,), dtype, ("norm",))
+
+    def __call__(self, x):
+        # Spec 2.2: normalise in fp32, multiply the gain in fp32, then round once.
+        t = x.astype(F32)
+        t = t * jax.lax.rsqrt(jnp.mean(t * t, axis=-1, keepdims=True) + self.eps)
+        return (t * self.scale[...].astype(F32)).astype(x.dtype)
+
+
+def rope_tables(config: GptOssConfig, positions, dtype):
+    """cos and sin [..., head_dim/2] for YaRN half-split RoPE, scaled by the concentration (spec 2.4)."""
+    d_half = config.head_dim // 2
+    freq = np.float32(config.rope_theta) ** (np.arange(0, config.head_dim, 2, dtype=np.float32) / np.float32(config.head_dim))
+    factor = config.rope_scaling_factor
+    if factor > 1.0:
+        low, high = yarn_correction_range(config)
+        ramp = np.clip((np.arange(d_half, dtype=np.float32) - np.float32(low)) / np.float32(high - low), 0, 1)
+        extrapolation_weight = (1 - ramp).astype(np.float32)
+        inv_freq = (1.0 / (factor * freq)) * (1 - extrapolation_weight) + (1.0 / freq) * extrapolation_weight
+        concentration = 0.1 * math.log(factor) + 1.0
+    else:
+        inv_freq, concentration = 1.0 / freq, 1.0
+    angle = positions.astype(F32)[..., None] * jnp.asarray(inv_freq, F32)
+    return (jnp.cos(angle) * concentration).astype(dtype), (jnp.sin(angle) * concentration).astype(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """x [b, t, heads, head_dim]; cos/sin [b, t, head_dim/2]. Half-split ("rotate half") pairs."""
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: GptOssConfig, layer: int, dtype):
+        c = config
+        self.config = c
+        self.dtype = dtype
+        self.sliding = c.is_sliding(layer)
+        h, kv, d, hd = c.num_attention_heads, c.num_key_value_heads, c.hidden_size, c.head_dim
+        self.norm = RMSNorm(c, dtype)
+        self.wq = _param((h, hd, d), dtype, ("q_heads", "head_dim", "embed"))
+        self.bq = _param((h, hd), dtype, ("q_heads", "head_dim"))
+        self.wk = _param((kv, hd, d), dtype, ("kv_heads", "head_dim", "embed"))
+        self.bk = _param((kv, hd), dtype, ("kv_heads", "head_dim"))
+        self.wv = _param((kv, hd, d), dtype, ("kv_heads", "head_dim", "embed"))
+        self.bv = _param((kv, hd), dtype, ("kv_heads", "head_dim"))
+        self.wo = _param((d, h, hd), dtype, ("embed", "q_heads", "head_dim"))
+        self.bo = _param((d,), dtype, ("embed",))
+        self.sinks = _param((h,), dtype, ("q_heads",))
+
+    def project(self, h, w, b):
+        # A linear layer with bias rounds once, after the bias (spec 2.7).
+        return (_einsum("btd,nkd->btnk", h, w[...], self.dtype) + b[...].astype(F32)).astype(self.dtype)
+
+    def __call__(self, x, positions, cache: LayerCache | None = None):
+        """x [b, t, embed]; positions [b, t] (NO_POSITION for padding). With a cache, the new
+        keys are attended together with the cached ones, then written into the cache."""
+        c, dt = self.config, self.dtype
+        h = self.norm(x)
+        q = self.project(h, self.wq, self.bq)
+        k = self.project(h, self.wk, self.bk)
+        v = self.project(h, self.wv, self.bv)
+        cos, sin = rope_tables(c, positions, dt)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        if cache is None:
+            keys, values, key_positions = k, v, positions
+        else:
+            keys = jnp.concatenate([cache.k, k], axis=1)
+            values = jnp.concatenate([cache.v, v], axis=1)
+            key_positions = jnp.concatenate([cache.positions, positions], axis=1)
+        out = self.attend(q, keys, values, positions, key_positions)
+        out = (_einsum("btnk,dnk->btd", out, self.wo[...], dt) + self.bo[...].astype(F32)).astype(dt)
+        return out, (None if cache is None else self.write_cache(cache, k, v, positions))
+
+    def attend(self, q, k, v, q_positions, k_positions):
+        """Softmax attention with the learned sink as an extra logit per head (spec 2.3)."""
+        c, dt = self.config, self.dtype
+        b, t, _, hd = q.shape
+        groups = c.q_heads_per_kv_head
+        q = q.reshape(b, t, c.num_key_value_heads, groups, hd)  # q head n = kv head * groups + g
+        scores = _einsum("btkgd,bskd->bkgts", q, k, dt).astype(dt) * jnp.asarray(hd ** -0.5, dt)
+
+        qp, kp = q_positions[:, :, None], k_positions[:, None, :]
+        allowed = (kp <= qp) & (kp != NO_POSITION)
+        if self.sliding:
+            allowed &= qp - kp < c.sliding_window
+        scores = jnp.where(allowed[:, None, None], scores.astype(F32), -jnp.inf)
+
+        sinks = self.sinks[...].astype(F32).reshape(1, c.num_key_value_heads, groups, 1, 1)
+        peak = jnp.maximum(jnp.max(scores, axis=-1, keepdims=True), sinks)
+        weights = jnp.exp(scores - peak)
+        probs = (weights / (jnp.sum(weights, axis=-1, keepdims=True) + jnp.exp(sinks - peak))).astype(dt)
+        out = _einsum("bkgts,bskd->btkgd", probs, v, dt).astype(dt)
+        return out.reshape(b, t, c.num_attention_heads, hd)
+
+    def write_cache(self, cache: LayerCache, k, v, positions) -> LayerCache:
+        slots = cache.positions.shape[1]
+        if self.sliding:
+            # Only the newest `slots` positions of each sequence go into the ring, so no two
+            # new tokens land on the same slot.
+            newest = jnp.max(positions, axis=1, keepdims=True)
+            write = (positions != NO_POSITION) & (positions > newest - slots)
+            slot = positions % slots
+        else:
+            write = (positions != NO_POSITION) & (positions < slots)
+            slot = positions
+        slot = jnp.where(write, slot, slots)  # out of range: dropped by the scatter
+        rows = jnp.arange(k.shape[0])[:, None]
+        return LayerCache(
+            k=cache.k.at[rows, slot].set(k, mode="drop"),
+            v=cache.v.at[rows, slot].set(v, mode="drop"),
+            positions=cache.positions.at[rows, slot].set(positions, mode="drop"),
+        )
+
+
+class MoE(nnx.Module):
+    def __init__(self, config: GptOssConfig, dtype):
+        c = config
+        self.config = c
+        self.dtype = dtype
+        e, d, i = c.num_experts, c.hidden_size, c.intermediate_size
+        block = mxfp4.BLOCK
+        self.norm = RMSNorm(c, dtype)
+        self.router_w = _param((e, d), dtype, ("experts", "embed"))
+        self.router_b = _param((e,), dtype, ("experts",))
+        # mlp1 rows alternate gate, up, gate, up, ... (spec 2.5); blocks run along the input axis.
+        self.mlp1_fp4 = nnx.Param(jnp.zeros((e, 2 * i, d // block, block), mxfp4.FP4),
+                                  axes=("experts", "expert_mlp", "embed_blocks", "block"))
+        self.mlp1_scales = nnx.Param(jnp.zeros((e, 2 * i, d // block), mxfp4.E8M0),
+                                     axes=("experts", "expert_mlp", "embed_blocks"))
+        self.mlp1_bias = _param((e, 2 * i), dtype, ("experts", "expert_mlp"))
+        self.mlp2_fp4 = nnx.Param(jnp.zeros((e, d, i // block, block), mxfp4.FP4),
+                                  axes=("experts", "embed", "expert_mlp_blocks", "block"))
+        self.mlp2_scales = nnx.Param(jnp.zeros((e, d, i // block), mxfp4.E8M0),
+                                     axes=("experts", "embed", "expert_mlp_blocks"))
+        self.mlp2_bias = _param((e, d), dtype, ("experts", "embed"))
+
+    def route(self, h):
+        """Top-k experts per token and their weights: softmax over the k logits (spec 2.5)."""
+        logits = (_einsum("nd,ed->ne", h, self.router_w[...], self.dtype)
+                  + self.router_b[...].astype(F32)).astype(self.dtype)
+        values, experts = jax.lax.top_k(logits, self.config.experts_per_token)
+        return experts, jax.nn.softmax(values.astype(F32), axis=-1).astype(self.dtype)
+
+    def swiglu(self, u):
+        """Clamped SwiGLU on interleaved gate/up columns, with the +1 on the linear branch."""
+        c, dt = self.config, self.dtype
+        gate, up = u[..., 0::2], u[..., 1::2]
+        gate = jnp.minimum(gate, jnp.asarray(c.swiglu_limit, dt))
+        up = jnp.clip(up, -c.swiglu_limit, c.swiglu_limit).astype(dt)
+        # torch multiplies a bf16 tensor by a Python float in fp32, then rounds.
+        glu = gate * jax.nn.sigmoid((gate.astype(F32) * c.swiglu_alpha).astype(dt))
+        return glu * (up + jnp.asarray(1, dt))
+
+    def __call__(self, x):
+        b, t, d = x.shape
+        h = self.norm(x).reshape(b * t, d)
+        experts, weights = self.route(h)
+        if b * t * self.config.experts_per_token < self.config.num_experts:
+            y = self.experts_gathered(h, experts)
+        else:
+            y = self.experts_grouped(h, experts)
+        out = _einsum("nko,nk->no", y, weights, self.dtype).astype(self.dtype)
+        return out.reshape(b, t, d)
+
+    def experts_gathered(self, h, experts):
+        """Few tokens: dequantize only the routed experts' weights. Returns [n, k, embed]."""
+        dt = self.dtype
+        w1 = mxfp4.dequantize(self.mlp1_fp4[...][experts], self.mlp1_scales[...][experts], dt)
+        u = _einsum("nd,nkod->nko", h, w1, dt).astype(dt) + self.mlp1_bias[...][experts]
+        a = self.swiglu(u)
+        w2 = mxfp4.dequantize(self.mlp2_fp4[...][experts], self.mlp2_scales[...][experts], dt)
+        y = _einsum("nki,nkoi->nko", a, w2, dt).astype(dt)
+        return y + self.mlp2_bias[...][experts]
+
+    def experts_grouped(self, h, experts):
+        """Many tokens: sort the (token, expert) pairs by expert and run one grouped GEMM per
+        projection over all experts, dequantized inside the forward. Returns [n, k, embed]."""
+        dt = self.dtype
+        n, k = experts.shape
+        num_experts = self.config.num_experts
+        flat = experts.reshape(-1)
+        order = jnp.argsort(flat, stable=True)
+        token_of = order // k
+        expert_of = flat[order]
+        group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+        x = h[token_of]
+
+        w1 = mxfp4.dequantize(self.mlp1_fp4[...], self.mlp1_scales[...], dt)  # [e, 2i, d]
+        u = jax.lax.ragged_dot(x, jnp.swapaxes(w1, 1, 2), group_sizes, preferred_element_type=F32,
+                               precision=_precision(dt)).astype(dt)
+        a = self.swiglu(u + self.mlp1_bias[...][expert_of])
+        w2 = mxfp4.dequantize(self.mlp2_fp4[...], self.mlp2_scales[...], dt)  # [e, d, i]
+        y = jax.lax.ragged_dot(a, jnp.swapaxes(w2, 1, 2), group_sizes, preferred_element_type=F32,
+                               precision=_precision(dt)).astype(dt)
+        y = y + self.mlp2_bias[...][expert_of]
+        return jnp.zeros_like(y).at[order].set(y).reshape(n, k, -1)
+
+
+class Block(nnx.Module):
+    def __init__(self, config: GptOssConfig, layer: int, dtype):
+        self.attn = Attention(config, layer, dtype)
+        self.mlp = MoE(config, dtype)
+
+    def __call__(self, x, positions, cache=None):
+        a, cache = self.attn(x, positions, cache)
+        x = x + a
+        return x + self.mlp(x), cache
+
+
+class GptOss(nnx.Module):
+    """`model(tokens)` -> logits [batch, seq, vocab] for the whole causal sequence."""
+
+    def __init__(self, config: GptOssConfig, dtype=jnp.bfloat16):
+        self.config = config
+        self.dtype = jnp.dtype(dtype)
+        c = config
+        self.embedding = _param((c.vocab_size, c.hidden_size), dtype, ("vocab", "embed"))
+        self.blocks = nnx.List([Block(c, i, dtype) for i in range(c.num_hidden_layers)])
+        self.norm = RMSNorm(c, dtype)
+        self.unembedding = _param((c.vocab_size, c.hidden_size), dtype, ("vocab", "embed"))
+
+    def __call__(self, tokens, positions=None):
+        tokens = jnp.asarray(tokens, jnp.int32)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+        logits, _ = self.forward(tokens, positions, None)
+        return logits
+
+    def extend(self, tokens, positions, caches: list[LayerCache]):
+        """Runs new tokens at the given positions against the caches.
+        Returns (logits [b, t, vocab], updated caches)."""
+        return self.forward(jnp.asarray(tokens, jnp.int32), positions, caches)
+
+    def init_cache(self, batch: int, max_len: int) -> list[LayerCache]:
+        c = self.config
+        caches = []
+        for layer in range(c.num_hidden_layers):
+            slots = min(c.sliding_window, max_len) if c.is_sliding(layer) else max_len
+            shape = (batch, slots, c.num_key_value_heads, c.head_dim)
+            caches.append(LayerCache(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype),
+                                     jnp.full((batch, slots), NO_POSITION, jnp.int32)))
+        return caches
+
+    def forward(self, tokens, positions, caches):
+        x = self.embedding[...][tokens]
+        new_caches = []
+        for layer, block in enumerate(self.blocks):
+            x, cache = block(x, positions, None if caches is None else caches[layer])
+            new_caches.append(cache)
+        h = self.norm(x)
+        logits = _einsum("btd,vd->btv", h, self.unembedding[...], self.dtype).astype(self.dtype)
+        return logits, (None if caches is None else new_caches)

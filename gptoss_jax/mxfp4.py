@@ -1,0 +1,88 @@
+"""MXFP4 experts as ml_dtypes arrays: `float4_e2m1fn` values in blocks of 32 along the
+contraction axis, one `float8_e8m0fnu` scale per block (spec 3.3).
+
+A checkpoint byte holds element 2j in its low nibble and 2j+1 in its high nibble, which is
+exactly what `lax.bitcast_convert_type(uint8[..., 16], float4_e2m1fn)` produces, so going
+from the checkpoint to FP4 arrays and back is a bitcast, never a re-quantization.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+FP4 = jnp.float4_e2m1fn
+E8M0 = jnp.float8_e8m0fnu
+BLOCK = 32
+BYTES_PER_BLOCK = BLOCK // 2
+NAN_SCALE = 255  # E8M0 reserves 0xFF for NaN
+
+# Per 3-bit magnitude code: the binary exponent and the mantissa bit of the FP4 value
+# (0.5, 1, 1.5, 2, 3, 4, 6 = 1.m * 2^e). Code 0 is zero.
+_FP4_EXPONENT = np.array([0, -1, 0, 0, 1, 1, 2, 2], np.int32)
+_FP4_MANTISSA = np.array([0, 0, 0, 1, 0, 1, 0, 1], np.int32)
+
+
+def blocks_to_fp4(blocks):
+    """uint8 [..., G, 16] checkpoint bytes -> float4_e2m1fn [..., G, 32] (a bitcast)."""
+    blocks = jnp.asarray(blocks, jnp.uint8)
+    fp4 = jax.lax.bitcast_convert_type(blocks, FP4)
+    return fp4.reshape(*blocks.shape[:-1], blocks.shape[-1] * 2)
+
+
+def fp4_to_blocks(fp4):
+    """float4_e2m1fn [..., G, 32] -> the checkpoint's uint8 [..., G, 16] (a bitcast)."""
+    pairs = fp4.reshape(*fp4.shape[:-1], fp4.shape[-1] // 2, 2)
+    return jax.lax.bitcast_convert_type(pairs, jnp.uint8)
+
+
+def scales_to_e8m0(scales):
+    return jax.lax.bitcast_convert_type(jnp.asarray(scales, jnp.uint8), E8M0)
+
+
+def e8m0_to_scales(e8m0):
+    return jax.lax.bitcast_convert_type(e8m0, jnp.uint8)
+
+
+def blocks_to_fp4_numpy(blocks: np.ndarray) -> np.ndarray:
+    """Host version of `blocks_to_fp4` (one byte per element, as ml_dtypes stores FP4)."""
+    low, high = blocks & 0x0F, blocks >> 4
+    codes = np.stack([low, high], axis=-1).reshape(*blocks.shape[:-1], blocks.shape[-1] * 2)
+    return codes.view(ml_dtypes.float4_e2m1fn)
+
+
+def dequantize(fp4, scales, dtype=jnp.bfloat16):
+    """FP4 values [..., G, 32] and E8M0 scales [..., G] -> dtype [..., G*32].
+
+    value * 2^(scale - 127), rounded like `torch.ldexp`, but built from the bits so that no
+    subnormal intermediate is flushed to zero (XLA's CPU backend flushes some): results at
+    the bottom of the exponent range are exact subnormals. Scale 255 (NaN) is refused at
+    load time; here it gives +-inf.
+    """
+    codes = jax.lax.bitcast_convert_type(fp4, jnp.uint4).astype(jnp.int32)
+    scale = jax.lax.bitcast_convert_type(scales, jnp.uint8).astype(jnp.int32)[..., None]
+    magnitude = codes & 7
+    sign = (codes >> 3) << 31
+    mantissa = jnp.asarray(_FP4_MANTISSA)[magnitude]
+    biased = jnp.asarray(_FP4_EXPONENT)[magnitude] + scale  # fp32 biased exponent of the result
+    normal = (biased << 23) | (mantissa << 22)
+    subnormal = ((1 << 23) | (mantissa << 22)) >> jnp.clip(1 - biased, 0, 31)
+    bits = jnp.where(biased >= 1, normal, subnormal)
+    bits = jnp.where(biased >= 255, 0x7F800000, bits)
+    bits = jnp.where(magnitude == 0, 0, bits) | sign
+    bits = bits.astype(jnp.uint32)
+    if jnp.dtype(dtype) == jnp.bfloat16:
+        # The low 16 bits are zero, so the bf16 value is the same number.
+        out = jax.lax.bitcast_convert_type((bits >> 16).astype(jnp.uint16), jnp.bfloat16)
+    else:
+        out = jax.lax.bitcast_convert_type(bits, jnp.float32).astype(dtype)
+    return out.reshape(*fp4.shape[:-2], fp4.shape[-2] * fp4.shape[-1])
+
+
+def fp4_nbytes(array) -> int:
+    """Bytes an FP4 array takes in device memory (packed two per byte; `.nbytes` says one)."""
+    if array.dtype == FP4:
+        return (array.size + 1) // 2
+    return array.size * array.dtype.itemsize
