@@ -142,6 +142,9 @@ class GptOssConfig:
         return cls.from_dict(json.loads(text), name=name)
 
     def replace(self, **changes) -> "GptOssConfig":
+        """A copy with some fields changed; a new layer count re-derives the layer types."""
+        if "num_hidden_layers" in changes and "layer_types" not in changes:
+            changes["layer_types"] = ()
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:

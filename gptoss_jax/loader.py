@@ -112,21 +112,24 @@ def leaf_key(seed: int, path: tuple) -> jax.Array:
 
 def random_leaf(config: GptOssConfig, leaf: str, shape, dtype, expert_scale_shift: int, key):
     """One parameter of a random model. Values are drawn in bf16, so bf16 and fp32 models of
-    the same seed hold the same numbers. `expert_scale_shift` raises every E8M0 scale by that
-    many binary orders (to push expert pre-activations past the SwiGLU clamp)."""
+    the same seed hold the same numbers. `expert_scale_shift` raises the mlp1 E8M0 scales by
+    that many binary orders (to push expert pre-activations past the SwiGLU clamp)."""
     c = config
     if leaf.endswith("_fp4"):
         packed = jax.random.randint(key, (*shape[:-1], shape[-1] // 2), 0, 256, jnp.int32).astype(jnp.uint8)
         return mxfp4.blocks_to_fp4(packed)
     if leaf.endswith("_scales"):
-        fan_in = c.hidden_size if leaf.startswith("mlp1") else c.intermediate_size
-        # Mean |FP4 value| is about 2.7: aim for weights of size 1/sqrt(fan_in).
-        center = 127 + round(math.log2(1 / (2.7 * math.sqrt(fan_in)))) + expert_scale_shift
+        # Mean |FP4 value| is about 2.7: aim mlp1 weights at size 1/sqrt(fan_in), and keep
+        # mlp2 (which writes into the residual stream) sixteen times smaller.
+        fan_in, shift = (c.hidden_size, expert_scale_shift) if leaf.startswith("mlp1") else (c.intermediate_size, -4)
+        center = 127 + round(math.log2(1 / (2.7 * math.sqrt(fan_in)))) + shift
         exponents = center + jax.random.randint(key, shape, -1, 2, jnp.int32)
         return mxfp4.scales_to_e8m0(jnp.clip(exponents, 0, 254).astype(jnp.uint8))
     if leaf == "scale":
         values = jax.random.uniform(key, shape, jnp.float32, 0.5, 1.5)
     else:
+        # Layers write small updates into the residual stream, as in trained models, so
+        # that bf16 and fp32 runs stay comparable through several layers.
         std = {
             "embedding": 1.0,
             "sinks": 1.0,
@@ -134,8 +137,10 @@ def random_leaf(config: GptOssConfig, leaf: str, shape, dtype, expert_scale_shif
             "wq": 1 / math.sqrt(c.hidden_size),
             "wk": 1 / math.sqrt(c.hidden_size),
             "wv": 1 / math.sqrt(c.hidden_size),
-            "router_w": 1 / math.sqrt(c.hidden_size),
-            "wo": 1 / math.sqrt(c.num_attention_heads * c.head_dim),
-        }.get(leaf, 0.5)  # biases
+            "router_w": 4 / math.sqrt(c.hidden_size),  # a decisive router, like trained ones
+            "wo": 0.25 / math.sqrt(c.num_attention_heads * c.head_dim),
+            "bo": 0.1,
+            "mlp2_bias": 0.1,
+        }.get(leaf, 0.5)  # the other biases
         values = jax.random.normal(key, shape, jnp.float32) * std
     return values.astype(jnp.bfloat16).astype(dtype)
