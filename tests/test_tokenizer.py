@@ -46,11 +46,11 @@ def offline_environment(cache_home: Path) -> dict:
     return env
 
 
-def run_offline(code: str, cache_home: Path) -> dict:
+def run_offline(code: str, cache_home: Path, **extra_env: str) -> dict:
     completed = subprocess.run(
         [sys.executable, "-c", BLOCK_NETWORK + code],
         cwd=REPO_ROOT,
-        env=offline_environment(cache_home),
+        env=offline_environment(cache_home) | extra_env,
         capture_output=True,
         text=True,
         timeout=120,
