@@ -6,6 +6,7 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.generate import generate
@@ -20,12 +21,27 @@ def model():
     return random_model(config, dtype=jnp.float32, seed=1)
 
 
+FULL_LEN = 32
+
+
+@nnx.jit
+def full_forward(model, tokens):
+    return model(tokens)
+
+
 def greedy_by_full_forward(model, prompt, n):
+    """Re-runs the whole sequence each step. The sequence is right-padded to a fixed length
+    (one compilation); causal attention makes the padding irrelevant."""
     seq = list(prompt)
     for _ in range(n):
-        logits = model(jnp.asarray([seq]))
-        seq.append(int(jnp.argmax(logits[0, -1])))
+        logits = full_forward(model, jnp.asarray([seq + [0] * (FULL_LEN - len(seq))]))
+        seq.append(int(jnp.argmax(logits[0, len(seq) - 1])))
     return seq[len(prompt):]
+
+
+@nnx.jit
+def extend(model, tokens, positions, caches):
+    return model.extend(tokens, positions, caches)
 
 
 def prompt_of(length, seed):
@@ -44,10 +60,10 @@ def test_cached_logits_match_full_forward(model):
     prompt_len = 6
     caches = model.init_cache(1, len(seq))
     logits, caches = model.extend(jnp.asarray([seq[:prompt_len]]), jnp.arange(prompt_len)[None], caches)
-    full = model(jnp.asarray([seq]))
+    full = full_forward(model, jnp.asarray([seq]))
     np.testing.assert_allclose(logits[0], full[0, :prompt_len], atol=1e-5, rtol=0)
     for pos in range(prompt_len, len(seq)):
-        logits, caches = model.extend(jnp.asarray([[seq[pos]]]), jnp.asarray([[pos]]), caches)
+        logits, caches = extend(model, jnp.asarray([[seq[pos]]]), jnp.asarray([[pos]]), caches)
         np.testing.assert_allclose(logits[0, 0], full[0, pos], atol=1e-5, rtol=0)
 
 
