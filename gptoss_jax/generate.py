@@ -27,7 +27,8 @@ from gptoss_jax.model import NO_POSITION, GptOss
 
 DEFAULT_CHUNK = 8
 PAD_TOKEN = 0  # fed at position -1, so its value never matters
-COMPILATION_CACHE_DIR = Path.home() / ".cache" / "gptoss_jax" / "jax_cache"
+COMPILATION_CACHE_DIR = Path(os.environ.get("GPTOSS_JAX_CACHE_DIR") or
+                             Path.home() / ".cache" / "gptoss_jax" / "jax_cache")
 
 
 # --------------------------------------------------------------------------- validation
@@ -220,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m gptoss_jax.generate",
         description="Generate text with gpt-oss in JAX (harmony chat format unless --raw).",
         epilog=f"Compiled code is cached across runs in {COMPILATION_CACHE_DIR} "
-               "(JAX's persistent compilation cache; disable with --no-compilation-cache).")
+               "(JAX's persistent compilation cache; set GPTOSS_JAX_CACHE_DIR to move it, "
+               "--no-compilation-cache to disable it).")
     parser.add_argument("--checkpoint", help="checkpoint directory (default: the built-in 'tiny' random model)")
     parser.add_argument("--prompt", action="append", help="prompt text; repeat for a batch")
     parser.add_argument("--prompt-file", help="file with one prompt per line")
@@ -324,11 +326,11 @@ def run(args) -> int:
 
     stream_one = len(prompts) == 1 and not args.json
     streams = [_HarmonyStream(echo=stream_one, show_analysis=args.show_analysis) for _ in prompts]
-    clock = {"first": None}
+    clock = {"first": None, "first_count": 0}
 
     def on_tokens(new):
         if clock["first"] is None:
-            clock["first"] = time.perf_counter()
+            clock["first"], clock["first_count"] = time.perf_counter(), sum(map(len, new))
         if args.raw:
             if stream_one:
                 print(_decode(tokenizer, [t for t in new[0] if t != ENDOFTEXT]), end="", flush=True)
@@ -366,9 +368,11 @@ def run(args) -> int:
 
     if args.stats:
         generated = sum(len(t) for t in outputs)
-        first = (clock["first"] or time.perf_counter()) - start
-        print(f"stats: {generated} tokens in {elapsed:.2f}s ({generated / elapsed:.1f} tokens/s overall); "
-              f"prefill + first chunk {first:.2f}s", file=sys.stderr)
+        first = (clock["first"] or start + elapsed) - start
+        rest, rest_time = generated - clock["first_count"], elapsed - first
+        rate = f"{rest / rest_time:.1f} tokens/s" if rest and rest_time > 0 else "n/a"
+        print(f"stats: {generated} tokens in {elapsed:.2f}s; prefill + first chunk (includes compiling) "
+              f"{first:.2f}s; after that {rate} (batch {len(prompts)})", file=sys.stderr)
     return 0
 
 
