@@ -1,0 +1,392 @@
+"""Batched text generation with the KV cache, and the `python -m gptoss_jax.generate` CLI.
+
+`generate` prefills all (ragged, right-padded) prompts in one jitted call, then decodes in
+chunks of `chunk` tokens: each chunk is one jitted `lax.while_loop` on the device, and the
+host only sees the tokens between chunks (for streaming and to stop once every sequence
+has finished). Padding and finished sequences use position -1, which the model neither
+attends nor writes into the cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from functools import partial
+from pathlib import Path
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from gptoss_jax.model import NO_POSITION, GptOss
+
+DEFAULT_CHUNK = 8
+PAD_TOKEN = 0  # fed at position -1, so its value never matters
+COMPILATION_CACHE_DIR = Path(os.environ.get("GPTOSS_JAX_CACHE_DIR") or
+                             Path.home() / ".cache" / "gptoss_jax" / "jax_cache")
+
+
+# --------------------------------------------------------------------------- validation
+def check_sampling(temperature: float, top_p: float, top_k: int) -> None:
+    if not temperature >= 0:  # also rejects NaN
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 = no top-k filtering), got {top_k}")
+
+
+def _check_prompts(prompts, vocab_size: int) -> list[list[int]]:
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
+        raise ValueError("prompts must be a non-empty list of token-id lists")
+    checked = []
+    for i, prompt in enumerate(prompts):
+        ids = np.asarray(prompt)
+        if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
+            raise ValueError(f"prompt {i} must be a flat list of integer token ids")
+        if ids.size == 0:
+            raise ValueError(f"prompt {i} is empty; give at least one token")
+        if ids.min() < 0 or ids.max() >= vocab_size:
+            raise ValueError(f"prompt {i} has token ids outside [0, {vocab_size})")
+        checked.append([int(t) for t in ids])
+    return checked
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+# ------------------------------------------------------------------------------ sampling
+def sample(logits, key, temperature, top_p, *, greedy: bool, top_k: int, use_top_p: bool):
+    """logits [b, vocab] -> token ids [b]. temperature and top_p are traced scalars."""
+    logits = logits.astype(jnp.float32)
+    if greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    if top_k:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if use_top_p:
+        ordered = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(ordered, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass of the strictly larger tokens
+        kept = jnp.where(before < top_p, ordered, jnp.inf)  # the first token is always kept
+        logits = jnp.where(logits < jnp.min(kept, axis=-1, keepdims=True), -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+# ------------------------------------------------------------------------ jitted kernels
+@partial(jax.jit, static_argnums=0, donate_argnums=4)
+def _prefill(graphdef, state, tokens, positions, caches, last_index):
+    model = nnx.merge(graphdef, state)
+    logits, caches = model.extend(tokens, positions, caches)
+    last = jnp.take_along_axis(logits, last_index[:, None, None], axis=1)[:, 0]
+    return last.astype(jnp.float32), caches
+
+
+@partial(jax.jit, static_argnames=("graphdef", "chunk", "greedy", "top_k", "use_top_p"),
+         donate_argnames=("caches",))
+def _decode_chunk(graphdef, state, caches, logits, position, count, done, step, limit, stop_tokens,
+                  key, temperature, top_p, *, chunk, greedy, top_k, use_top_p):
+    """Samples up to `chunk` tokens per sequence. `position`: where each sequence's next token
+    goes; `count`: tokens generated so far; `limit`: how many it may generate; `step`: the
+    global decode step (the sampling key is `fold_in(key, step)`). Returns the new state
+    and the tokens [b, chunk] (-1 where a sequence produced none)."""
+    model = nnx.merge(graphdef, state)
+    batch = logits.shape[0]
+
+    def body(carry):
+        i, caches, logits, position, count, done, step, out = carry
+        token = sample(logits, jax.random.fold_in(key, step), temperature, top_p,
+                       greedy=greedy, top_k=top_k, use_top_p=use_top_p)
+        active = ~done
+        out = out.at[:, i].set(jnp.where(active, token, -1))
+        count = count + active
+        hit_stop = jnp.any(token[:, None] == stop_tokens[None, :], axis=-1)
+        now_done = done | (active & (hit_stop | (count >= limit)))
+        # Only tokens whose successor is still wanted go through the model.
+        feed = ~now_done
+        tokens = jnp.where(feed, token, PAD_TOKEN)[:, None]
+        positions = jnp.where(feed, position, NO_POSITION)[:, None]
+        new_logits, caches = model.extend(tokens, positions, caches)
+        logits = jnp.where(feed[:, None], new_logits[:, 0].astype(jnp.float32), logits)
+        return i + 1, caches, logits, position + feed, count, now_done, step + 1, out
+
+    def cond(carry):
+        i, done = carry[0], carry[5]
+        return (i < chunk) & ~jnp.all(done)
+
+    out = jnp.full((batch, chunk), -1, jnp.int32)
+    carry = (jnp.int32(0), caches, logits, position, count, done, step, out)
+    _, caches, logits, position, count, done, step, out = jax.lax.while_loop(cond, body, carry)
+    return caches, logits, position, count, done, step, out
+
+
+# ---------------------------------------------------------------------------- generate
+def generate(
+    model: GptOss,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int = 0,
+    stop_tokens: Sequence[int] | None = None,
+    max_len: int | None = None,
+    on_tokens: Callable[[list[list[int]]], None] | None = None,
+    chunk: int = DEFAULT_CHUNK,
+) -> list[list[int]]:
+    """Generates up to `max_new_tokens` tokens after each prompt (a list of token ids; the
+    batch may be ragged). Returns the new ids per prompt, the stop token included when one
+    was hit. `stop_tokens=None` means the harmony assistant stops (<|return|>, <|call|>),
+    `[]` means none. `temperature=0` is greedy; otherwise tokens are sampled from
+    softmax(logits / temperature) after optional top-k / top-p filtering, with keys drawn
+    from `seed`. `max_len` bounds prompt + generated tokens per sequence (default: longest
+    prompt + max_new_tokens); a sequence that reaches it stops. `on_tokens` is called after
+    every chunk with the new tokens of each sequence (possibly empty lists)."""
+    config = model.config
+    prompts = _check_prompts(prompts, config.vocab_size)
+    check_sampling(temperature, top_p, top_k)
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    longest = int(lengths.max())
+    if max_len is None:
+        max_len = longest + max_new_tokens
+    if longest > max_len:
+        raise ValueError(f"a prompt of {longest} tokens is longer than the cache context "
+                         f"max_len={max_len}; shorten the prompt or raise max_len")
+    if stop_tokens is None:
+        from gptoss_jax.chat_format import assistant_stop_tokens
+        stop_tokens = assistant_stop_tokens()
+    stop_tokens = [int(t) for t in stop_tokens]
+
+    batch = len(prompts)
+    results: list[list[int]] = [[] for _ in range(batch)]
+    if max_new_tokens == 0:
+        return results
+
+    # Rounded shapes let nearby prompt lengths share compiled code; extra slots stay empty.
+    padded = _round_up(longest, 16)
+    tokens = np.full((batch, padded), PAD_TOKEN, np.int32)
+    positions = np.full((batch, padded), NO_POSITION, np.int32)
+    for i, prompt in enumerate(prompts):
+        tokens[i, : len(prompt)] = prompt
+        positions[i, : len(prompt)] = np.arange(len(prompt))
+    caches = model.init_cache(batch, _round_up(max(max_len, padded), 64))
+
+    graphdef, state = nnx.split(model)
+    logits, caches = _prefill(graphdef, state, jnp.asarray(tokens), jnp.asarray(positions), caches,
+                              jnp.asarray(lengths - 1))
+
+    limit = np.minimum(max_new_tokens, max_len - lengths)
+    done = limit <= 0
+    position, count, step = jnp.asarray(lengths), jnp.zeros(batch, jnp.int32), jnp.int32(0)
+    done = jnp.asarray(done)
+    stops = jnp.asarray(np.array(stop_tokens, np.int32).reshape(-1))
+    key = jax.random.key(seed)
+    kernel = partial(_decode_chunk, graphdef, state, chunk=chunk, greedy=temperature == 0,
+                     top_k=min(top_k, config.vocab_size), use_top_p=top_p < 1)
+    temperature_arg = jnp.float32(temperature if temperature > 0 else 1.0)
+
+    while not bool(np.all(np.asarray(done))):
+        caches, logits, position, count, done, step, out = kernel(
+            caches, logits, position, count, done, step, jnp.asarray(limit, jnp.int32), stops, key,
+            temperature_arg, jnp.float32(top_p))
+        new = [[int(t) for t in row if t >= 0] for row in np.asarray(out)]
+        for result, tokens_of_seq in zip(results, new):
+            result.extend(tokens_of_seq)
+        if on_tokens is not None:
+            on_tokens(new)
+    return results
+
+
+# ---------------------------------------------------------------------------------- CLI
+def enable_compilation_cache(path: Path = COMPILATION_CACHE_DIR) -> None:
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m gptoss_jax.generate",
+        description="Generate text with gpt-oss in JAX (harmony chat format unless --raw).",
+        epilog=f"Compiled code is cached across runs in {COMPILATION_CACHE_DIR} "
+               "(JAX's persistent compilation cache; set GPTOSS_JAX_CACHE_DIR to move it, "
+               "--no-compilation-cache to disable it).")
+    parser.add_argument("--checkpoint", help="checkpoint directory (default: the built-in 'tiny' random model)")
+    parser.add_argument("--prompt", action="append", help="prompt text; repeat for a batch")
+    parser.add_argument("--prompt-file", help="file with one prompt per line")
+    parser.add_argument("--reasoning-effort", choices=["low", "medium", "high"], default="medium")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0, help="0 = off")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--raw", action="store_true",
+                        help="no chat format: encode the prompt text as is and stop on <|endoftext|>")
+    parser.add_argument("--show-analysis", action="store_true", help="stream the analysis channel to stderr")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object per prompt (prompt_tokens, tokens, text)")
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    parser.add_argument("--stats", action="store_true", help="print timing and tokens/s to stderr")
+    parser.add_argument("--no-compilation-cache", action="store_true")
+    return parser
+
+
+def _read_prompts(args) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompt_file:
+        try:
+            text = Path(args.prompt_file).read_text(encoding="utf-8")
+        except OSError as e:
+            raise ValueError(f"cannot read --prompt-file {args.prompt_file}: {e.strerror or e}") from None
+        prompts += [line for line in text.splitlines() if line.strip()]
+    return prompts or ["Why is the sky blue?"]
+
+
+def _decode(tokenizer, tokens: list[int]) -> str:
+    known = [t for t in tokens if t < tokenizer.n_vocab]
+    try:
+        return tokenizer.decode(known, errors="replace")
+    except KeyError:  # ids in unused gaps of the vocabulary
+        return tokenizer.decode([t for t in known if t < 199998], errors="replace")
+
+
+class _HarmonyStream:
+    """Feeds one sequence's tokens to a StreamingParser; writes final text to stdout and
+    (optionally) analysis text to stderr. Stops parsing at the first malformed token."""
+
+    def __init__(self, echo: bool, show_analysis: bool):
+        from gptoss_jax.chat_format import StreamingParser
+        self.parser, self.broken = StreamingParser(), False
+        self.echo, self.show_analysis = echo, show_analysis
+        self.final, self.analysis = [], []
+
+    def feed(self, tokens: list[int]) -> None:
+        for token in tokens:
+            if self.broken:
+                return
+            try:
+                delta = self.parser.feed(token)
+            except ValueError:
+                self.broken = True
+                return
+            if not delta:
+                continue
+            if self.parser.channel == "final":
+                self.final.append(delta)
+                if self.echo:
+                    print(delta, end="", flush=True)
+            elif self.parser.channel == "analysis":
+                self.analysis.append(delta)
+                if self.echo and self.show_analysis:
+                    print(delta, end="", file=sys.stderr, flush=True)
+
+    @property
+    def saw_final(self) -> bool:
+        return not self.broken and self.parser.channel == "final" or bool(self.final)
+
+
+def run(args) -> int:
+    from gptoss_jax.loader import load
+    from gptoss_jax.tokenizer import ENDOFTEXT, get_tokenizer
+
+    check_sampling(args.temperature, args.top_p, args.top_k)
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    texts = _read_prompts(args)
+    if args.checkpoint is None:
+        print("note: no --checkpoint given; using the built-in 'tiny' model with random weights "
+              "(its output is random tokens)", file=sys.stderr)
+        model = load("tiny", dtype=args.dtype)
+    else:
+        if not Path(args.checkpoint).exists():
+            raise ValueError(f"checkpoint directory not found: {args.checkpoint}")
+        model = load(args.checkpoint, dtype=args.dtype)
+
+    tokenizer = get_tokenizer()
+    if args.raw:
+        prompts = [tokenizer.encode(text, allowed_special="all") for text in texts]
+        stop_tokens = [ENDOFTEXT]
+    else:
+        from gptoss_jax.chat_format import Conversation, render_for_completion, user
+        prompts = [render_for_completion(Conversation([user(text)], reasoning_effort=args.reasoning_effort))
+                   for text in texts]
+        stop_tokens = None
+
+    stream_one = len(prompts) == 1 and not args.json
+    streams = [_HarmonyStream(echo=stream_one, show_analysis=args.show_analysis) for _ in prompts]
+    clock = {"first": None, "first_count": 0}
+
+    def on_tokens(new):
+        if clock["first"] is None:
+            clock["first"], clock["first_count"] = time.perf_counter(), sum(map(len, new))
+        if args.raw:
+            if stream_one:
+                print(_decode(tokenizer, [t for t in new[0] if t != ENDOFTEXT]), end="", flush=True)
+        else:
+            for stream, tokens in zip(streams, new):
+                stream.feed(tokens)
+
+    start = time.perf_counter()
+    outputs = generate(model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                       top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop_tokens=stop_tokens,
+                       on_tokens=on_tokens)
+    elapsed = time.perf_counter() - start
+    if stream_one and (args.raw or streams[0].final):
+        print()
+
+    for i, (text, prompt, tokens, stream) in enumerate(zip(texts, prompts, outputs, streams)):
+        raw_text = _decode(tokenizer, tokens)
+        final = None if args.raw else ("".join(stream.final) if stream.final else None)
+        if args.json:
+            record = {"prompt": text, "prompt_tokens": prompt, "tokens": tokens,
+                      "text": raw_text if args.raw else (final or "")}
+            if not args.raw:
+                record.update(final_found=final is not None, raw_text=raw_text,
+                              analysis="".join(stream.analysis))
+            print(json.dumps(record, ensure_ascii=False))
+            continue
+        if not stream_one:
+            print(f"=== prompt {i}: {text}")
+            print(raw_text if args.raw else (final or ""))
+        if not args.raw and final is None:
+            print(f"note: prompt {i}: the model produced no final-channel message "
+                  f"({len(tokens)} tokens generated)", file=sys.stderr)
+            if stream_one:
+                print(f"raw output: {raw_text!r}", file=sys.stderr)
+
+    if args.stats:
+        generated = sum(len(t) for t in outputs)
+        first = (clock["first"] or start + elapsed) - start
+        rest, rest_time = generated - clock["first_count"], elapsed - first
+        rate = f"{rest / rest_time:.1f} tokens/s" if rest and rest_time > 0 else "n/a"
+        print(f"stats: {generated} tokens in {elapsed:.2f}s; prefill + first chunk (includes compiling) "
+              f"{first:.2f}s; after that {rate} (batch {len(prompts)})", file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if not args.no_compilation_cache:
+        enable_compilation_cache()
+    try:
+        return run(args)
+    except (ValueError, OSError) as e:
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

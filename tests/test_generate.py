@@ -1,0 +1,162 @@
+import json
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from gptoss_jax.config import GptOssConfig
+from gptoss_jax.generate import generate
+from gptoss_jax.loader import random_model
+
+WINDOW = 4
+
+
+@pytest.fixture(scope="module")
+def model():
+    config = GptOssConfig.preset("tiny").replace(vocab_size=512, sliding_window=WINDOW, num_hidden_layers=3)
+    return random_model(config, dtype=jnp.float32, seed=1)
+
+
+FULL_LEN = 32
+
+
+@nnx.jit
+def full_forward(model, tokens):
+    return model(tokens)
+
+
+def greedy_by_full_forward(model, prompt, n):
+    """Re-runs the whole sequence each step. The sequence is right-padded to a fixed length
+    (one compilation); causal attention makes the padding irrelevant."""
+    seq = list(prompt)
+    for _ in range(n):
+        logits = full_forward(model, jnp.asarray([seq + [0] * (FULL_LEN - len(seq))]))
+        seq.append(int(jnp.argmax(logits[0, len(seq) - 1])))
+    return seq[len(prompt):]
+
+
+@nnx.jit
+def extend(model, tokens, positions, caches):
+    return model.extend(tokens, positions, caches)
+
+
+def prompt_of(length, seed):
+    return [int(t) for t in np.random.default_rng(seed).integers(0, 512, length)]
+
+
+@pytest.mark.parametrize("length", [3, 7])  # shorter and longer than the window
+def test_greedy_cache_matches_full_forward(model, length):
+    prompt, n = prompt_of(length, length), 14  # wraps the 4-slot ring several times
+    got = generate(model, [prompt], max_new_tokens=n, temperature=0, stop_tokens=[])
+    assert got == [greedy_by_full_forward(model, prompt, n)]
+
+
+def test_cached_logits_match_full_forward(model):
+    seq = prompt_of(20, 5)
+    prompt_len = 6
+    caches = model.init_cache(1, len(seq))
+    logits, caches = model.extend(jnp.asarray([seq[:prompt_len]]), jnp.arange(prompt_len)[None], caches)
+    full = full_forward(model, jnp.asarray([seq]))
+    np.testing.assert_allclose(logits[0], full[0, :prompt_len], atol=1e-5, rtol=0)
+    for pos in range(prompt_len, len(seq)):
+        logits, caches = extend(model, jnp.asarray([[seq[pos]]]), jnp.asarray([[pos]]), caches)
+        np.testing.assert_allclose(logits[0, 0], full[0, pos], atol=1e-5, rtol=0)
+
+
+def test_ragged_batch_matches_single(model):
+    prompts = [prompt_of(2, 10), prompt_of(9, 11), prompt_of(5, 12)]
+    batch = generate(model, prompts, max_new_tokens=10, temperature=0, stop_tokens=[])
+    alone = [generate(model, [p], max_new_tokens=10, temperature=0, stop_tokens=[])[0] for p in prompts]
+    assert batch == alone
+
+
+def test_stop_token_and_max_new_tokens(model):
+    prompts = [prompt_of(4, 20), prompt_of(6, 21)]
+    free = generate(model, prompts, max_new_tokens=12, temperature=0, stop_tokens=[])
+    assert [len(t) for t in free] == [12, 12]
+    stop = free[0][3]
+    first = free[0].index(stop)
+    streamed = [[], []]
+    stopped = generate(model, prompts, max_new_tokens=12, temperature=0, stop_tokens=[stop],
+                       on_tokens=lambda new: [s.extend(t) for s, t in zip(streamed, new)], chunk=3)
+    assert stopped[0] == free[0][: first + 1]
+    expected_1 = free[1][: free[1].index(stop) + 1] if stop in free[1] else free[1]
+    assert stopped[1] == expected_1
+    assert streamed == stopped
+
+
+def test_max_len_caps_generation(model):
+    out = generate(model, [prompt_of(5, 1), prompt_of(3, 2)], max_new_tokens=10, max_len=8,
+                   temperature=0, stop_tokens=[])
+    assert [len(t) for t in out] == [3, 5]
+
+
+def test_sampling_reproducible(model):
+    prompts = [prompt_of(5, 30), prompt_of(3, 31)]
+    kw = dict(max_new_tokens=12, temperature=1.0, stop_tokens=[])
+    a = generate(model, prompts, seed=0, **kw)
+    assert a == generate(model, prompts, seed=0, **kw)
+    assert a != generate(model, prompts, seed=1, **kw)
+    filtered = generate(model, prompts, seed=0, top_k=5, top_p=0.9, **kw)
+    assert all(len(t) == 12 for t in filtered)
+
+
+def test_top_k_one_is_greedy(model):
+    prompts = [prompt_of(5, 40)]
+    greedy = generate(model, prompts, max_new_tokens=8, temperature=0, stop_tokens=[])
+    assert generate(model, prompts, max_new_tokens=8, temperature=0.7, top_k=1, stop_tokens=[]) == greedy
+    assert generate(model, prompts, max_new_tokens=8, temperature=0.7, top_p=1e-6, stop_tokens=[]) == greedy
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(prompts=[[]]), "empty"),
+    (dict(prompts=[]), "non-empty"),
+    (dict(temperature=-1.0), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(top_k=-1), "top_k"),
+    (dict(max_len=3), "max_len"),
+    (dict(prompts=[[1, 512]]), "outside"),
+])
+def test_invalid_arguments(model, kwargs, message):
+    args = dict(prompts=[[1, 2, 3, 4]], max_new_tokens=2) | kwargs
+    with pytest.raises(ValueError, match=message):
+        generate(model, args.pop("prompts"), **args)
+
+
+def run_cli(*args):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-m", "gptoss_jax.generate", *args],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_cli_default_run():
+    result = run_cli("--max-new-tokens", "8")
+    assert result.returncode == 0, result.stderr
+    assert "built-in 'tiny' model" in result.stderr
+    assert "no final-channel message" in result.stderr or result.stdout.strip()
+
+
+def test_cli_json_raw():
+    result = run_cli("--json", "--raw", "--max-new-tokens", "4", "--prompt", "hi", "--prompt", "hello you")
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(records) == 2
+    for record in records:
+        assert {"prompt_tokens", "tokens", "text"} <= record.keys()
+        assert 1 <= len(record["tokens"]) <= 4
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--temperature", "-1"], "temperature"),
+    (["--checkpoint", "/nonexistent/checkpoint"], "not found"),
+])
+def test_cli_bad_input(args, message):
+    result = run_cli(*args)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.stderr
