@@ -17,13 +17,14 @@ import ml_dtypes
 import numpy as np
 
 from gptoss_jax.config import ConfigError, GptOssConfig
-from gptoss_jax.converters.safetensors_io import CheckpointError, SafetensorsFile
+from gptoss_jax.converters.safetensors_io import DTYPE_NAMES, CheckpointError, SafetensorsFile, write_safetensors
 from gptoss_jax.mxfp4 import BLOCK, BYTES_PER_BLOCK, NAN_SCALE, blocks_to_fp4_numpy
 
 HF = "hf"
 ORIGINAL = "original"
 LAYOUTS = (HF, ORIGINAL)
 HF_INDEX = "model.safetensors.index.json"
+HF_SHARD_BYTES = 4_800_000_000  # HF's shard limit for the gpt-oss uploads
 
 DENSE, FP4_VALUES, E8M0_SCALES = "dense", "fp4", "scales"
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -147,13 +148,84 @@ def _disk_rows(part: Part, spec: TensorSpec) -> int:
     return int(np.prod(part.disk_shape)) // int(np.prod(spec.shape[1:]))
 
 
-def tensor_from_leaves(spec: TensorSpec, get_leaf) -> np.ndarray:
-    """Builds one checkpoint tensor from the leaves it holds; `get_leaf(path)` returns numpy."""
+def part_byte_ranges(spec: TensorSpec, itemsize: int) -> list[tuple[Part, int, int]]:
+    """(part, first byte, end byte) of each part within the tensor's data."""
+    out, start = [], 0
+    for part in spec.parts:
+        nbytes = int(np.prod(part.disk_shape, dtype=np.int64)) * itemsize
+        out.append((part, start, start + nbytes))
+        start += nbytes
+    return out
+
+
+def tensor_from_parts(spec: TensorSpec, disk_form) -> np.ndarray:
+    """Builds one checkpoint tensor from its parts; `disk_form(part)` returns the part's
+    on-disk form in leaf order (FP4 packed, scales as bytes or E8M0, dense in its dtype)."""
     pieces = []
     for part in spec.parts:
-        disk = leaf_to_disk(get_leaf(part.leaf), part)
-        pieces.append(disk.reshape(_disk_rows(part, spec), *spec.shape[1:]))
+        piece = np.asarray(disk_form(part))
+        if part.kind == E8M0_SCALES:
+            piece = piece.view(np.uint8)
+        pieces.append(piece.reshape(_disk_rows(part, spec), *spec.shape[1:]))
     return pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=0)
+
+
+def tensor_from_leaves(spec: TensorSpec, get_leaf) -> np.ndarray:
+    """Builds one checkpoint tensor from the leaves it holds; `get_leaf(path)` returns numpy."""
+    return tensor_from_parts(spec, lambda part: leaf_to_disk(get_leaf(part.leaf), part))
+
+
+def write_checkpoint(path, config: GptOssConfig, layout: str, produce, *, max_shard_bytes: int = HF_SHARD_BYTES,
+                     dtypes: dict[str, np.dtype] | None = None, hf_config: dict | None = None) -> Path:
+    """Writes a checkpoint in `layout` one tensor at a time: `produce(spec)` returns each
+    tensor in its on-disk form. HF layout: `config.json` (`hf_config`, default
+    `config.to_hf_dict()`), `model-0000k-of-0000n.safetensors` shards of at most
+    `max_shard_bytes` and the index, in `path`. Original layout: `config.json`,
+    `model.safetensors` and `dtypes.json` in `path/original`. `dtypes` overrides the dtype of
+    dense tensors (default BF16). Returns the folder holding the files."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got '{layout}'")
+    root = Path(path) / ("original" if layout == ORIGINAL else "")
+    root.mkdir(parents=True, exist_ok=True)
+    specs = tensor_specs(config, layout)
+    dtypes = dtypes or {}
+    by_name = {s.name: s for s in specs}
+
+    def dtype_of(spec):
+        return np.dtype(dtypes.get(spec.name, spec.dtype))
+
+    shards = _group_into_shards(specs, dtype_of, max_shard_bytes) if layout == HF else [specs]
+    weight_map = {}
+    for k, shard in enumerate(shards):
+        file_name = (f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" if layout == HF
+                     else "model.safetensors")
+        write_safetensors(root / file_name, [(s.name, s.shape, dtype_of(s)) for s in shard],
+                          lambda name: produce(by_name[name]))
+        weight_map.update({s.name: file_name for s in shard})
+
+    if layout == HF:
+        total = sum(int(np.prod(s.shape)) * dtype_of(s).itemsize for s in specs)
+        (root / HF_INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                indent=2))
+        (root / "config.json").write_text(json.dumps(hf_config or config.to_hf_dict(), indent=2))
+    else:
+        (root / "config.json").write_text(json.dumps(config.to_original_dict(), indent=2))
+        names = {FP4_VALUES: "FP4", E8M0_SCALES: "UE8"}
+        dtype_names = {s.name: names.get(s.parts[0].kind, DTYPE_NAMES[dtype_of(s)]) for s in specs}
+        (root / "dtypes.json").write_text(json.dumps(dtype_names, indent=2))
+    return root
+
+
+def _group_into_shards(specs, dtype_of, max_bytes):
+    shards, current, size = [], [], 0
+    for s in specs:
+        nbytes = int(np.prod(s.shape)) * dtype_of(s).itemsize
+        if current and size + nbytes > max_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(s)
+        size += nbytes
+    return shards + [current] if current else shards
 
 
 # ----------------------------------------------------------------------------- import

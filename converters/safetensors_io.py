@@ -96,6 +96,26 @@ class SafetensorsFile:
             return np.zeros(shape, dtype)
         return np.memmap(self.path, dtype=dtype, mode="r", offset=self.data_start + begin, shape=shape)
 
+    def nbytes(self, name: str) -> int:
+        _, _, begin, end = self.entries[name]
+        return end - begin
+
+    def read_bytes(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Bytes [start, stop) of a tensor's data, read into a new array (no memory map, so
+        nothing stays mapped into the process once the caller drops the array)."""
+        _, _, begin, end = self.entries[name]
+        if not 0 <= start <= stop <= end - begin:
+            raise ValueError(f"byte range [{start}, {stop}) is outside tensor '{name}' ({end - begin} bytes)")
+        out = np.empty(stop - start, np.uint8)
+        view, offset = memoryview(out), self.data_start + begin + start
+        with open(self.path, "rb", buffering=0) as f:
+            while view.nbytes:
+                n = os.preadv(f.fileno(), [view], offset)
+                if n == 0:
+                    raise self.error(f"is truncated: tensor '{name}' ends past the end of the file")
+                view, offset = view[n:], offset + n
+        return out
+
 
 def write_safetensors(path: str | Path, specs: Iterable[tuple[str, tuple[int, ...], np.dtype]],
                       produce: Callable[[str], np.ndarray], metadata: dict[str, str] | None = None) -> None:

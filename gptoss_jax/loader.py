@@ -18,6 +18,7 @@ from flax import nnx
 from gptoss_jax import mxfp4
 from gptoss_jax.config import PRESETS, GptOssConfig
 from gptoss_jax.converters.layouts import DENSE, E8M0_SCALES, FP4_VALUES, Checkpoint, tensor_to_leaves
+from gptoss_jax.converters.orbax_io import ConvertedCheckpoint, is_converted
 from gptoss_jax.model import GptOss
 from gptoss_jax.sharding.rules import named_sharding
 
@@ -36,11 +37,14 @@ def parse_dtype(dtype) -> jnp.dtype:
 
 
 def load(path, *, mesh=None, dtype="bfloat16", seed: int = 0) -> GptOss:
-    """A checkpoint directory (HF or original MXFP4 layout), or a preset name
-    ("tiny", "gpt-oss-20b", "gpt-oss-120b") for random weights drawn from `seed`."""
+    """A checkpoint directory (converted by `python -m gptoss_jax.convert`, or HF or original
+    MXFP4 layout), or a preset name ("tiny", "gpt-oss-20b", "gpt-oss-120b") for random
+    weights drawn from `seed`."""
     dtype = parse_dtype(dtype)
     if isinstance(path, str) and path in PRESETS and not Path(path).exists():
         return random_model(GptOssConfig.preset(path), mesh=mesh, dtype=dtype, seed=seed)
+    if is_converted(path):
+        return model_from_converted(ConvertedCheckpoint(path), mesh=mesh, dtype=dtype)
     return model_from_checkpoint(Checkpoint(path), mesh=mesh, dtype=dtype)
 
 
@@ -76,6 +80,26 @@ def model_from_checkpoint(checkpoint: Checkpoint, *, mesh=None, dtype=jnp.bfloat
                 values[part.leaf] = jax.device_put(np.asarray(piece), sharding)
             else:
                 values[part.leaf] = _put_dense(np.asarray(piece), sharding, var.dtype)
+    return _assemble(graphdef, leaves, values)
+
+
+def model_from_converted(checkpoint: ConvertedCheckpoint, *, mesh=None, dtype=jnp.bfloat16) -> GptOss:
+    """Restores a converted checkpoint straight into each parameter's sharding: every process
+    reads only its shards, dense parameters are cast to `dtype` as they are read, and MXFP4
+    bytes become FP4 by a bitcast on the devices."""
+    graphdef, leaves = abstract_model(checkpoint.config, dtype)
+    targets = {}
+    for path, var in leaves:
+        stored = checkpoint.leaves[path]
+        target_dtype = var.dtype if stored.kind == DENSE else stored.dtype
+        targets[path] = jax.ShapeDtypeStruct(stored.shape, target_dtype, sharding=leaf_sharding(var, mesh))
+    restored = checkpoint.restore(targets)
+    values = {}
+    for path, _ in leaves:
+        array = restored.pop(path)
+        if checkpoint.leaves[path].kind == FP4_VALUES:
+            array = jax.jit(mxfp4.blocks_to_fp4, out_shardings=targets[path].sharding)(array)
+        values[path] = array
     return _assemble(graphdef, leaves, values)
 
 
