@@ -94,8 +94,19 @@ def atomic_directory(dst: Path, *, force: bool = False):
         else:
             tmp.rename(dst)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_tree(tmp)
         raise
+
+
+def _remove_tree(path: Path, settle: float = 1.0):
+    """Deletes `path`, and again if it reappears within `settle` seconds: after a failed
+    save, tensorstore may still finish a metadata write that it had already started."""
+    deadline = time.monotonic() + settle
+    while True:
+        shutil.rmtree(path, ignore_errors=True)
+        if time.monotonic() > deadline:
+            return
+        time.sleep(0.05)
 
 
 # ------------------------------------------------------------------------------ progress
@@ -176,7 +187,6 @@ def _write_converted(checkpoint: Checkpoint, tmp: Path, bar: Progress):
     devices = jax.devices("cpu")
     axes = _leaf_axes(checkpoint.config)
     writer = orbax_io.ParamsWriter(tmp / orbax_io.PARAMS)
-    name = None
     try:
         for spec in checkpoint.specs:
             name = spec.name
@@ -188,11 +198,11 @@ def _write_converted(checkpoint: Checkpoint, tmp: Path, bar: Progress):
                 array = _to_cpu_devices(lambda a, b: f.read_bytes(name, begin + a, begin + b), part.disk_shape,
                                         leaf_dtype, devices)
                 writer.add(part.leaf, array, expert_major=axes[part.leaf][0] == "experts")
+                del array
             bar.advance(f.nbytes(name), name)
-        name = "the Orbax checkpoint's metadata"
         writer.finish()
-    except (OSError, ValueError) as e:  # tensorstore reports I/O errors as ValueError
-        raise _write_error(tmp, writer.describe_pending() or name, e) from None
+    except orbax_io.WriteFailed as e:
+        raise _write_error(tmp, e.what, e.cause) from None
     _copy_source_files(checkpoint, tmp / orbax_io.SOURCE)
     # The config is named after the source folder (it was named after its config.json path).
     config = checkpoint.config.replace(name=checkpoint.path.resolve().name)

@@ -114,7 +114,7 @@ def return_free_memory():
         libc.malloc_trim(0)
 
 
-def map_large_allocations(threshold: int = 1 << 20):
+def map_large_allocations(threshold: int = 32 << 20):
     """glibc: serve allocations above `threshold` with their own mappings, returned to the OS
     when freed, instead of raising the threshold as buffers come and go (which leaves
     tens-of-MB chunk buffers stranded in arenas). For converter processes only."""
@@ -130,9 +130,24 @@ def _ocp():
 
 
 # ------------------------------------------------------------------------------- writing
+def _describe(leaves: dict) -> str:
+    keys = [leaf_key(p) for p in leaves]
+    return keys[0] if len(keys) == 1 else f"{keys[0]} .. {keys[-1]}"
+
+
+class WriteFailed(Exception):
+    """Writing a group of parameters failed; `what` names them, `cause` is the error."""
+
+    def __init__(self, what: str, cause: Exception):
+        super().__init__(f"{what}: {cause}")
+        self.what, self.cause = what, cause
+
+
 class ParamsWriter:
-    """Writes parameters into `directory` (an Orbax checkpoint) a group at a time with orbax's
-    partial saves, so the host never holds more than one group (or one parameter, if larger)."""
+    """Writes parameters into `directory` (an Orbax checkpoint) with orbax's partial saves, a
+    group of about `group_bytes` at a time, so the host holds one group (or one larger
+    parameter) at once. (Overlapping the next group's reads with a save was measured slower
+    on a local disk: reads and writes then contend.)"""
 
     def __init__(self, directory: str | Path, group_bytes: int | None = None):
         self.directory = Path(directory)
@@ -156,25 +171,24 @@ class ParamsWriter:
         if expert_major:
             self.expert_keys.add(tuple(str(p) for p in path))
 
-    def describe_pending(self) -> str | None:
-        keys = [leaf_key(p) for p in self.pending]
-        if not keys:
-            return None
-        return keys[0] if len(keys) == 1 else f"{keys[0]} .. {keys[-1]}"
-
     def flush(self):
         if not self.pending:
             return
-        ocp = _ocp()
-        with self._context():
-            ocp.partial.save(self.directory, nest(self.pending))
+        try:
+            with self._context():
+                _ocp().partial.save(self.directory, nest(self.pending))
+        except (OSError, ValueError) as e:  # tensorstore reports I/O errors as ValueError
+            raise WriteFailed(_describe(self.pending), e) from None
         self.pending, self.pending_bytes = {}, 0
         return_free_memory()
 
     def finish(self):
         self.flush()
-        with self._context():
-            _ocp().partial.finalize(self.directory)
+        try:
+            with self._context():
+                _ocp().partial.finalize(self.directory)
+        except (OSError, ValueError) as e:
+            raise WriteFailed("the checkpoint's metadata", e) from None
 
     def _context(self):
         ocp = _ocp()
