@@ -330,6 +330,7 @@ class _GroupReader:
                 group.append(path)
                 size += nbytes
             self.cache = self.checkpoint.read_host(group)
+            orbax_io.return_free_memory()
         return self.cache[leaf]
 
 

@@ -316,13 +316,18 @@ class ConvertedCheckpoint:
             leaves[path] = StoredLeaf(path, kind, tuple(shape), dtype)
         return leaves
 
-    def restore(self, targets: dict[tuple, jax.ShapeDtypeStruct]) -> dict[tuple, jax.Array]:
-        """Reads the named parameters straight into the targets' shardings (each process reads
-        only the shards it holds) and dtypes. Reads in flight are capped, so the host stages at
-        most a few shards at a time."""
+    def restore(self, targets: dict[tuple, object]) -> dict[tuple, object]:
+        """Reads the named parameters. A `jax.ShapeDtypeStruct` target is read straight into
+        its sharding (each process reads only the shards it holds) and dtype; a numpy array
+        target (only its shape and dtype matter) is read into host memory. Reads in flight are
+        capped, so the host stages at most a few shards at a time."""
         ocp = _ocp()
-        largest_shard = max(int(np.prod(t.sharding.shard_shape(t.shape), dtype=np.int64)) * 4
-                            for t in targets.values())
+
+        def shard_bytes(target):
+            shape = target.sharding.shard_shape(target.shape) if hasattr(target, "sharding") else target.shape
+            return int(np.prod(shape, dtype=np.int64)) * 4
+
+        largest_shard = max(shard_bytes(t) for t in targets.values())
         abstract = {path: ocp.PLACEHOLDER for path in self.leaves}
         abstract.update(targets)
         context = ocp.Context()
@@ -336,9 +341,7 @@ class ConvertedCheckpoint:
         return {path: restored[tuple(str(p) for p in path)] for path in targets}
 
     def read_host(self, paths) -> dict[tuple, np.ndarray]:
-        """The named parameters as stored, on the host (for export)."""
-        device = jax.devices("cpu")[0]
-        sharding = jax.sharding.SingleDeviceSharding(device)
-        targets = {p: jax.ShapeDtypeStruct(self.leaves[p].shape, self.leaves[p].dtype, sharding=sharding)
-                   for p in paths}
-        return {p: np.asarray(a) for p, a in self.restore(targets).items()}
+        """The named parameters as stored, in host memory (for export)."""
+        # np.empty only describes the target: orbax returns a new array and the pages of this
+        # one are never touched.
+        return self.restore({p: np.empty(self.leaves[p].shape, self.leaves[p].dtype) for p in paths})

@@ -140,5 +140,6 @@ def write_safetensors(path: str | Path, specs: Iterable[tuple[str, tuple[int, ..
                 raise ValueError(f"tensor '{name}' came out as {array.dtype}{list(array.shape)}, "
                                  f"expected {np.dtype(dtype)}{list(shape)}")
             f.write(memoryview(array.reshape(-1).view(np.uint8)))
+            del array  # before producing the next tensor
         f.flush()
         os.fsync(f.fileno())
