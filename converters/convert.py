@@ -197,7 +197,8 @@ def _write_converted(checkpoint: Checkpoint, tmp: Path, bar: Progress):
                 writer.make_room(end - begin)
                 array = _to_cpu_devices(lambda a, b: f.read_bytes(name, begin + a, begin + b), part.disk_shape,
                                         leaf_dtype, devices)
-                writer.add(part.leaf, array, expert_major=axes[part.leaf][0] == "experts")
+                writer.add(part.leaf, array, shard_axes=orbax_io.chunk_axes(axes[part.leaf], part.disk_shape,
+                                                                            leaf_dtype.itemsize))
                 del array
             bar.advance(f.nbytes(name), name)
         writer.finish()

@@ -42,6 +42,7 @@ SOURCE = "source"
 
 CHUNK_BYTES = 16 << 20  # storage chunks; a restore reads whole chunks
 GROUP_BYTES = 512 << 20  # parameters handed to one orbax save
+MIN_CHUNK_BYTES = 64 << 10  # smallest chunk cut along shardable axes
 E8M0 = np.dtype(ml_dtypes.float8_e8m0fnu)
 STORED_FLOAT_DTYPES = tuple(DTYPES[name] for name in FLOAT_DTYPES)
 
@@ -62,6 +63,22 @@ class StoredLeaf:
     @property
     def nbytes(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+def chunk_axes(logical_axes: tuple[str, ...], shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
+    """Axes to store one index per chunk, so that a process restoring a shard of them reads
+    only its own chunks: the axes a mesh may shard (sharding/rules.py), in order, as long as
+    a chunk stays at least `MIN_CHUNK_BYTES` (experts and attention heads qualify; vocabulary
+    rows and MXFP4 blocks would make chunks of a few KiB)."""
+    from gptoss_jax.sharding.rules import LOGICAL_TO_MESH
+
+    chunk = int(np.prod(shape, dtype=np.int64)) * itemsize
+    axes = []
+    for i, name in enumerate(logical_axes):
+        if LOGICAL_TO_MESH.get(name) is not None and shape[i] > 1 and chunk // shape[i] >= MIN_CHUNK_BYTES:
+            axes.append(i)
+            chunk //= shape[i]
+    return tuple(axes)
 
 
 def leaf_key(path: tuple) -> str:
@@ -154,7 +171,7 @@ class ParamsWriter:
         self.group_bytes = group_bytes or GROUP_BYTES
         self.pending: dict[tuple, jax.Array] = {}
         self.pending_bytes = 0
-        self.expert_keys: set[tuple[str, ...]] = set()
+        self.shard_axes: dict[tuple[str, ...], tuple[int, ...]] = {}
 
     def make_room(self, nbytes: int):
         """Saves the pending group if a parameter of `nbytes` would overfill it. Call it before
@@ -162,14 +179,14 @@ class ParamsWriter:
         if self.pending and self.pending_bytes + nbytes > self.group_bytes:
             self.flush()
 
-    def add(self, path: tuple, array: jax.Array, *, expert_major: bool = False):
-        """`expert_major`: axis 0 indexes experts; chunk it one expert per chunk."""
+    def add(self, path: tuple, array: jax.Array, *, shard_axes: tuple[int, ...] = ()):
+        """`shard_axes`: axes to store one index per chunk (see `chunk_axes`)."""
         nbytes = array.size * array.dtype.itemsize
         self.make_room(nbytes)
         self.pending[path] = array
         self.pending_bytes += nbytes
-        if expert_major:
-            self.expert_keys.add(tuple(str(p) for p in path))
+        if shard_axes:
+            self.shard_axes[tuple(str(p) for p in path)] = tuple(shard_axes)
 
     def flush(self):
         if not self.pending:
@@ -192,13 +209,11 @@ class ParamsWriter:
 
     def _context(self):
         ocp = _ocp()
-        expert_keys = self.expert_keys
+        shard_axes = self.shard_axes
 
         def storage_options(keypath, value):
-            names = tuple(str(getattr(k, "key", k)) for k in keypath)
-            if names in expert_keys and value.ndim > 1:
-                return ocp.options.ArrayOptions.Saving.StorageOptions(shard_axes=(0,))
-            return None
+            axes = shard_axes.get(tuple(str(getattr(k, "key", k)) for k in keypath))
+            return ocp.options.ArrayOptions.Saving.StorageOptions(shard_axes=axes) if axes else None
 
         context = ocp.Context()
         context.array.saving.use_compression = False  # MXFP4 bytes do not compress; bf16 gains ~20% at ~10x the time
@@ -250,7 +265,8 @@ def save_model(model, path: str | Path, *, force: bool = False) -> Path:
             value = var.get_value()
             if kind == FP4_VALUES:
                 value = jax.jit(mxfp4.fp4_to_blocks, out_shardings=value.sharding)(value)
-            writer.add(path_, value, expert_major=var.get_metadata()["axes"][0] == "experts")
+            writer.add(path_, value, shard_axes=chunk_axes(var.get_metadata()["axes"], value.shape,
+                                                           value.dtype.itemsize))
         writer.finish()
         write_marker(tmp, model.config, {"layout": None, "saved_from": "model"})
     return Path(path)
