@@ -10,6 +10,7 @@ attends nor writes into the cache.
 from __future__ import annotations
 
 import argparse
+import codecs
 import json
 import os
 import sys
@@ -216,31 +217,76 @@ def enable_compilation_cache(path: Path = COMPILATION_CACHE_DIR) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m gptoss_jax.generate",
-        description="Generate text with gpt-oss in JAX (harmony chat format unless --raw).",
-        epilog=f"Compiled code is cached across runs in {COMPILATION_CACHE_DIR} "
-               "(JAX's persistent compilation cache; set GPTOSS_JAX_CACHE_DIR to move it, "
-               "--no-compilation-cache to disable it).")
-    parser.add_argument("--checkpoint", help="checkpoint directory (default: the built-in 'tiny' random model)")
-    parser.add_argument("--prompt", action="append", help="prompt text; repeat for a batch")
-    parser.add_argument("--prompt-file", help="file with one prompt per line")
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint",
+                        help="checkpoint directory (either MXFP4 layout), or a Hugging Face repo id such as "
+                             "openai/gpt-oss-20b (local HF cache first, else downloaded); "
+                             "default: the built-in 'tiny' model with random weights")
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    parser.add_argument("--no-compilation-cache", action="store_true")
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
     parser.add_argument("--reasoning-effort", choices=["low", "medium", "high"], default="medium")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0, help="0 = off")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--show-analysis", action="store_true", help="stream the analysis channel to stderr")
+
+
+def check_sampling_arguments(args) -> None:
+    check_sampling(args.temperature, args.top_p, args.top_k)
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+
+
+COMPILATION_CACHE_NOTE = (f"Compiled code is cached across runs in {COMPILATION_CACHE_DIR} (JAX's persistent "
+                          "compilation cache; set GPTOSS_JAX_CACHE_DIR to move it, --no-compilation-cache "
+                          "to disable it).")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m gptoss_jax.generate",
+        description="Generate text with gpt-oss in JAX (harmony chat format unless --raw).",
+        epilog=COMPILATION_CACHE_NOTE)
+    add_model_arguments(parser)
+    parser.add_argument("--prompt", action="append", help="prompt text; repeat for a batch")
+    parser.add_argument("--prompt-file", help="file with one prompt per line")
+    add_sampling_arguments(parser, max_new_tokens=64)
     parser.add_argument("--raw", action="store_true",
                         help="no chat format: encode the prompt text as is and stop on <|endoftext|>")
-    parser.add_argument("--show-analysis", action="store_true", help="stream the analysis channel to stderr")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object per prompt (prompt_tokens, tokens, text)")
-    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     parser.add_argument("--stats", action="store_true", help="print timing and tokens/s to stderr")
-    parser.add_argument("--no-compilation-cache", action="store_true")
     return parser
+
+
+def load_model(args) -> GptOss:
+    from gptoss_jax.hub import resolve_checkpoint
+    from gptoss_jax.loader import load
+
+    if args.checkpoint is None:
+        print("note: no --checkpoint given; using the built-in 'tiny' model with random weights "
+              "(its output is random tokens)", file=sys.stderr)
+        return load("tiny", dtype=args.dtype)
+    path = resolve_checkpoint(args.checkpoint, log=lambda message: print(message, file=sys.stderr))
+    return load(path, dtype=args.dtype)
+
+
+def cli(run_fn, parser: argparse.ArgumentParser, argv=None) -> int:
+    """Parses arguments, runs, and turns bad input into one `error:` line and exit status 2."""
+    args = parser.parse_args(argv)
+    if not args.no_compilation_cache:
+        enable_compilation_cache()
+    try:
+        return run_fn(args)
+    except (ValueError, OSError) as e:
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return 2
 
 
 def _read_prompts(args) -> list[str]:
@@ -254,65 +300,89 @@ def _read_prompts(args) -> list[str]:
     return prompts or ["Why is the sky blue?"]
 
 
-def _decode(tokenizer, tokens: list[int]) -> str:
-    known = [t for t in tokens if t < tokenizer.n_vocab]
+def _token_bytes(tokenizer, token: int) -> bytes:
     try:
-        return tokenizer.decode(known, errors="replace")
+        return tokenizer.decode_single_token_bytes(token)
     except KeyError:  # ids in unused gaps of the vocabulary
-        return tokenizer.decode([t for t in known if t < 199998], errors="replace")
+        return b""
+
+
+def _decode(tokenizer, tokens: list[int]) -> str:
+    return b"".join(_token_bytes(tokenizer, t) for t in tokens).decode("utf-8", errors="replace")
+
+
+class _TextStream:
+    """Token ids in, text out, holding back the bytes of a UTF-8 character split across tokens."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def feed(self, tokens: list[int]) -> str:
+        return self.decoder.decode(b"".join(_token_bytes(self.tokenizer, t) for t in tokens))
 
 
 class _HarmonyStream:
-    """Feeds one sequence's tokens to a StreamingParser; writes final text to stdout and
-    (optionally) analysis text to stderr. Stops parsing at the first malformed token."""
+    """Feeds one sequence's tokens to a StreamingParser; collects (and, with `echo`, prints) the
+    final channel to stdout and the analysis channel to stderr. Output that does not follow the
+    harmony format (a malformed token, or a message header that never ends, as from random
+    weights) is shown as raw text from then on, with a note."""
 
-    def __init__(self, echo: bool, show_analysis: bool):
+    MAX_HEADER_TOKENS = 32  # real headers ("<|channel|>final<|message|>", recipients) are far shorter
+
+    def __init__(self, tokenizer, echo: bool, show_analysis: bool):
         from gptoss_jax.chat_format import StreamingParser
-        self.parser, self.broken = StreamingParser(), False
+        self.parser, self.tokenizer = StreamingParser(), tokenizer
         self.echo, self.show_analysis = echo, show_analysis
-        self.final, self.analysis = [], []
+        self.final, self.analysis, self.tokens = [], [], []
+        self.header_tokens, self.not_harmony = 0, False
+        self.raw = _TextStream(tokenizer)
 
     def feed(self, tokens: list[int]) -> None:
         for token in tokens:
-            if self.broken:
-                return
+            self.tokens.append(token)
+            if self.not_harmony:
+                self._print_raw([token])
+                continue
             try:
                 delta = self.parser.feed(token)
             except ValueError:
-                self.broken = True
-                return
-            if not delta:
-                continue
-            if self.parser.channel == "final":
+                delta = None
+            self.header_tokens = 0 if self.parser.channel else self.header_tokens + 1
+            if delta is None or self.header_tokens > self.MAX_HEADER_TOKENS:
+                self._give_up_on_harmony()
+            elif delta and self.parser.channel == "final":
                 self.final.append(delta)
                 if self.echo:
                     print(delta, end="", flush=True)
-            elif self.parser.channel == "analysis":
+            elif delta and self.parser.channel == "analysis":
                 self.analysis.append(delta)
                 if self.echo and self.show_analysis:
                     print(delta, end="", file=sys.stderr, flush=True)
 
+    def _give_up_on_harmony(self) -> None:
+        self.not_harmony = True
+        if self.echo:
+            print("note: the output does not follow the harmony format; showing the raw tokens",
+                  file=sys.stderr, flush=True)
+        self._print_raw(self.tokens)
+
+    def _print_raw(self, tokens: list[int]) -> None:
+        text = self.raw.feed(tokens)
+        if self.echo and text:
+            print(text, end="", flush=True)
+
     @property
-    def saw_final(self) -> bool:
-        return not self.broken and self.parser.channel == "final" or bool(self.final)
+    def printed_anything(self) -> bool:
+        return bool(self.final) or self.not_harmony
 
 
 def run(args) -> int:
-    from gptoss_jax.loader import load
     from gptoss_jax.tokenizer import ENDOFTEXT, get_tokenizer
 
-    check_sampling(args.temperature, args.top_p, args.top_k)
-    if args.max_new_tokens < 0:
-        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    check_sampling_arguments(args)
     texts = _read_prompts(args)
-    if args.checkpoint is None:
-        print("note: no --checkpoint given; using the built-in 'tiny' model with random weights "
-              "(its output is random tokens)", file=sys.stderr)
-        model = load("tiny", dtype=args.dtype)
-    else:
-        if not Path(args.checkpoint).exists():
-            raise ValueError(f"checkpoint directory not found: {args.checkpoint}")
-        model = load(args.checkpoint, dtype=args.dtype)
+    model = load_model(args)
 
     tokenizer = get_tokenizer()
     if args.raw:
@@ -325,7 +395,8 @@ def run(args) -> int:
         stop_tokens = None
 
     stream_one = len(prompts) == 1 and not args.json
-    streams = [_HarmonyStream(echo=stream_one, show_analysis=args.show_analysis) for _ in prompts]
+    streams = [_HarmonyStream(tokenizer, echo=stream_one, show_analysis=args.show_analysis) for _ in prompts]
+    raw_stream = _TextStream(tokenizer)
     clock = {"first": None, "first_count": 0}
 
     def on_tokens(new):
@@ -333,7 +404,7 @@ def run(args) -> int:
             clock["first"], clock["first_count"] = time.perf_counter(), sum(map(len, new))
         if args.raw:
             if stream_one:
-                print(_decode(tokenizer, [t for t in new[0] if t != ENDOFTEXT]), end="", flush=True)
+                print(raw_stream.feed([t for t in new[0] if t != ENDOFTEXT]), end="", flush=True)
         else:
             for stream, tokens in zip(streams, new):
                 stream.feed(tokens)
@@ -343,24 +414,24 @@ def run(args) -> int:
                        top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop_tokens=stop_tokens,
                        on_tokens=on_tokens)
     elapsed = time.perf_counter() - start
-    if stream_one and (args.raw or streams[0].final):
+    if stream_one and (args.raw or streams[0].printed_anything):
         print()
 
     for i, (text, prompt, tokens, stream) in enumerate(zip(texts, prompts, outputs, streams)):
         raw_text = _decode(tokenizer, tokens)
-        final = None if args.raw else ("".join(stream.final) if stream.final else None)
+        final = None if args.raw or not stream.final else "".join(stream.final)
         if args.json:
             record = {"prompt": text, "prompt_tokens": prompt, "tokens": tokens,
                       "text": raw_text if args.raw else (final or "")}
             if not args.raw:
-                record.update(final_found=final is not None, raw_text=raw_text,
-                              analysis="".join(stream.analysis))
+                record.update(final_found=final is not None, harmony=not stream.not_harmony,
+                              raw_text=raw_text, analysis="".join(stream.analysis))
             print(json.dumps(record, ensure_ascii=False))
             continue
         if not stream_one:
             print(f"=== prompt {i}: {text}")
-            print(raw_text if args.raw else (final or ""))
-        if not args.raw and final is None:
+            print(raw_text if args.raw or stream.not_harmony else (final or ""))
+        if not args.raw and final is None and not stream.not_harmony:
             print(f"note: prompt {i}: the model produced no final-channel message "
                   f"({len(tokens)} tokens generated)", file=sys.stderr)
             if stream_one:
@@ -377,15 +448,7 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    if not args.no_compilation_cache:
-        enable_compilation_cache()
-    try:
-        return run(args)
-    except (ValueError, OSError) as e:
-        message = " ".join(str(e).split()) or type(e).__name__
-        print(f"error: {message}", file=sys.stderr)
-        return 2
+    return cli(run, build_parser(), argv)
 
 
 if __name__ == "__main__":
