@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import time
+import types
 from functools import partial
 from pathlib import Path
 from typing import Callable, Sequence
@@ -450,6 +451,15 @@ def run(args) -> int:
 def main(argv=None) -> int:
     return cli(run, build_parser(), argv)
 
+
+class _CallableModule(types.ModuleType):
+    """Makes `gptoss_jax.generate(model, prompts, ...)` call `generate` (see gptoss_jax/__init__.py)."""
+
+    def __call__(self, *args, **kwargs):
+        return generate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -210,3 +210,10 @@ def test_stream_falls_back_to_raw_text_for_non_harmony_output(capsys):
     out = capsys.readouterr()
     assert stream.not_harmony and "does not follow the harmony format" in out.err
     assert out.out == tokenizer.decode(words)  # every token, multi-byte characters intact
+
+
+def test_package_level_generate_is_the_function(model):
+    import gptoss_jax
+
+    kw = dict(max_new_tokens=3, temperature=0, stop_tokens=[])
+    assert gptoss_jax.generate(model, [[5, 6, 7]], **kw) == generate(model, [[5, 6, 7]], **kw)
