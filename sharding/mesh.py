@@ -71,6 +71,11 @@ def check_mesh_fits_model(config, mesh) -> list[str]:
     """Raises MeshError when the model cannot be split over `mesh` (a Mesh, AbstractMesh or
     MeshSpec); returns notes about what is replicated instead of split."""
     spec = mesh if isinstance(mesh, MeshSpec) else spec_of(mesh)
+    explicit = [name for name, kind in zip(getattr(mesh, "axis_names", ()), getattr(mesh, "axis_types", ()))
+                if kind != AxisType.Auto]
+    if explicit:
+        raise MeshError(f"mesh axes {explicit} are not AxisType.Auto (jax.make_mesh makes Explicit axes by "
+                        f"default); build the mesh with gptoss_jax.sharding.make_mesh('{spec}')")
     c, a, b = config, spec.expert, spec.model
     where = f"mesh {spec} (expert {a} x model {b}) for model '{c.name}'"
     if c.num_experts % a:

@@ -226,6 +226,13 @@ def test_120b_fits_a_v5e_8_under_4x2():
     assert planned["total"] < 10 * 2**30  # of a v5e chip's 16 GB
 
 
+def test_explicit_mesh_axes_are_rejected():
+    mesh = jax.make_mesh((1, 1, 1), ("data", "expert", "model"), axis_types=(jax.sharding.AxisType.Explicit,) * 3,
+                         devices=jax.devices()[:1])
+    with pytest.raises(MeshError, match="not AxisType.Auto .* gptoss_jax.sharding.make_mesh"):
+        random_model(CONFIG, mesh=mesh)
+
+
 def test_mesh_larger_than_the_devices_is_rejected():
     n = len(jax.devices())
     with pytest.raises(MeshError, match=f"needs {2 * n} devices .* but {n} "):
