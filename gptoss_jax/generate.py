@@ -25,7 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gptoss_jax.model import NO_POSITION, GptOss
+from gptoss_jax.model import CACHE_AXES, NO_POSITION, GptOss, LayerCache
+from gptoss_jax.sharding.mesh import make_mesh, parse_mesh_spec
+from gptoss_jax.sharding.placement import fetch, put
+from gptoss_jax.sharding.rules import DATA, named_sharding
 
 DEFAULT_CHUNK = 8
 PAD_TOKEN = 0  # fed at position -1, so its value never matters
@@ -176,39 +179,63 @@ def generate(
     if max_new_tokens == 0:
         return results
 
+    # On a mesh the data axis splits the batch: idle rows (no tokens, nothing to generate)
+    # round it up to a multiple of the axis.
+    mesh = model.mesh
+    rows = batch if mesh is None else _round_up(batch, mesh.shape.get(DATA, 1))
     # Rounded shapes let nearby prompt lengths share compiled code; extra slots stay empty.
     padded = _round_up(longest, 16)
-    tokens = np.full((batch, padded), PAD_TOKEN, np.int32)
-    positions = np.full((batch, padded), NO_POSITION, np.int32)
+    tokens = np.full((rows, padded), PAD_TOKEN, np.int32)
+    positions = np.full((rows, padded), NO_POSITION, np.int32)
     for i, prompt in enumerate(prompts):
         tokens[i, : len(prompt)] = prompt
         positions[i, : len(prompt)] = np.arange(len(prompt))
-    caches = model.init_cache(batch, _round_up(max(max_len, padded), 64))
+    lengths = np.concatenate([lengths, np.ones(rows - batch, np.int32)])
+    limit = np.zeros(rows, np.int32)
+    limit[:batch] = np.minimum(max_new_tokens, max_len - lengths[:batch])
 
+    place = _placer(mesh)
+    caches = _init_caches(model, rows, _round_up(max(max_len, padded), 64))
     graphdef, state = nnx.split(model)
-    logits, caches = _prefill(graphdef, state, jnp.asarray(tokens), jnp.asarray(positions), caches,
-                              jnp.asarray(lengths - 1))
+    logits, caches = _prefill(graphdef, state, place(tokens, ("batch", "seq")), place(positions, ("batch", "seq")),
+                              caches, place(lengths - 1, ("batch",)))
 
-    limit = np.minimum(max_new_tokens, max_len - lengths)
-    done = limit <= 0
-    position, count, step = jnp.asarray(lengths), jnp.zeros(batch, jnp.int32), jnp.int32(0)
-    done = jnp.asarray(done)
-    stops = jnp.asarray(np.array(stop_tokens, np.int32).reshape(-1))
-    key = jax.random.key(seed)
+    position, count = place(lengths, ("batch",)), place(np.zeros(rows, np.int32), ("batch",))
+    done, step = place(limit <= 0, ("batch",)), place(np.int32(0), ())
+    stops = place(np.array(stop_tokens, np.int32).reshape(-1), (None,))
+    key = jax.random.wrap_key_data(place(np.asarray(jax.random.key_data(jax.random.key(seed))), (None,)))
     kernel = partial(_decode_chunk, graphdef, state, chunk=chunk, greedy=temperature == 0,
                      top_k=min(top_k, config.vocab_size), use_top_p=top_p < 1)
-    temperature_arg = jnp.float32(temperature if temperature > 0 else 1.0)
+    limit = place(limit, ("batch",))
+    temperature_arg = place(np.float32(temperature if temperature > 0 else 1.0), ())
+    top_p_arg = place(np.float32(top_p), ())
 
-    while not bool(np.all(np.asarray(done))):
+    while not bool(np.all(fetch(done, mesh))):
         caches, logits, position, count, done, step, out = kernel(
-            caches, logits, position, count, done, step, jnp.asarray(limit, jnp.int32), stops, key,
-            temperature_arg, jnp.float32(top_p))
-        new = [[int(t) for t in row if t >= 0] for row in np.asarray(out)]
+            caches, logits, position, count, done, step, limit, stops, key, temperature_arg, top_p_arg)
+        new = [[int(t) for t in row if t >= 0] for row in fetch(out, mesh)[:batch]]
         for result, tokens_of_seq in zip(results, new):
             result.extend(tokens_of_seq)
         if on_tokens is not None:
             on_tokens(new)
     return results
+
+
+def _placer(mesh):
+    """Host arrays onto the mesh by logical axes (one device without a mesh)."""
+    if mesh is None:
+        return lambda array, axes: jnp.asarray(array)
+    return lambda array, axes: put(array, axes, mesh)
+
+
+def _init_caches(model: GptOss, batch: int, max_len: int) -> list[LayerCache]:
+    """Empty KV caches; on a mesh, batch over "data" and KV heads over "model" (by the rules)."""
+    if model.mesh is None:
+        return model.init_cache(batch, max_len)
+    make = lambda: model.init_cache(batch, max_len)  # noqa: E731
+    shardings = [LayerCache(*(named_sharding(axes, leaf.shape, model.mesh) for axes, leaf in zip(CACHE_AXES, cache)))
+                 for cache in jax.eval_shape(make)]
+    return jax.jit(make, out_shardings=shardings)()
 
 
 # ---------------------------------------------------------------------------------- CLI
@@ -225,6 +252,22 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                              "default: the built-in 'tiny' model with random weights")
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     parser.add_argument("--no-compilation-cache", action="store_true")
+    mesh = parser.add_argument_group(
+        "mesh (several devices)",
+        "--mesh AxB spreads the model over A x B devices: A-way expert parallelism (each device holds "
+        "1/A of the experts) times B-way tensor parallelism (attention heads, vocabulary and each "
+        "expert's hidden units split B ways); DxAxB adds D-way data parallelism (the batch split D "
+        "ways, each slice holding a full copy of the weights). The product must equal the number of "
+        "devices; e.g. --mesh 4x2 on a TPU v5e-8 or an 8-GPU host. Without accelerators the command "
+        "provisions that many host (CPU) devices itself. Several processes (one per host) join with "
+        "--coordinator/--num-processes/--process-id, or --distributed on a TPU pod slice or cluster; "
+        "each loads only its own shards and only process 0 prints.")
+    mesh.add_argument("--mesh", metavar="AxB|DxAxB", help="expert x model (or data x expert x model) mesh")
+    mesh.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0, for multi-process runs")
+    mesh.add_argument("--num-processes", type=int, metavar="N", help="number of processes in a multi-process run")
+    mesh.add_argument("--process-id", type=int, metavar="I", help="this process's index in [0, --num-processes)")
+    mesh.add_argument("--distributed", action="store_true",
+                      help="join processes with jax.distributed's cluster detection (TPU pod slices, SLURM, ...)")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
@@ -269,25 +312,35 @@ def load_model(args) -> GptOss:
     from gptoss_jax.hub import resolve_checkpoint
     from gptoss_jax.loader import load
 
+    mesh = make_mesh(parse_mesh_spec(args.mesh)) if args.mesh else None
     if args.checkpoint is None:
         print("note: no --checkpoint given; using the built-in 'tiny' model with random weights "
               "(its output is random tokens)", file=sys.stderr)
-        return load("tiny", dtype=args.dtype)
-    path = resolve_checkpoint(args.checkpoint, log=lambda message: print(message, file=sys.stderr))
-    return load(path, dtype=args.dtype)
+        model = load("tiny", dtype=args.dtype, mesh=mesh)
+    else:
+        path = resolve_checkpoint(args.checkpoint, log=lambda message: print(message, file=sys.stderr))
+        model = load(path, dtype=args.dtype, mesh=mesh)
+    if mesh is not None:
+        _report_mesh(model, args.mesh)
+    return model
 
 
 def cli(run_fn, parser: argparse.ArgumentParser, argv=None) -> int:
     """Parses arguments, runs, and turns bad input into one `error:` line and exit status 2."""
     args = parser.parse_args(argv)
-    if not args.no_compilation_cache:
-        enable_compilation_cache()
+    errors = sys.stderr
     try:
+        errors = _start_devices(args)
+        if not args.no_compilation_cache:
+            enable_compilation_cache()
         return run_fn(args)
     except (ValueError, OSError) as e:
         message = " ".join(str(e).split()) or type(e).__name__
-        print(f"error: {message}", file=sys.stderr)
+        where = "" if jax.process_count() == 1 else f" (process {jax.process_index()})"
+        print(f"error{where}: {message}", file=errors)
         return 2
+    finally:
+        sys.stdout.flush()
 
 
 def _read_prompts(args) -> list[str]:
@@ -446,6 +499,49 @@ def run(args) -> int:
         print(f"stats: {generated} tokens in {elapsed:.2f}s; prefill + first chunk (includes compiling) "
               f"{first:.2f}s; after that {rate} (batch {len(prompts)})", file=sys.stderr)
     return 0
+
+
+def _report_mesh(model: GptOss, spec: str) -> None:
+    from gptoss_jax.sharding.memory import bytes_per_device, format_bytes
+    from gptoss_jax.sharding.mesh import check_mesh_fits_model
+
+    for note in check_mesh_fits_model(model.config, model.mesh):
+        print(f"note: {note}", file=sys.stderr)
+    total = max(bytes_per_device(model).values())
+    experts = max(bytes_per_device(model, experts_only=True).values())
+    print(f"note: mesh {spec} over {model.mesh.size} {jax.default_backend().upper()} devices: "
+          f"{format_bytes(total)} of parameters per device ({format_bytes(experts)} of experts)", file=sys.stderr)
+
+
+def _start_devices(args):
+    """Host devices and jax.distributed must be set up before JAX starts its backends.
+    Returns the stream for error messages (every process reports its errors)."""
+    from gptoss_jax.sharding.mesh import Distributed, start_devices
+
+    distributed = Distributed(args.coordinator, args.num_processes, args.process_id, args.distributed)
+    distributed.check()
+    spec = parse_mesh_spec(args.mesh) if args.mesh else None
+    if spec is None:
+        if distributed.enabled:
+            raise ValueError("multi-process runs need --mesh (the mesh spans the devices of all processes)")
+        return sys.stderr
+    errors = sys.stderr
+    if distributed.enabled:
+        # gloo (CPU collectives between processes) prints to the C-level stdout: send that to
+        # stderr and keep Python's stdout for the output.
+        sys.stdout.flush()
+        sys.stdout = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
+        errors = os.fdopen(os.dup(2), "w", buffering=1, encoding="utf-8")
+        os.dup2(2, 1)
+    notes = start_devices(spec, distributed)
+    if jax.process_index() != 0:  # only process 0 prints
+        quiet = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(quiet, 1)
+        os.dup2(quiet, 2)
+        sys.stdout = sys.stderr = open(os.devnull, "w")
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    return errors
 
 
 def main(argv=None) -> int:
