@@ -217,3 +217,13 @@ def test_package_level_generate_is_the_function(model):
 
     kw = dict(max_new_tokens=3, temperature=0, stop_tokens=[])
     assert gptoss_jax.generate(model, [[5, 6, 7]], **kw) == generate(model, [[5, 6, 7]], **kw)
+
+
+def test_cli_mesh_4x2_provisions_host_devices_and_matches_one_device():
+    env = {"XLA_FLAGS": ""}  # let the CLI provision the 8 host devices itself
+    args = ["--json", "--raw", "--dtype", "float32", "--temperature", "0", "--max-new-tokens", "6",
+            "--prompt", "The sky is"]
+    meshed, single = run_cli("--mesh", "4x2", *args, env=env), run_cli(*args, env=env)
+    assert meshed.returncode == 0 and single.returncode == 0, meshed.stderr + single.stderr
+    assert "8 host (CPU) devices" in meshed.stderr and "mesh 4x2" in meshed.stderr
+    assert json.loads(meshed.stdout)["tokens"] == json.loads(single.stdout)["tokens"]
