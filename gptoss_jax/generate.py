@@ -10,10 +10,12 @@ attends nor writes into the cache.
 from __future__ import annotations
 
 import argparse
+import codecs
 import json
 import os
 import sys
 import time
+import types
 from functools import partial
 from pathlib import Path
 from typing import Callable, Sequence
@@ -23,7 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gptoss_jax.model import NO_POSITION, GptOss
+from gptoss_jax.model import CACHE_AXES, NO_POSITION, GptOss, LayerCache
+from gptoss_jax.sharding.mesh import make_mesh, parse_mesh_spec
+from gptoss_jax.sharding.placement import fetch, put
+from gptoss_jax.sharding.rules import DATA, named_sharding
 
 DEFAULT_CHUNK = 8
 PAD_TOKEN = 0  # fed at position -1, so its value never matters
@@ -174,39 +179,63 @@ def generate(
     if max_new_tokens == 0:
         return results
 
+    # On a mesh the data axis splits the batch: idle rows (no tokens, nothing to generate)
+    # round it up to a multiple of the axis.
+    mesh = model.mesh
+    rows = batch if mesh is None else _round_up(batch, mesh.shape.get(DATA, 1))
     # Rounded shapes let nearby prompt lengths share compiled code; extra slots stay empty.
     padded = _round_up(longest, 16)
-    tokens = np.full((batch, padded), PAD_TOKEN, np.int32)
-    positions = np.full((batch, padded), NO_POSITION, np.int32)
+    tokens = np.full((rows, padded), PAD_TOKEN, np.int32)
+    positions = np.full((rows, padded), NO_POSITION, np.int32)
     for i, prompt in enumerate(prompts):
         tokens[i, : len(prompt)] = prompt
         positions[i, : len(prompt)] = np.arange(len(prompt))
-    caches = model.init_cache(batch, _round_up(max(max_len, padded), 64))
+    lengths = np.concatenate([lengths, np.ones(rows - batch, np.int32)])
+    limit = np.zeros(rows, np.int32)
+    limit[:batch] = np.minimum(max_new_tokens, max_len - lengths[:batch])
 
+    place = _placer(mesh)
+    caches = _init_caches(model, rows, _round_up(max(max_len, padded), 64))
     graphdef, state = nnx.split(model)
-    logits, caches = _prefill(graphdef, state, jnp.asarray(tokens), jnp.asarray(positions), caches,
-                              jnp.asarray(lengths - 1))
+    logits, caches = _prefill(graphdef, state, place(tokens, ("batch", "seq")), place(positions, ("batch", "seq")),
+                              caches, place(lengths - 1, ("batch",)))
 
-    limit = np.minimum(max_new_tokens, max_len - lengths)
-    done = limit <= 0
-    position, count, step = jnp.asarray(lengths), jnp.zeros(batch, jnp.int32), jnp.int32(0)
-    done = jnp.asarray(done)
-    stops = jnp.asarray(np.array(stop_tokens, np.int32).reshape(-1))
-    key = jax.random.key(seed)
+    position, count = place(lengths, ("batch",)), place(np.zeros(rows, np.int32), ("batch",))
+    done, step = place(limit <= 0, ("batch",)), place(np.int32(0), ())
+    stops = place(np.array(stop_tokens, np.int32).reshape(-1), (None,))
+    key = jax.random.wrap_key_data(place(np.asarray(jax.random.key_data(jax.random.key(seed))), (None,)))
     kernel = partial(_decode_chunk, graphdef, state, chunk=chunk, greedy=temperature == 0,
                      top_k=min(top_k, config.vocab_size), use_top_p=top_p < 1)
-    temperature_arg = jnp.float32(temperature if temperature > 0 else 1.0)
+    limit = place(limit, ("batch",))
+    temperature_arg = place(np.float32(temperature if temperature > 0 else 1.0), ())
+    top_p_arg = place(np.float32(top_p), ())
 
-    while not bool(np.all(np.asarray(done))):
+    while not bool(np.all(fetch(done, mesh))):
         caches, logits, position, count, done, step, out = kernel(
-            caches, logits, position, count, done, step, jnp.asarray(limit, jnp.int32), stops, key,
-            temperature_arg, jnp.float32(top_p))
-        new = [[int(t) for t in row if t >= 0] for row in np.asarray(out)]
+            caches, logits, position, count, done, step, limit, stops, key, temperature_arg, top_p_arg)
+        new = [[int(t) for t in row if t >= 0] for row in fetch(out, mesh)[:batch]]
         for result, tokens_of_seq in zip(results, new):
             result.extend(tokens_of_seq)
         if on_tokens is not None:
             on_tokens(new)
     return results
+
+
+def _placer(mesh):
+    """Host arrays onto the mesh by logical axes (one device without a mesh)."""
+    if mesh is None:
+        return lambda array, axes: jnp.asarray(array)
+    return lambda array, axes: put(array, axes, mesh)
+
+
+def _init_caches(model: GptOss, batch: int, max_len: int) -> list[LayerCache]:
+    """Empty KV caches; on a mesh, batch over "data" and KV heads over "model" (by the rules)."""
+    if model.mesh is None:
+        return model.init_cache(batch, max_len)
+    make = lambda: model.init_cache(batch, max_len)  # noqa: E731
+    shardings = [LayerCache(*(named_sharding(axes, leaf.shape, model.mesh) for axes, leaf in zip(CACHE_AXES, cache)))
+                 for cache in jax.eval_shape(make)]
+    return jax.jit(make, out_shardings=shardings)()
 
 
 # ---------------------------------------------------------------------------------- CLI
@@ -216,31 +245,102 @@ def enable_compilation_cache(path: Path = COMPILATION_CACHE_DIR) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m gptoss_jax.generate",
-        description="Generate text with gpt-oss in JAX (harmony chat format unless --raw).",
-        epilog=f"Compiled code is cached across runs in {COMPILATION_CACHE_DIR} "
-               "(JAX's persistent compilation cache; set GPTOSS_JAX_CACHE_DIR to move it, "
-               "--no-compilation-cache to disable it).")
-    parser.add_argument("--checkpoint", help="checkpoint directory (default: the built-in 'tiny' random model)")
-    parser.add_argument("--prompt", action="append", help="prompt text; repeat for a batch")
-    parser.add_argument("--prompt-file", help="file with one prompt per line")
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint",
+                        help="checkpoint directory (either MXFP4 layout), or a Hugging Face repo id such as "
+                             "openai/gpt-oss-20b (local HF cache first, else downloaded); "
+                             "default: the built-in 'tiny' model with random weights")
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    parser.add_argument("--no-compilation-cache", action="store_true")
+    mesh = parser.add_argument_group(
+        "mesh (several devices)",
+        "--mesh AxB spreads the model over A x B devices: A-way expert parallelism (each device holds "
+        "1/A of the experts) times B-way tensor parallelism (attention heads, vocabulary and each "
+        "expert's hidden units split B ways); DxAxB adds D-way data parallelism (the batch split D "
+        "ways, each slice holding a full copy of the weights). The product must equal the number of "
+        "devices; e.g. --mesh 4x2 on a TPU v5e-8 or an 8-GPU host. Without accelerators the command "
+        "provisions that many host (CPU) devices itself. Several processes (one per host) join with "
+        "--coordinator/--num-processes/--process-id, or --distributed on a TPU pod slice or cluster; "
+        "each loads only its own shards and only process 0 prints.")
+    mesh.add_argument("--mesh", metavar="AxB|DxAxB", help="expert x model (or data x expert x model) mesh")
+    mesh.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0, for multi-process runs")
+    mesh.add_argument("--num-processes", type=int, metavar="N", help="number of processes in a multi-process run")
+    mesh.add_argument("--process-id", type=int, metavar="I", help="this process's index in [0, --num-processes)")
+    mesh.add_argument("--distributed", action="store_true",
+                      help="join processes with jax.distributed's cluster detection (TPU pod slices, SLURM, ...)")
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
     parser.add_argument("--reasoning-effort", choices=["low", "medium", "high"], default="medium")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0, help="0 = off")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--show-analysis", action="store_true", help="stream the analysis channel to stderr")
+
+
+def check_sampling_arguments(args) -> None:
+    check_sampling(args.temperature, args.top_p, args.top_k)
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+
+
+COMPILATION_CACHE_NOTE = (f"Compiled code is cached across runs in {COMPILATION_CACHE_DIR} (JAX's persistent "
+                          "compilation cache; set GPTOSS_JAX_CACHE_DIR to move it, --no-compilation-cache "
+                          "to disable it).")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m gptoss_jax.generate",
+        description="Generate text with gpt-oss in JAX (harmony chat format unless --raw).",
+        epilog=COMPILATION_CACHE_NOTE)
+    add_model_arguments(parser)
+    parser.add_argument("--prompt", action="append", help="prompt text; repeat for a batch")
+    parser.add_argument("--prompt-file", help="file with one prompt per line")
+    add_sampling_arguments(parser, max_new_tokens=64)
     parser.add_argument("--raw", action="store_true",
                         help="no chat format: encode the prompt text as is and stop on <|endoftext|>")
-    parser.add_argument("--show-analysis", action="store_true", help="stream the analysis channel to stderr")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object per prompt (prompt_tokens, tokens, text)")
-    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     parser.add_argument("--stats", action="store_true", help="print timing and tokens/s to stderr")
-    parser.add_argument("--no-compilation-cache", action="store_true")
     return parser
+
+
+def load_model(args) -> GptOss:
+    from gptoss_jax.hub import resolve_checkpoint
+    from gptoss_jax.loader import load
+
+    mesh = make_mesh(parse_mesh_spec(args.mesh)) if args.mesh else None
+    if args.checkpoint is None:
+        print("note: no --checkpoint given; using the built-in 'tiny' model with random weights "
+              "(its output is random tokens)", file=sys.stderr)
+        model = load("tiny", dtype=args.dtype, mesh=mesh)
+    else:
+        path = resolve_checkpoint(args.checkpoint, log=lambda message: print(message, file=sys.stderr))
+        model = load(path, dtype=args.dtype, mesh=mesh)
+    if mesh is not None:
+        _report_mesh(model, args.mesh)
+    return model
+
+
+def cli(run_fn, parser: argparse.ArgumentParser, argv=None) -> int:
+    """Parses arguments, runs, and turns bad input into one `error:` line and exit status 2."""
+    args = parser.parse_args(argv)
+    errors = sys.stderr
+    try:
+        errors = _start_devices(args)
+        if not args.no_compilation_cache:
+            enable_compilation_cache()
+        return run_fn(args)
+    except (ValueError, OSError) as e:
+        message = " ".join(str(e).split()) or type(e).__name__
+        where = "" if jax.process_count() == 1 else f" (process {jax.process_index()})"
+        print(f"error{where}: {message}", file=errors)
+        return 2
+    finally:
+        sys.stdout.flush()
 
 
 def _read_prompts(args) -> list[str]:
@@ -254,65 +354,89 @@ def _read_prompts(args) -> list[str]:
     return prompts or ["Why is the sky blue?"]
 
 
-def _decode(tokenizer, tokens: list[int]) -> str:
-    known = [t for t in tokens if t < tokenizer.n_vocab]
+def _token_bytes(tokenizer, token: int) -> bytes:
     try:
-        return tokenizer.decode(known, errors="replace")
+        return tokenizer.decode_single_token_bytes(token)
     except KeyError:  # ids in unused gaps of the vocabulary
-        return tokenizer.decode([t for t in known if t < 199998], errors="replace")
+        return b""
+
+
+def _decode(tokenizer, tokens: list[int]) -> str:
+    return b"".join(_token_bytes(tokenizer, t) for t in tokens).decode("utf-8", errors="replace")
+
+
+class _TextStream:
+    """Token ids in, text out, holding back the bytes of a UTF-8 character split across tokens."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def feed(self, tokens: list[int]) -> str:
+        return self.decoder.decode(b"".join(_token_bytes(self.tokenizer, t) for t in tokens))
 
 
 class _HarmonyStream:
-    """Feeds one sequence's tokens to a StreamingParser; writes final text to stdout and
-    (optionally) analysis text to stderr. Stops parsing at the first malformed token."""
+    """Feeds one sequence's tokens to a StreamingParser; collects (and, with `echo`, prints) the
+    final channel to stdout and the analysis channel to stderr. Output that does not follow the
+    harmony format (a malformed token, or a message header that never ends, as from random
+    weights) is shown as raw text from then on, with a note."""
 
-    def __init__(self, echo: bool, show_analysis: bool):
+    MAX_HEADER_TOKENS = 32  # real headers ("<|channel|>final<|message|>", recipients) are far shorter
+
+    def __init__(self, tokenizer, echo: bool, show_analysis: bool):
         from gptoss_jax.chat_format import StreamingParser
-        self.parser, self.broken = StreamingParser(), False
+        self.parser, self.tokenizer = StreamingParser(), tokenizer
         self.echo, self.show_analysis = echo, show_analysis
-        self.final, self.analysis = [], []
+        self.final, self.analysis, self.tokens = [], [], []
+        self.header_tokens, self.not_harmony = 0, False
+        self.raw = _TextStream(tokenizer)
 
     def feed(self, tokens: list[int]) -> None:
         for token in tokens:
-            if self.broken:
-                return
+            self.tokens.append(token)
+            if self.not_harmony:
+                self._print_raw([token])
+                continue
             try:
                 delta = self.parser.feed(token)
             except ValueError:
-                self.broken = True
-                return
-            if not delta:
-                continue
-            if self.parser.channel == "final":
+                delta = None
+            self.header_tokens = 0 if self.parser.channel else self.header_tokens + 1
+            if delta is None or self.header_tokens > self.MAX_HEADER_TOKENS:
+                self._give_up_on_harmony()
+            elif delta and self.parser.channel == "final":
                 self.final.append(delta)
                 if self.echo:
                     print(delta, end="", flush=True)
-            elif self.parser.channel == "analysis":
+            elif delta and self.parser.channel == "analysis":
                 self.analysis.append(delta)
                 if self.echo and self.show_analysis:
                     print(delta, end="", file=sys.stderr, flush=True)
 
+    def _give_up_on_harmony(self) -> None:
+        self.not_harmony = True
+        if self.echo:
+            print("note: the output does not follow the harmony format; showing the raw tokens",
+                  file=sys.stderr, flush=True)
+        self._print_raw(self.tokens)
+
+    def _print_raw(self, tokens: list[int]) -> None:
+        text = self.raw.feed(tokens)
+        if self.echo and text:
+            print(text, end="", flush=True)
+
     @property
-    def saw_final(self) -> bool:
-        return not self.broken and self.parser.channel == "final" or bool(self.final)
+    def printed_anything(self) -> bool:
+        return bool(self.final) or self.not_harmony
 
 
 def run(args) -> int:
-    from gptoss_jax.loader import load
     from gptoss_jax.tokenizer import ENDOFTEXT, get_tokenizer
 
-    check_sampling(args.temperature, args.top_p, args.top_k)
-    if args.max_new_tokens < 0:
-        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    check_sampling_arguments(args)
     texts = _read_prompts(args)
-    if args.checkpoint is None:
-        print("note: no --checkpoint given; using the built-in 'tiny' model with random weights "
-              "(its output is random tokens)", file=sys.stderr)
-        model = load("tiny", dtype=args.dtype)
-    else:
-        if not Path(args.checkpoint).exists():
-            raise ValueError(f"checkpoint directory not found: {args.checkpoint}")
-        model = load(args.checkpoint, dtype=args.dtype)
+    model = load_model(args)
 
     tokenizer = get_tokenizer()
     if args.raw:
@@ -325,7 +449,8 @@ def run(args) -> int:
         stop_tokens = None
 
     stream_one = len(prompts) == 1 and not args.json
-    streams = [_HarmonyStream(echo=stream_one, show_analysis=args.show_analysis) for _ in prompts]
+    streams = [_HarmonyStream(tokenizer, echo=stream_one, show_analysis=args.show_analysis) for _ in prompts]
+    raw_stream = _TextStream(tokenizer)
     clock = {"first": None, "first_count": 0}
 
     def on_tokens(new):
@@ -333,7 +458,7 @@ def run(args) -> int:
             clock["first"], clock["first_count"] = time.perf_counter(), sum(map(len, new))
         if args.raw:
             if stream_one:
-                print(_decode(tokenizer, [t for t in new[0] if t != ENDOFTEXT]), end="", flush=True)
+                print(raw_stream.feed([t for t in new[0] if t != ENDOFTEXT]), end="", flush=True)
         else:
             for stream, tokens in zip(streams, new):
                 stream.feed(tokens)
@@ -343,24 +468,24 @@ def run(args) -> int:
                        top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop_tokens=stop_tokens,
                        on_tokens=on_tokens)
     elapsed = time.perf_counter() - start
-    if stream_one and (args.raw or streams[0].final):
+    if stream_one and (args.raw or streams[0].printed_anything):
         print()
 
     for i, (text, prompt, tokens, stream) in enumerate(zip(texts, prompts, outputs, streams)):
         raw_text = _decode(tokenizer, tokens)
-        final = None if args.raw else ("".join(stream.final) if stream.final else None)
+        final = None if args.raw or not stream.final else "".join(stream.final)
         if args.json:
             record = {"prompt": text, "prompt_tokens": prompt, "tokens": tokens,
                       "text": raw_text if args.raw else (final or "")}
             if not args.raw:
-                record.update(final_found=final is not None, raw_text=raw_text,
-                              analysis="".join(stream.analysis))
+                record.update(final_found=final is not None, harmony=not stream.not_harmony,
+                              raw_text=raw_text, analysis="".join(stream.analysis))
             print(json.dumps(record, ensure_ascii=False))
             continue
         if not stream_one:
             print(f"=== prompt {i}: {text}")
-            print(raw_text if args.raw else (final or ""))
-        if not args.raw and final is None:
+            print(raw_text if args.raw or stream.not_harmony else (final or ""))
+        if not args.raw and final is None and not stream.not_harmony:
             print(f"note: prompt {i}: the model produced no final-channel message "
                   f"({len(tokens)} tokens generated)", file=sys.stderr)
             if stream_one:
@@ -376,17 +501,61 @@ def run(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    if not args.no_compilation_cache:
-        enable_compilation_cache()
-    try:
-        return run(args)
-    except (ValueError, OSError) as e:
-        message = " ".join(str(e).split()) or type(e).__name__
-        print(f"error: {message}", file=sys.stderr)
-        return 2
+def _report_mesh(model: GptOss, spec: str) -> None:
+    from gptoss_jax.sharding.memory import bytes_per_device, format_bytes
+    from gptoss_jax.sharding.mesh import check_mesh_fits_model
 
+    for note in check_mesh_fits_model(model.config, model.mesh):
+        print(f"note: {note}", file=sys.stderr)
+    total = max(bytes_per_device(model).values())
+    experts = max(bytes_per_device(model, experts_only=True).values())
+    print(f"note: mesh {spec} over {model.mesh.size} {jax.default_backend().upper()} devices: "
+          f"{format_bytes(total)} of parameters per device ({format_bytes(experts)} of experts)", file=sys.stderr)
+
+
+def _start_devices(args):
+    """Host devices and jax.distributed must be set up before JAX starts its backends.
+    Returns the stream for error messages (every process reports its errors)."""
+    from gptoss_jax.sharding.mesh import Distributed, start_devices
+
+    distributed = Distributed(args.coordinator, args.num_processes, args.process_id, args.distributed)
+    distributed.check()
+    spec = parse_mesh_spec(args.mesh) if args.mesh else None
+    if spec is None:
+        if distributed.enabled:
+            raise ValueError("multi-process runs need --mesh (the mesh spans the devices of all processes)")
+        return sys.stderr
+    errors = sys.stderr
+    if distributed.enabled:
+        # gloo (CPU collectives between processes) prints to the C-level stdout: send that to
+        # stderr and keep Python's stdout for the output.
+        sys.stdout.flush()
+        sys.stdout = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
+        errors = os.fdopen(os.dup(2), "w", buffering=1, encoding="utf-8")
+        os.dup2(2, 1)
+    notes = start_devices(spec, distributed)
+    if jax.process_index() != 0:  # only process 0 prints
+        quiet = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(quiet, 1)
+        os.dup2(quiet, 2)
+        sys.stdout = sys.stderr = open(os.devnull, "w")
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    return errors
+
+
+def main(argv=None) -> int:
+    return cli(run, build_parser(), argv)
+
+
+class _CallableModule(types.ModuleType):
+    """Makes `gptoss_jax.generate(model, prompts, ...)` call `generate` (see gptoss_jax/__init__.py)."""
+
+    def __call__(self, *args, **kwargs):
+        return generate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -20,6 +20,8 @@ from gptoss_jax.config import PRESETS, GptOssConfig
 from gptoss_jax.converters.layouts import DENSE, E8M0_SCALES, FP4_VALUES, Checkpoint, tensor_to_leaves
 from gptoss_jax.converters.orbax_io import ConvertedCheckpoint, is_converted
 from gptoss_jax.model import GptOss
+from gptoss_jax.sharding.mesh import check_mesh_fits_model
+from gptoss_jax.sharding.placement import put_host_array
 from gptoss_jax.sharding.rules import named_sharding
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
@@ -48,9 +50,11 @@ def load(path, *, mesh=None, dtype="bfloat16", seed: int = 0) -> GptOss:
     return model_from_checkpoint(Checkpoint(path), mesh=mesh, dtype=dtype)
 
 
-def abstract_model(config: GptOssConfig, dtype) -> tuple[nnx.GraphDef, list]:
+def abstract_model(config: GptOssConfig, dtype, mesh=None) -> tuple[nnx.GraphDef, list]:
     """The module tree without memory: its graph and (path, Variable) leaves."""
-    abstract = nnx.eval_shape(lambda: GptOss(config, dtype))
+    if mesh is not None:
+        check_mesh_fits_model(config, mesh)
+    abstract = nnx.eval_shape(lambda: GptOss(config, dtype, mesh))
     graphdef, state = nnx.split(abstract)
     return graphdef, list(nnx.to_flat_state(state))
 
@@ -66,7 +70,7 @@ def leaf_sharding(var, mesh):
 
 
 def model_from_checkpoint(checkpoint: Checkpoint, *, mesh=None, dtype=jnp.bfloat16) -> GptOss:
-    graphdef, leaves = abstract_model(checkpoint.config, dtype)
+    graphdef, leaves = abstract_model(checkpoint.config, dtype, mesh)
     by_path = dict(leaves)
     values = {}
     for spec in checkpoint.specs:
@@ -74,12 +78,12 @@ def model_from_checkpoint(checkpoint: Checkpoint, *, mesh=None, dtype=jnp.bfloat
             var = by_path[part.leaf]
             sharding = leaf_sharding(var, mesh)
             if part.kind == FP4_VALUES:
-                packed = jax.device_put(np.asarray(piece), sharding)
+                packed = put_host_array(piece, sharding)
                 values[part.leaf] = jax.jit(mxfp4.blocks_to_fp4, out_shardings=sharding)(packed)
             elif part.kind == E8M0_SCALES:
-                values[part.leaf] = jax.device_put(np.asarray(piece), sharding)
+                values[part.leaf] = put_host_array(piece, sharding)
             else:
-                values[part.leaf] = _put_dense(np.asarray(piece), sharding, var.dtype)
+                values[part.leaf] = _put_dense(piece, sharding, var.dtype)
     return _assemble(graphdef, leaves, values)
 
 
@@ -87,7 +91,7 @@ def model_from_converted(checkpoint: ConvertedCheckpoint, *, mesh=None, dtype=jn
     """Restores a converted checkpoint straight into each parameter's sharding: every process
     reads only its shards, dense parameters are cast to `dtype` as they are read, and MXFP4
     bytes become FP4 by a bitcast on the devices."""
-    graphdef, leaves = abstract_model(checkpoint.config, dtype)
+    graphdef, leaves = abstract_model(checkpoint.config, dtype, mesh)
     targets = {}
     for path, var in leaves:
         stored = checkpoint.leaves[path]
@@ -105,15 +109,15 @@ def model_from_converted(checkpoint: ConvertedCheckpoint, *, mesh=None, dtype=jn
 
 def _put_dense(array: np.ndarray, sharding, dtype):
     if array.dtype == dtype:
-        return jax.device_put(array, sharding)
-    return jax.jit(lambda a: a.astype(dtype), out_shardings=sharding)(jax.device_put(array, sharding))
+        return put_host_array(array, sharding)
+    return jax.jit(lambda a: a.astype(dtype), out_shardings=sharding)(put_host_array(array, sharding))
 
 
 # ------------------------------------------------------------------------ random weights
 def random_model(config: GptOssConfig, *, mesh=None, dtype=jnp.bfloat16, seed: int = 0,
                  expert_scale_shift: int = 0) -> GptOss:
     """Random weights created directly on the devices, one parameter at a time."""
-    graphdef, leaves = abstract_model(config, dtype)
+    graphdef, leaves = abstract_model(config, dtype, mesh)
     values = {}
     for path, var in leaves:
         make = _random_leaf_fn(config, path[-1], var.shape, var.dtype, expert_scale_shift, leaf_sharding(var, mesh))

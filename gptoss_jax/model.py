@@ -21,6 +21,7 @@ from flax import nnx
 
 from gptoss_jax import mxfp4
 from gptoss_jax.config import GptOssConfig, yarn_correction_range
+from gptoss_jax.sharding.moe import sharded_expert_mix
 
 F32 = jnp.float32
 NO_POSITION = -1  # marks padding tokens and empty cache slots
@@ -47,6 +48,11 @@ class LayerCache(NamedTuple):
     k: jax.Array  # [batch, slots, kv_heads, head_dim]
     v: jax.Array
     positions: jax.Array  # [batch, slots] int32
+
+
+# Logical axes of each cache field (for gptoss_jax.sharding.rules).
+CACHE_AXES = LayerCache(k=("batch", "seq", "kv_heads", "head_dim"), v=("batch", "seq", "kv_heads", "head_dim"),
+                        positions=("batch", "seq"))
 
 
 class RMSNorm(nnx.Module):
@@ -169,11 +175,24 @@ class Attention(nnx.Module):
         )
 
 
+class ExpertWeights(NamedTuple):
+    """The FP4 experts of one MoE layer, or one device's share of them (leading axis: experts)."""
+
+    mlp1_fp4: jax.Array  # [experts, 2 * hidden, embed / 32, 32] float4_e2m1fn
+    mlp1_scales: jax.Array  # [experts, 2 * hidden, embed / 32] float8_e8m0fnu
+    mlp1_bias: jax.Array  # [experts, 2 * hidden]
+    mlp2_fp4: jax.Array  # [experts, embed, hidden / 32, 32]
+    mlp2_scales: jax.Array  # [experts, embed, hidden / 32]
+    mlp2_bias: jax.Array  # [experts, embed]
+
+
 class MoE(nnx.Module):
-    def __init__(self, config: GptOssConfig, dtype):
+    def __init__(self, config: GptOssConfig, dtype, mesh=None):
         c = config
         self.config = c
         self.dtype = dtype
+        # With a mesh, the experts are spread over it (gptoss_jax.sharding.moe).
+        self.mesh = mesh
         e, d, i = c.num_experts, c.hidden_size, c.intermediate_size
         block = mxfp4.BLOCK
         self.norm = RMSNorm(c, dtype)
@@ -190,6 +209,12 @@ class MoE(nnx.Module):
         self.mlp2_scales = nnx.Param(jnp.zeros((e, d, i // block), mxfp4.E8M0),
                                      axes=("experts", "embed", "expert_mlp_blocks"))
         self.mlp2_bias = _param((e, d), dtype, ("experts", "embed"))
+
+    def expert_weights(self) -> ExpertWeights:
+        return ExpertWeights(*(getattr(self, name)[...] for name in ExpertWeights._fields))
+
+    def expert_axes(self) -> ExpertWeights:
+        return ExpertWeights(*(getattr(self, name).get_metadata()["axes"] for name in ExpertWeights._fields))
 
     def route(self, h):
         """Top-k experts per token and their weights: softmax over the k logits (spec 2.5)."""
@@ -212,51 +237,69 @@ class MoE(nnx.Module):
         b, t, d = x.shape
         h = self.norm(x).reshape(b * t, d)
         experts, weights = self.route(h)
-        if b * t * self.config.experts_per_token < self.config.num_experts:
-            y = self.experts_gathered(h, experts)
+        if self.mesh is None:
+            out = self.expert_mix(h, experts, weights, self.expert_weights())
         else:
-            y = self.experts_grouped(h, experts)
-        out = _einsum("nko,nk->no", y, weights, self.dtype).astype(self.dtype)
-        return out.reshape(b, t, d)
+            out = sharded_expert_mix(self.mesh, self.expert_mix, h, experts, weights, self.expert_weights(),
+                                     self.expert_axes())
+        return out.astype(self.dtype).reshape(b, t, d)
 
-    def experts_gathered(self, h, experts):
+    def expert_mix(self, h, experts, weights, w: ExpertWeights):
+        """sum_k weights[n, k] * expert_{experts[n, k]}(h[n]) [n, embed], in fp32: the
+        per-device expert computation (a fused kernel may replace it). `w` may be one
+        device's share of the experts; ids outside [0, experts in w) add nothing."""
+        n, k = experts.shape
+        num_experts = w.mlp1_fp4.shape[0]
+        known = (experts >= 0) & (experts < num_experts)
+        if n * k < num_experts:
+            y = self.experts_gathered(h, jnp.where(known, experts, 0), w)
+        else:
+            y = self.experts_grouped(h, experts, w)
+        y = jnp.where(known[..., None], y, jnp.zeros_like(y))
+        return _einsum("nko,nk->no", y, weights, self.dtype)
+
+    def experts_gathered(self, h, experts, w: ExpertWeights | None = None):
         """Few tokens: dequantize only the routed experts' weights. Returns [n, k, embed]."""
+        w = self.expert_weights() if w is None else w
         dt = self.dtype
-        w1 = mxfp4.dequantize(self.mlp1_fp4[...][experts], self.mlp1_scales[...][experts], dt)
-        u = _einsum("nd,nkod->nko", h, w1, dt).astype(dt) + self.mlp1_bias[...][experts]
+        w1 = mxfp4.dequantize(w.mlp1_fp4[experts], w.mlp1_scales[experts], dt)
+        u = _einsum("nd,nkod->nko", h, w1, dt).astype(dt) + w.mlp1_bias[experts]
         a = self.swiglu(u)
-        w2 = mxfp4.dequantize(self.mlp2_fp4[...][experts], self.mlp2_scales[...][experts], dt)
+        w2 = mxfp4.dequantize(w.mlp2_fp4[experts], w.mlp2_scales[experts], dt)
         y = _einsum("nki,nkoi->nko", a, w2, dt).astype(dt)
-        return y + self.mlp2_bias[...][experts]
+        return y + w.mlp2_bias[experts]
 
-    def experts_grouped(self, h, experts):
+    def experts_grouped(self, h, experts, w: ExpertWeights | None = None):
         """Many tokens: sort the (token, expert) pairs by expert and run one grouped GEMM per
-        projection over all experts, dequantized inside the forward. Returns [n, k, embed]."""
+        projection over all experts, dequantized inside the forward. Returns [n, k, embed];
+        rows of ids outside [0, experts in w) are left unspecified."""
+        w = self.expert_weights() if w is None else w
         dt = self.dtype
         n, k = experts.shape
-        num_experts = self.config.num_experts
+        num_experts = w.mlp1_fp4.shape[0]
         flat = experts.reshape(-1)
+        flat = jnp.where((flat >= 0) & (flat < num_experts), flat, num_experts)  # unknown ids sort last
         order = jnp.argsort(flat, stable=True)
         token_of = order // k
-        expert_of = flat[order]
-        group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+        expert_of = jnp.minimum(flat[order], num_experts - 1)
+        group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)  # unknown ids: in no group
         x = h[token_of]
 
-        w1 = mxfp4.dequantize(self.mlp1_fp4[...], self.mlp1_scales[...], dt)  # [e, 2i, d]
+        w1 = mxfp4.dequantize(w.mlp1_fp4, w.mlp1_scales, dt)  # [e, 2i, d]
         u = jax.lax.ragged_dot(x, jnp.swapaxes(w1, 1, 2), group_sizes, preferred_element_type=F32,
                                precision=_precision(dt)).astype(dt)
-        a = self.swiglu(u + self.mlp1_bias[...][expert_of])
-        w2 = mxfp4.dequantize(self.mlp2_fp4[...], self.mlp2_scales[...], dt)  # [e, d, i]
+        a = self.swiglu(u + w.mlp1_bias[expert_of])
+        w2 = mxfp4.dequantize(w.mlp2_fp4, w.mlp2_scales, dt)  # [e, d, i]
         y = jax.lax.ragged_dot(a, jnp.swapaxes(w2, 1, 2), group_sizes, preferred_element_type=F32,
                                precision=_precision(dt)).astype(dt)
-        y = y + self.mlp2_bias[...][expert_of]
+        y = y + w.mlp2_bias[expert_of]
         return jnp.zeros_like(y).at[order].set(y).reshape(n, k, -1)
 
 
 class Block(nnx.Module):
-    def __init__(self, config: GptOssConfig, layer: int, dtype):
+    def __init__(self, config: GptOssConfig, layer: int, dtype, mesh=None):
         self.attn = Attention(config, layer, dtype)
-        self.mlp = MoE(config, dtype)
+        self.mlp = MoE(config, dtype, mesh)
 
     def __call__(self, x, positions, cache=None):
         a, cache = self.attn(x, positions, cache)
@@ -265,14 +308,16 @@ class Block(nnx.Module):
 
 
 class GptOss(nnx.Module):
-    """`model(tokens)` -> logits [batch, seq, vocab] for the whole causal sequence."""
+    """`model(tokens)` -> logits [batch, seq, vocab] for the whole causal sequence.
+    `mesh`: the jax.sharding.Mesh its parameters are spread over (None: one device)."""
 
-    def __init__(self, config: GptOssConfig, dtype=jnp.bfloat16):
+    def __init__(self, config: GptOssConfig, dtype=jnp.bfloat16, mesh=None):
         self.config = config
         self.dtype = jnp.dtype(dtype)
+        self.mesh = mesh
         c = config
         self.embedding = _param((c.vocab_size, c.hidden_size), dtype, ("vocab", "embed"))
-        self.blocks = nnx.List([Block(c, i, dtype) for i in range(c.num_hidden_layers)])
+        self.blocks = nnx.List([Block(c, i, dtype, mesh) for i in range(c.num_hidden_layers)])
         self.norm = RMSNorm(c, dtype)
         self.unembedding = _param((c.vocab_size, c.hidden_size), dtype, ("vocab", "embed"))
 

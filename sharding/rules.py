@@ -1,9 +1,11 @@
-"""The one table mapping the model's logical axes to mesh axes.
+"""The one table mapping the model's logical axes to mesh axes, and placement on a mesh.
 
 Mesh axes: "data" (batch), "expert" (expert parallelism), "model" (tensor parallelism).
-Layers only name logical axes (the `axes` metadata of each parameter); this module decides
-where they live. A dimension that the mesh axis does not divide is replicated instead (for
-example 8 KV heads on a 16-way model axis).
+Layers only name logical axes (the `axes` metadata of each parameter, `CACHE_AXES` of the
+KV cache); this module decides where they live. A dimension that its mesh axis does not
+divide is replicated instead (for example 2 KV heads on a 4-way model axis);
+`gptoss_jax.sharding.mesh.check_mesh_fits_model` rejects meshes that would replicate
+something that must be split (experts, query heads, expert hidden units).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ DATA, EXPERT, MODEL = "data", "expert", "model"
 
 LOGICAL_TO_MESH: dict[str, str | None] = {
     "batch": DATA,
+    "seq": None,
     "vocab": MODEL,
     "embed": None,
     "norm": None,
@@ -23,16 +26,17 @@ LOGICAL_TO_MESH: dict[str, str | None] = {
     "head_dim": None,
     "experts": EXPERT,
     "expert_mlp": MODEL,  # mlp1 output rows (gate/up pairs stay together: chunks are even)
-    "expert_mlp_blocks": MODEL,  # mlp2 input blocks
+    "expert_mlp_blocks": MODEL,  # mlp2 input blocks (the same hidden units as the mlp1 rows)
     "embed_blocks": None,
     "block": None,
 }
 
 
-def partition_spec(axes: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
+def partition_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh) -> PartitionSpec:
+    """`mesh` is a Mesh or AbstractMesh (only its axis sizes are read)."""
     spec = []
     for name, size in zip(axes, shape):
-        mesh_axis = LOGICAL_TO_MESH[name]
+        mesh_axis = None if name is None else LOGICAL_TO_MESH[name]
         if mesh_axis is None or mesh_axis not in mesh.shape or size % mesh.shape[mesh_axis]:
             spec.append(None)
         else:
@@ -40,7 +44,7 @@ def partition_spec(axes: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh) ->
     return PartitionSpec(*spec)
 
 
-def named_sharding(axes: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh | None):
+def named_sharding(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh | None):
     """Where a parameter with these logical axes lives; no mesh means the default device."""
     if mesh is None:
         return jax.sharding.SingleDeviceSharding(jax.devices()[0])

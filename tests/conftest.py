@@ -1,5 +1,15 @@
-import numpy as np
-import pytest
+import os
+
+# Eight host devices for the mesh tests (tests/test_sharding.py). XLA reads this when JAX
+# starts its backends, so it is set before any test module imports jax; a count set by the
+# caller wins. On accelerator hosts the accelerators stay the default devices.
+HOST_DEVICES = 8
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_force_host_platform_device_count={HOST_DEVICES}").strip()
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 
 def hf_logits(checkpoint_dir, tokens, torch_dtype):

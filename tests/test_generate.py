@@ -128,17 +128,32 @@ def test_invalid_arguments(model, kwargs, message):
         generate(model, args.pop("prompts"), **args)
 
 
-def run_cli(*args):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+def run_cli(*args, env=None):
+    env = dict(os.environ, JAX_PLATFORMS="cpu") | (env or {})
     return subprocess.run([sys.executable, "-m", "gptoss_jax.generate", *args],
                           capture_output=True, text=True, env=env, timeout=300)
 
 
 def test_cli_default_run():
-    result = run_cli("--max-new-tokens", "8")
+    # Random weights do not speak harmony: after a header that never ends the CLI streams raw text.
+    result = run_cli("--max-new-tokens", "48", "--temperature", "0")
     assert result.returncode == 0, result.stderr
     assert "built-in 'tiny' model" in result.stderr
-    assert "no final-channel message" in result.stderr or result.stdout.strip()
+    assert "does not follow the harmony format" in result.stderr
+    assert result.stdout.strip()
+
+
+def test_cli_repo_id_from_local_hf_cache(tiny_hf_checkpoint, tmp_path):
+    snapshot = tmp_path / "hub" / "models--someone--tiny-gptoss" / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    for file in tiny_hf_checkpoint.iterdir():
+        (snapshot / file.name).symlink_to(file)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0123abcd")
+    result = run_cli("--checkpoint", "someone/tiny-gptoss", "--max-new-tokens", "4", "--raw", "--json",
+                     env={"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr
+    assert len(json.loads(result.stdout)["tokens"]) == 4
 
 
 def test_cli_json_raw():
@@ -153,10 +168,62 @@ def test_cli_json_raw():
 
 @pytest.mark.parametrize("args, message", [
     (["--temperature", "-1"], "temperature"),
+    (["--top-p", "0"], "top_p"),
     (["--checkpoint", "/nonexistent/checkpoint"], "not found"),
+    (["--checkpoint", "someone/not-downloaded"], "someone/not-downloaded"),
 ])
-def test_cli_bad_input(args, message):
-    result = run_cli(*args)
+def test_cli_bad_input(args, message, tmp_path):
+    result = run_cli(*args, env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path)})
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.stderr
+
+
+def harmony_stream(tokens, show_analysis=False):
+    from gptoss_jax.generate import _HarmonyStream
+    from gptoss_jax.tokenizer import get_tokenizer
+
+    stream = _HarmonyStream(get_tokenizer(), echo=True, show_analysis=show_analysis)
+    for i in range(0, len(tokens), 3):  # in chunks, as the decode loop delivers them
+        stream.feed(tokens[i:i + 3])
+    return stream
+
+
+def test_stream_prints_final_channel_live(capsys):
+    from gptoss_jax.tokenizer import get_tokenizer
+
+    completion = get_tokenizer().encode(
+        "<|channel|>analysis<|message|>Think: 2+2.<|end|><|start|>assistant<|channel|>final<|message|>"
+        "Es ist 4 ☃.<|return|>", allowed_special="all")
+    stream = harmony_stream(completion, show_analysis=True)
+    out = capsys.readouterr()
+    assert out.out == "Es ist 4 ☃." and out.err == "Think: 2+2."
+    assert not stream.not_harmony and stream.printed_anything
+
+
+def test_stream_falls_back_to_raw_text_for_non_harmony_output(capsys):
+    from gptoss_jax.tokenizer import get_tokenizer
+
+    tokenizer = get_tokenizer()
+    words = tokenizer.encode("snow " * 40 + "☃☃")
+    stream = harmony_stream(words)
+    out = capsys.readouterr()
+    assert stream.not_harmony and "does not follow the harmony format" in out.err
+    assert out.out == tokenizer.decode(words)  # every token, multi-byte characters intact
+
+
+def test_package_level_generate_is_the_function(model):
+    import gptoss_jax
+
+    kw = dict(max_new_tokens=3, temperature=0, stop_tokens=[])
+    assert gptoss_jax.generate(model, [[5, 6, 7]], **kw) == generate(model, [[5, 6, 7]], **kw)
+
+
+def test_cli_mesh_4x2_provisions_host_devices_and_matches_one_device():
+    env = {"XLA_FLAGS": ""}  # let the CLI provision the 8 host devices itself
+    args = ["--json", "--raw", "--dtype", "float32", "--temperature", "0", "--max-new-tokens", "6",
+            "--prompt", "The sky is"]
+    meshed, single = run_cli("--mesh", "4x2", *args, env=env), run_cli(*args, env=env)
+    assert meshed.returncode == 0 and single.returncode == 0, meshed.stderr + single.stderr
+    assert "8 host (CPU) devices" in meshed.stderr and "mesh 4x2" in meshed.stderr
+    assert json.loads(meshed.stdout)["tokens"] == json.loads(single.stdout)["tokens"]

@@ -1,0 +1,120 @@
+"""`python -m gptoss_jax.chat`: an interactive multi-turn chat in the harmony format.
+
+Each turn renders the whole conversation (earlier chain of thought dropped, see chat_format),
+generates until `<|return|>` / `<|call|>` with the same engine as `gptoss_jax.generate`, streams
+the final channel, and keeps the parsed assistant messages for the next turn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from gptoss_jax import chat_format
+from gptoss_jax.generate import (
+    COMPILATION_CACHE_NOTE, _decode, _HarmonyStream, add_model_arguments, add_sampling_arguments,
+    check_sampling_arguments, cli, generate, load_model)
+
+COMMANDS = """commands: /reset (forget the conversation), /effort low|medium|high, /quit (or Ctrl-D)"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m gptoss_jax.chat",
+        description="Chat with gpt-oss in JAX: one user message per line on stdin. " + COMMANDS,
+        epilog=COMPILATION_CACHE_NOTE)
+    add_model_arguments(parser)
+    add_sampling_arguments(parser, max_new_tokens=1024)
+    parser.add_argument("--developer", help="developer instructions (the harmony developer message)")
+    parser.add_argument("--date", help="current date for the system message, e.g. 2026-11-23")
+    return parser
+
+
+class Chat:
+    """The conversation state and one `turn` per user message."""
+
+    def __init__(self, model, tokenizer, args, echo: bool = True):
+        self.model, self.tokenizer, self.args, self.echo = model, tokenizer, args, echo
+        self.reasoning_effort = args.reasoning_effort
+        self.messages: list[chat_format.Message] = []
+        self.turns = 0
+
+    def conversation(self) -> chat_format.Conversation:
+        return chat_format.Conversation(list(self.messages), reasoning_effort=self.reasoning_effort,
+                                        current_date=self.args.date,
+                                        developer_instructions=self.args.developer)
+
+    def turn(self, text: str) -> str:
+        """Answers one user message; returns the final-channel text (or the raw text when the
+        model's output is not harmony)."""
+        self.messages.append(chat_format.user(text))
+        prompt = chat_format.render_for_completion(self.conversation())
+        stream = _HarmonyStream(self.tokenizer, echo=self.echo, show_analysis=self.args.show_analysis)
+        a = self.args
+        tokens = generate(self.model, [prompt], max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+                          top_p=a.top_p, top_k=a.top_k, seed=a.seed + self.turns, stop_tokens=None,
+                          on_tokens=lambda new: stream.feed(new[0]))[0]
+        self.turns += 1
+        if self.echo and stream.printed_anything:
+            print(flush=True)
+        if stream.not_harmony:
+            answer = _decode(self.tokenizer, tokens)
+            self.messages.append(chat_format.assistant(answer))
+            return answer
+        parsed = stream.parser.result()
+        self.messages.extend(parsed.messages)
+        if parsed.partial_message is not None:  # cut off by --max-new-tokens: keep what was said
+            self.messages.append(parsed.partial_message)
+        if not parsed.complete and self.echo:
+            print(f"note: the answer was cut off after {len(tokens)} tokens (--max-new-tokens)", file=sys.stderr)
+        answer = parsed.final_text
+        if answer is None and self.echo:
+            print("note: the model produced no final-channel message", file=sys.stderr)
+        return answer or ""
+
+    def command(self, line: str) -> bool:
+        """Handles a /command; returns False to quit."""
+        name, _, value = line.partition(" ")
+        if name in ("/quit", "/exit"):
+            return False
+        if name == "/reset":
+            self.messages.clear()
+            print("(conversation cleared)", file=sys.stderr)
+        elif name == "/effort" and value.strip() in chat_format.REASONING_EFFORTS:
+            self.reasoning_effort = value.strip()
+            print(f"(reasoning effort: {self.reasoning_effort})", file=sys.stderr)
+        else:
+            print(f"unknown command {line!r}; {COMMANDS}", file=sys.stderr)
+        return True
+
+
+def run(args) -> int:
+    from gptoss_jax.tokenizer import get_tokenizer
+
+    check_sampling_arguments(args)
+    chat = Chat(load_model(args), get_tokenizer(), args)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"gptoss-jax chat. {COMMANDS}", file=sys.stderr)
+    while True:
+        if interactive:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            return 0
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            if not chat.command(line):
+                return 0
+            continue
+        chat.turn(line)
+
+
+def main(argv=None) -> int:
+    return cli(run, build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
