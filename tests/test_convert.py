@@ -197,9 +197,9 @@ MESH_SCRIPT = textwrap.dedent("""
     import jax, numpy as np
     import gptoss_jax
     from gptoss_jax.converters import orbax_io
-    from gptoss_jax.sharding.rules import DATA, EXPERT, MODEL
+    from gptoss_jax.sharding import make_mesh
     converted, source = sys.argv[1], sys.argv[2]
-    mesh = jax.make_mesh((1, 4, 2), (DATA, EXPERT, MODEL))
+    mesh = make_mesh("1x4x2")  # data 1, expert 4, model 2
     model = gptoss_jax.load(converted, mesh=mesh)
     reference = gptoss_jax.load(source)
     meta = orbax_io._ocp().metadata(orbax_io.ConvertedCheckpoint(converted).params).metadata
