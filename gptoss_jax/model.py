@@ -169,7 +169,12 @@ class Attention(nnx.Module):
         )
 
 
+KERNEL_MAX_PAIRS = 512  # kernels="pallas": the grouped GEMV handles up to this many (token, expert) pairs
+
+
 class MoE(nnx.Module):
+    kernels = "xla"  # "pallas": fused MXFP4 kernels (gptoss_jax.kernels.set_kernels)
+
     def __init__(self, config: GptOssConfig, dtype):
         c = config
         self.config = c
@@ -212,7 +217,10 @@ class MoE(nnx.Module):
         b, t, d = x.shape
         h = self.norm(x).reshape(b * t, d)
         experts, weights = self.route(h)
-        if b * t * self.config.experts_per_token < self.config.num_experts:
+        pairs = b * t * self.config.experts_per_token
+        if self.kernels == "pallas" and pairs <= KERNEL_MAX_PAIRS:
+            y = self.experts_kernel(h, experts)
+        elif pairs < self.config.num_experts:
             y = self.experts_gathered(h, experts)
         else:
             y = self.experts_grouped(h, experts)
@@ -228,6 +236,17 @@ class MoE(nnx.Module):
         w2 = mxfp4.dequantize(self.mlp2_fp4[...][experts], self.mlp2_scales[...][experts], dt)
         y = _einsum("nki,nkoi->nko", a, w2, dt).astype(dt)
         return y + self.mlp2_bias[...][experts]
+
+    # --- kernels hook (gptoss_jax/kernels): same contract as experts_gathered -------------
+    def experts_kernel(self, h, experts):
+        from gptoss_jax.kernels import moe as moe_kernels
+
+        c = self.config
+        return moe_kernels.experts_decode(
+            h, experts, moe_kernels.packed_bytes(self.mlp1_fp4[...]), self.mlp1_scales[...], self.mlp1_bias[...],
+            moe_kernels.packed_bytes(self.mlp2_fp4[...]), self.mlp2_scales[...], self.mlp2_bias[...],
+            limit=c.swiglu_limit, alpha=c.swiglu_alpha)
+    # ----------------------------------------------------------------------------------------
 
     def experts_grouped(self, h, experts):
         """Many tokens: sort the (token, expert) pairs by expert and run one grouped GEMM per
