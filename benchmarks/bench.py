@@ -105,11 +105,11 @@ def timed(fn, *args, repeats=3):
 
 
 # ----------------------------------------------------------------------- model and caches
-def build_model(name: str, kernels: str, seed: int = 0):
+def build_model(name: str, kernels: str, seed: int = 0, attention: str = "xla"):
     config = GptOssConfig.preset(name)
     start = time.perf_counter()
     model = sync(random_model(config, dtype=jnp.bfloat16, seed=seed))
-    set_kernels(model, kernels)
+    set_kernels(model, moe=kernels, attention=attention)
     return model, time.perf_counter() - start
 
 
@@ -301,7 +301,8 @@ def measure_ttft(args) -> dict:
     out = {}
     with tempfile.TemporaryDirectory() as cache_dir:
         for label in ("cold", "cached"):
-            cmd = [sys.executable, __file__, "--ttft-child", "--model", args.model, "--kernels", args.kernels]
+            cmd = [sys.executable, __file__, "--ttft-child", "--model", args.model, "--kernels", args.kernels,
+                   "--attention", args.attention]
             env = dict(os.environ, GPTOSS_JAX_CACHE_DIR=cache_dir)
             start = time.perf_counter()
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -318,7 +319,7 @@ def ttft_child(args) -> None:
 
     process_start = time.perf_counter()
     enable_compilation_cache(Path(os.environ.get("GPTOSS_JAX_CACHE_DIR", COMPILATION_CACHE_DIR)))
-    model, build_s = build_model(args.model, args.kernels)
+    model, build_s = build_model(args.model, args.kernels, attention=args.attention)
     prompt = [int(t) for t in np.random.default_rng(0).integers(0, 200000, 16)]
     start = time.perf_counter()
     generate(model, [prompt], max_new_tokens=1, temperature=0.0, stop_tokens=[])
@@ -335,7 +336,8 @@ def parse_ints(text: str) -> list[int]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="gpt-oss-20b", choices=["gpt-oss-20b", "gpt-oss-120b", "tiny"])
-    parser.add_argument("--kernels", default="xla", choices=["xla", "pallas"])
+    parser.add_argument("--kernels", default="xla", choices=["xla", "pallas"], help="MoE experts implementation")
+    parser.add_argument("--attention", default="xla", choices=["xla", "pallas"], help="decode attention implementation")
     parser.add_argument("--measure", default="copy,decode,batch,prefill,profile,memory")
     parser.add_argument("--contexts", default="0,4096,32768")
     parser.add_argument("--batches", default="8,64")
@@ -352,7 +354,7 @@ def main(argv=None) -> int:
         return 0
 
     measures = set(args.measure.split(","))
-    report = {"model": args.model, "kernels": args.kernels,
+    report = {"model": args.model, "kernels": args.kernels, "attention": args.attention,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "commit": commit(), "host": platform.node(),
               "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
@@ -380,7 +382,7 @@ def main(argv=None) -> int:
     if "copy" in measures:
         record("copy", measure_copy)
     if measures - {"copy"}:
-        model, build_s = build_model(args.model, args.kernels)
+        model, build_s = build_model(args.model, args.kernels, attention=args.attention)
         results["model_build_s"] = build_s
     if "decode" in measures:
         for context in parse_ints(args.contexts):

@@ -86,6 +86,8 @@ def apply_rope(x, cos, sin):
 
 
 class Attention(nnx.Module):
+    kernels = "xla"  # "pallas": the decode attention kernel (gptoss_jax.kernels.set_kernels)
+
     def __init__(self, config: GptOssConfig, layer: int, dtype):
         c = config
         self.config = c
@@ -118,13 +120,19 @@ class Attention(nnx.Module):
         cos, sin = rope_tables(c, positions, dt)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-        if cache is None:
-            keys, values, key_positions = k, v, positions
+        if cache is not None and self.kernels == "pallas" and x.shape[1] == 1:  # kernels hook
+            from gptoss_jax.kernels.attention import decode_attention
+
+            out = decode_attention(q, k, v, positions, cache.k, cache.v, cache.positions, self.sinks[...],
+                                   window=c.sliding_window if self.sliding else None)
         else:
-            keys = jnp.concatenate([cache.k, k], axis=1)
-            values = jnp.concatenate([cache.v, v], axis=1)
-            key_positions = jnp.concatenate([cache.positions, positions], axis=1)
-        out = self.attend(q, keys, values, positions, key_positions)
+            if cache is None:
+                keys, values, key_positions = k, v, positions
+            else:
+                keys = jnp.concatenate([cache.k, k], axis=1)
+                values = jnp.concatenate([cache.v, v], axis=1)
+                key_positions = jnp.concatenate([cache.positions, positions], axis=1)
+            out = self.attend(q, keys, values, positions, key_positions)
         out = (_einsum("btnk,dnk->btd", out, self.wo[...], dt) + self.bo[...].astype(F32)).astype(dt)
         return out, (None if cache is None else self.write_cache(cache, k, v, positions))
 
