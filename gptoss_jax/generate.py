@@ -223,8 +223,9 @@ def generate(
 
 def _placer(mesh):
     """Host arrays onto the mesh by logical axes (one device without a mesh)."""
-    if mesh is None:
-        return lambda array, axes: jnp.asarray(array)
+    if mesh is None:  # committed like the jitted steps' outputs, so each step compiles once
+        device = jax.devices()[0]
+        return lambda array, axes: jax.device_put(array, device)
     return lambda array, axes: put(array, axes, mesh)
 
 

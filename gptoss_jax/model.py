@@ -92,6 +92,8 @@ def apply_rope(x, cos, sin):
 
 
 class Attention(nnx.Module):
+    kernels = "xla"  # "pallas": the decode attention kernel (gptoss_jax.kernels.set_kernels)
+
     def __init__(self, config: GptOssConfig, layer: int, dtype):
         c = config
         self.config = c
@@ -124,13 +126,19 @@ class Attention(nnx.Module):
         cos, sin = rope_tables(c, positions, dt)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-        if cache is None:
-            keys, values, key_positions = k, v, positions
+        if cache is not None and self.kernels == "pallas" and x.shape[1] == 1:  # kernels hook
+            from gptoss_jax.kernels.attention import decode_attention
+
+            out = decode_attention(q, k, v, positions, cache.k, cache.v, cache.positions, self.sinks[...],
+                                   window=c.sliding_window if self.sliding else None)
         else:
-            keys = jnp.concatenate([cache.k, k], axis=1)
-            values = jnp.concatenate([cache.v, v], axis=1)
-            key_positions = jnp.concatenate([cache.positions, positions], axis=1)
-        out = self.attend(q, keys, values, positions, key_positions)
+            if cache is None:
+                keys, values, key_positions = k, v, positions
+            else:
+                keys = jnp.concatenate([cache.k, k], axis=1)
+                values = jnp.concatenate([cache.v, v], axis=1)
+                key_positions = jnp.concatenate([cache.positions, positions], axis=1)
+            out = self.attend(q, keys, values, positions, key_positions)
         out = (_einsum("btnk,dnk->btd", out, self.wo[...], dt) + self.bo[...].astype(F32)).astype(dt)
         return out, (None if cache is None else self.write_cache(cache, k, v, positions))
 
@@ -186,7 +194,12 @@ class ExpertWeights(NamedTuple):
     mlp2_bias: jax.Array  # [experts, embed]
 
 
+KERNEL_MAX_PAIRS = 512  # kernels="pallas": the grouped GEMV handles up to this many (token, expert) pairs
+
+
 class MoE(nnx.Module):
+    kernels = "xla"  # "pallas": fused MXFP4 kernels (gptoss_jax.kernels.set_kernels)
+
     def __init__(self, config: GptOssConfig, dtype, mesh=None):
         c = config
         self.config = c
@@ -251,7 +264,9 @@ class MoE(nnx.Module):
         n, k = experts.shape
         num_experts = w.mlp1_fp4.shape[0]
         known = (experts >= 0) & (experts < num_experts)
-        if n * k < num_experts:
+        if self.kernels == "pallas" and n * k <= KERNEL_MAX_PAIRS:
+            y = self.experts_kernel(h, jnp.where(known, experts, 0), w)
+        elif n * k < num_experts:
             y = self.experts_gathered(h, jnp.where(known, experts, 0), w)
         else:
             y = self.experts_grouped(h, experts, w)
@@ -268,6 +283,16 @@ class MoE(nnx.Module):
         w2 = mxfp4.dequantize(w.mlp2_fp4[experts], w.mlp2_scales[experts], dt)
         y = _einsum("nki,nkoi->nko", a, w2, dt).astype(dt)
         return y + w.mlp2_bias[experts]
+
+    def experts_kernel(self, h, experts, w: ExpertWeights):
+        """The fused MXFP4 kernel (gptoss_jax.kernels): same contract as experts_gathered."""
+        from gptoss_jax.kernels import moe as moe_kernels
+
+        c = self.config
+        return moe_kernels.experts_decode(
+            h, experts, moe_kernels.packed_bytes(w.mlp1_fp4), w.mlp1_scales, w.mlp1_bias,
+            moe_kernels.packed_bytes(w.mlp2_fp4), w.mlp2_scales, w.mlp2_bias,
+            limit=c.swiglu_limit, alpha=c.swiglu_alpha)
 
     def experts_grouped(self, h, experts, w: ExpertWeights | None = None):
         """Many tokens: sort the (token, expert) pairs by expert and run one grouped GEMM per

@@ -227,3 +227,11 @@ def test_cli_mesh_4x2_provisions_host_devices_and_matches_one_device():
     assert meshed.returncode == 0 and single.returncode == 0, meshed.stderr + single.stderr
     assert "8 host (CPU) devices" in meshed.stderr and "mesh 4x2" in meshed.stderr
     assert json.loads(meshed.stdout)["tokens"] == json.loads(single.stdout)["tokens"]
+
+
+def test_decode_loop_compiles_once_per_shape(model):
+    from gptoss_jax.generate import _decode_chunk
+
+    _decode_chunk.clear_cache()
+    generate(model, [[3, 1, 4, 1, 5]], max_new_tokens=12, temperature=0, stop_tokens=[], chunk=3)
+    assert _decode_chunk._cache_size() == 1  # later chunks reuse the first chunk's executable

@@ -1,0 +1,134 @@
+"""Checks and times the MXFP4 expert kernels on an accelerator at the real shapes.
+
+    python benchmarks/kernel_check.py --json kernels.json
+
+For each variant: the error against the XLA reference (dequantize the routed experts, fp32
+einsum) on fresh random data, and the time per call inside an on-device loop whose expert
+ids rotate, so that successive calls read different experts (no L2 reuse across calls).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+from gptoss_jax import mxfp4  # noqa: E402
+from gptoss_jax.kernels import moe  # noqa: E402
+
+REPS = 64
+
+
+def random_experts(key, experts, rows, features):
+    k1, k2 = jax.random.split(key)
+    blocks = jax.random.randint(k1, (experts, rows, features // 32, 16), 0, 256, jnp.int32).astype(jnp.uint8)
+    scales = jax.random.randint(k2, (experts, rows, features // 32), 118, 126, jnp.int32).astype(jnp.uint8)
+    return mxfp4.blocks_to_fp4(blocks), mxfp4.scales_to_e8m0(scales)
+
+
+def reference(x, pair_expert, fp4, scales, bias, swiglu_params):
+    """The model's numerics: fp32 dot, round, add the bias, then SwiGLU (mlp1)."""
+    w = mxfp4.dequantize(fp4[pair_expert], scales[pair_expert], jnp.float32)
+    u = jnp.einsum("pd,pod->po", x.astype(jnp.float32), w, precision=jax.lax.Precision.HIGHEST)
+    u = u.astype(x.dtype) + bias[pair_expert]
+    if swiglu_params is None:
+        return u
+    return moe.swiglu_pair(u[:, 0::2], u[:, 1::2], *swiglu_params, x.dtype)
+
+
+def loop_time(step, x, pair_expert, num_experts):
+    """Seconds per step(x, pair_expert) call, in an on-device loop rotating the experts."""
+    pairs = pair_expert.shape[0]
+
+    @jax.jit
+    def run(x):
+        def body(i, x):
+            pe = (pair_expert + i * pairs) % num_experts
+            out = step(x, pe)
+            return x + (1e-30 * out[:, : x.shape[1]]).astype(x.dtype)
+        return jax.lax.fori_loop(0, REPS, body, x)
+
+    jax.block_until_ready(run(x))
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        jax.block_until_ready(run(x))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)) / REPS
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--json")
+    parser.add_argument("--experts", type=int, default=32)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "command": " ".join(sys.argv), "results": []}
+
+    def save():
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=1))
+
+    key = jax.random.key(0)
+    shapes = {"mlp1+swiglu": (5760, 2880, (7.0, 1.702)), "mlp2": (2880, 2880, None)}
+    variants = [dict(use_ptx=p, rows=r, blocks_per_step=b, num_warps=w, num_stages=st, elementwise_acc=ea)
+                for p, r, b, w, st, ea in [
+                    (True, 16, 32, 4, 3, False), (False, 16, 32, 4, 3, False), (True, 16, 16, 4, 3, True),
+                    (True, 32, 16, 4, 3, False), (True, 8, 32, 4, 3, False), (True, 16, 16, 4, 4, False),
+                    (True, 32, 32, 8, 3, False)]]
+    if args.quick:
+        variants = variants[:2]
+    for name, (rows, features, swiglu_params) in shapes.items():
+        key, kw, kx, kb = jax.random.split(key, 4)
+        fp4, scales = random_experts(kw, args.experts, rows, features)
+        bias = (jax.random.normal(kb, (args.experts, rows), jnp.float32) * 0.5).astype(jnp.bfloat16)
+        w_bytes, w_scales = jax.block_until_ready(moe.packed_bytes(fp4)), mxfp4.e8m0_to_scales(scales)
+        bytes_per_expert = rows * features // 32 * 17
+        for pairs in (4,) if args.quick else (4, 32, 256):
+            x = (jax.random.normal(kx, (pairs, features), jnp.float32) * 2).astype(jnp.bfloat16)
+            pe = jax.random.randint(jax.random.fold_in(kx, 1), (pairs,), 0, args.experts, jnp.int32)
+            ref = None
+            if pairs <= 32:  # the reference dequantizes every pair's expert to fp32 in memory
+                ref = reference(x, pe, fp4, scales, bias, swiglu_params).astype(jnp.float32)
+                t_ref = loop_time(lambda x, pe: reference(x, pe, fp4, scales, bias, swiglu_params), x, pe, args.experts)
+                row = {"matrix": name, "pairs": pairs, "variant": "xla_reference", "us": 1e6 * t_ref}
+                report["results"].append(row)
+                print(json.dumps(row), flush=True)
+            for v in variants:
+                if pairs > 4 and v is not variants[0]:
+                    continue
+                row = {"matrix": name, "pairs": pairs, "variant": v}
+                try:
+                    run = lambda x, pe: moe.expert_gemv(x, pe, w_bytes, w_scales, bias, swiglu_params=swiglu_params, **v)
+                    out = run(x, pe).astype(jnp.float32)
+                    if ref is not None:
+                        row["rel_err"] = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+                        row["max_abs_err"] = float(jnp.max(jnp.abs(out - ref)))
+                    t = loop_time(run, x, pe, args.experts)
+                    distinct = min(pairs, args.experts)
+                    row.update(us=1e6 * t, gb_per_s=pairs * bytes_per_expert / t / 1e9,
+                               note="GB/s counts each pair's expert bytes once per pair")
+                except Exception as e:
+                    row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+                report["results"].append(row)
+                print(json.dumps(row), flush=True)
+                save()
+        save()
+    print("\nmatrix pairs variant                                              rel_err     us    GB/s")
+    for r in report["results"]:
+        print(f"{r['matrix']:6s} {r['pairs']:5d} {str(r['variant'])[:60]:60s} {r.get('rel_err', float('nan')):8.1e} "
+              f"{r.get('us', float('nan')):7.1f} {r.get('gb_per_s', float('nan')):6.0f} {r.get('error', '')[:80]}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,228 @@
+"""Fused MXFP4 expert kernels (Pallas): read only the routed experts' packed FP4 bytes and
+E8M0 scales, dequantize in registers, accumulate in fp32.
+
+`experts_decode` mirrors `MoE.experts_gathered` (tokens h [n, d], routed experts [n, k])
+and returns the same [n, k, d] expert outputs, with the same bias and clamped-SwiGLU
+numerics (spec 2.5); only the GEMVs run in the kernel.
+
+Layout the kernels read: FP4 values as their checkpoint bytes, uint8 [E, O, blocks, 16]
+(element 2j of a block in the low nibble of byte j, 2j+1 in the high nibble), and the
+scales as uint8 [E, O, blocks]. `packed_bytes` makes that view from the model's
+`float4_e2m1fn` [E, O, blocks, 32] arrays (a bitcast).
+
+Dequantization without a lookup table. An FP4 code `s e1 e0 m` placed in an fp16 as
+`s` at bit 15 and `e1 e0 m` at bits 11..9 is exactly the FP4 value times 2^-14 (the FP4
+subnormal 0.5 becomes an fp16 subnormal), so the block scale 2^(scale-127) is applied as
+2^(scale-113) to the per-block fp32 partial sums.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from gptoss_jax import mxfp4
+
+F32 = jnp.float32
+FP16_SHIFT = 14  # the fp16 placement holds value * 2^-14
+
+
+def packed_bytes(fp4):
+    """float4_e2m1fn [..., blocks, 32] -> uint8 [..., blocks, 16] (the checkpoint bytes)."""
+    return mxfp4.fp4_to_blocks(fp4)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+# ------------------------------------------------------------------ FP4 -> fp32 in registers
+def _fp16_bits_to_f32(bits):
+    return jax.lax.bitcast_convert_type(bits.astype(jnp.uint16), jnp.float16).astype(F32)
+
+
+def decode_nibbles(byte):
+    """int32 bytes -> (low-nibble values, high-nibble values), fp32, each value * 2^-14."""
+    low = ((byte & 0x08) << 12) | ((byte & 0x07) << 9)
+    high = ((byte & 0x80) << 8) | ((byte & 0x70) << 5)
+    return _fp16_bits_to_f32(low), _fp16_bits_to_f32(high)
+
+
+# Same as decode_nibbles, four bytes per instance in PTX: prmt spreads bytes (b0, b1) and
+# (b2, b3) into the two 16-bit halves of a word, then shifts and masks build both fp16
+# halves at once. One asm per nibble (Pallas' inline asm takes one result).
+_PTX_TEMPLATE = """
+{{
+.reg .b32 t0, t1, a, b;
+prmt.b32 t0, $2, 0, 0x4140;
+prmt.b32 t1, $2, 0, 0x4342;
+shl.b32 a, t0, {sign}; and.b32 a, a, 0x80008000;
+shl.b32 b, t0, {mag};  and.b32 b, b, 0x0E000E00; or.b32 $0, a, b;
+shl.b32 a, t1, {sign}; and.b32 a, a, 0x80008000;
+shl.b32 b, t1, {mag};  and.b32 b, b, 0x0E000E00; or.b32 $1, a, b;
+}}
+"""
+_PTX_LOW = _PTX_TEMPLATE.format(sign=12, mag=9)
+_PTX_HIGH = _PTX_TEMPLATE.format(sign=8, mag=5)
+
+
+def decode_nibbles_ptx(byte_u8):
+    from jax.experimental.pallas import triton as plgpu
+
+    shape = jax.ShapeDtypeStruct(byte_u8.shape, jnp.float16)
+
+    def run(asm):
+        [out] = plgpu.elementwise_inline_asm(asm, args=[byte_u8], constraints="=r,=r,r", pack=4,
+                                             result_shape_dtypes=[shape])
+        return out.astype(F32)
+
+    return run(_PTX_LOW), run(_PTX_HIGH)
+
+
+def block_scale(scale_u8):
+    """uint8 E8M0 exponents -> fp32 2^(scale - 127 + 14), exact for scales 0..240 (up to
+    2^113); larger scales overflow to inf (trained MXFP4 scales sit near 2^-7)."""
+    exponent = scale_u8.astype(jnp.int32) + FP16_SHIFT
+    return jax.lax.bitcast_convert_type(exponent << 23, F32)
+
+
+# --------------------------------------------------------------------- grouped GEMV (Triton)
+def _gemv_kernel(expert_ref, x_ref, w_ref, s_ref, bias_ref, out_ref, *, rows: int, blocks_per_step: int,
+                 num_blocks: int, pairs_per_x: int, use_ptx: bool, swiglu_params, elementwise_acc: bool):
+    """One program: `rows` outputs of one (token, expert) pair, looping over the contraction
+    in steps of `blocks_per_step` 32-element blocks. With `swiglu_params` the program reads
+    the interleaved gate and up rows of its `rows` outputs and applies bias + clamped SwiGLU;
+    otherwise it writes bias + x @ W^T (rounded like the reference: dot in fp32, round, add
+    the bias in the compute dtype)."""
+    from jax.experimental.pallas import triton as plgpu
+
+    pair, row_block = pl.program_id(0), pl.program_id(1)
+    expert = expert_ref[pair]
+    x_row = pair // pairs_per_x
+    # The refs come as [.., O/2, 2, ..] (w, scales, bias) and [X, D/2, 2] (x) views, so that
+    # every-other-row and every-other-feature slices are plain indexing.
+    # Each entry: (slice of the O/2 axis, slice of the pair axis) covering `rows` outputs.
+    if swiglu_params is None:  # output o is (o // 2, o % 2): both halves of rows/2 pairs
+        row_slices = [(pl.ds(row_block * rows // 2, rows // 2), pl.ds(0, 2))]
+    else:  # gate j at row 2j, up j at row 2j + 1 (spec 2.5)
+        row_slices = [(pl.ds(row_block * rows, rows), pl.ds(0, 1)), (pl.ds(row_block * rows, rows), pl.ds(1, 1))]
+    steps = -(-num_blocks // blocks_per_step)
+    acc_shape = (rows, blocks_per_step, 16) if elementwise_acc else (rows,)
+    half = blocks_per_step * 16
+
+    def step(i, accs):
+        start = i * blocks_per_step
+        in_range = start + jnp.arange(blocks_per_step) < num_blocks
+        x_mask = jnp.broadcast_to(in_range[:, None, None], (blocks_per_step, 16, 1)).reshape(half, 1)
+        xe = plgpu.load(x_ref.at[x_row, pl.ds(start * 16, half), pl.ds(0, 1)], mask=x_mask, other=0)
+        xo = plgpu.load(x_ref.at[x_row, pl.ds(start * 16, half), pl.ds(1, 1)], mask=x_mask, other=0)
+        xe = xe.astype(F32).reshape(blocks_per_step, 16)[None]
+        xo = xo.astype(F32).reshape(blocks_per_step, 16)[None]
+        w_mask = jnp.broadcast_to(in_range[None, :, None], (rows, blocks_per_step, 16))
+        s_mask = jnp.broadcast_to(in_range[None, :], (rows, blocks_per_step))
+        new = []
+        for acc, (pair_slice, half_slice) in zip(accs, row_slices):
+            blocks = pl.ds(start, blocks_per_step)
+            w = plgpu.load(w_ref.at[expert, pair_slice, half_slice, blocks, :],
+                           mask=w_mask.reshape(pair_slice.size, half_slice.size, blocks_per_step, 16), other=0)
+            s_ = plgpu.load(s_ref.at[expert, pair_slice, half_slice, blocks],
+                            mask=s_mask.reshape(pair_slice.size, half_slice.size, blocks_per_step), other=0)
+            w, s_ = w.reshape(rows, blocks_per_step, 16), s_.reshape(rows, blocks_per_step)
+            scale = block_scale(s_)
+            low, high = decode_nibbles_ptx(w) if use_ptx else decode_nibbles(w.astype(jnp.int32))
+            if elementwise_acc:
+                new.append(acc + (low * xe + high * xo) * scale[:, :, None])
+            else:
+                new.append(acc + jnp.sum(jnp.sum(low * xe + high * xo, axis=2) * scale, axis=1))
+        return tuple(new)
+
+    accs = jax.lax.fori_loop(0, steps, step, tuple(jnp.zeros(acc_shape, F32) for _ in row_slices))
+    if elementwise_acc:
+        accs = [jnp.sum(jnp.sum(a, axis=2), axis=1) for a in accs]
+    dt = out_ref.dtype
+    outs = [_round(_round(a, dt) + bias_ref[expert, pair_slice, half_slice].reshape(rows).astype(F32), dt)
+            for a, (pair_slice, half_slice) in zip(accs, row_slices)]
+    if swiglu_params is None:
+        out_ref[...] = outs[0].astype(dt)
+    else:
+        limit, alpha = swiglu_params
+        out_ref[...] = swiglu_pair(outs[0], outs[1], limit, alpha, dt)
+
+
+@functools.partial(jax.jit, static_argnames=("pairs_per_x", "swiglu_params", "rows", "blocks_per_step",
+                                             "num_warps", "num_stages", "use_ptx", "elementwise_acc",
+                                             "interpret"))
+def expert_gemv(x, pair_expert, w_bytes, w_scales, bias, *, pairs_per_x=1, swiglu_params=None, rows=16,
+                blocks_per_step=32, num_warps=4, num_stages=3, use_ptx=True, elementwise_acc=False,
+                interpret=False):
+    """Grouped GEMV over (token, expert) pairs, reading only pair_expert's packed FP4 rows.
+
+    x [X, D] in the compute dtype; pair p uses row p // pairs_per_x of x and expert
+    pair_expert[p]. w_bytes uint8 [E, O, D/32, 16], w_scales uint8 or E8M0 [E, O, D/32],
+    bias [E, O]. Returns [P, O] = round(x @ W^T) + bias, or with swiglu_params=(limit, alpha)
+    [P, O/2] = SwiGLU of the interleaved gate/up outputs."""
+    from jax.experimental.pallas import triton as plgpu
+
+    d = x.shape[1]
+    num_pairs = pair_expert.shape[0]
+    _, out_rows, num_blocks, _ = w_bytes.shape
+    if d != num_blocks * mxfp4.BLOCK:
+        raise ValueError(f"expert_gemv: x has {d} features but the weights hold {num_blocks} blocks of 32")
+    outputs = out_rows if swiglu_params is None else out_rows // 2
+    rows = max(2, min(rows, _next_pow2(outputs)))
+    if outputs % rows:
+        raise ValueError(f"expert_gemv: {outputs} outputs are not a multiple of the row tile {rows}")
+    blocks_per_step = min(blocks_per_step, _next_pow2(num_blocks))
+    kernel = functools.partial(_gemv_kernel, rows=rows, blocks_per_step=blocks_per_step, num_blocks=num_blocks,
+                               pairs_per_x=pairs_per_x, use_ptx=use_ptx and not interpret,
+                               swiglu_params=swiglu_params, elementwise_acc=elementwise_acc)
+    anywhere = pl.BlockSpec(memory_space=pl.ANY)
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((num_pairs, outputs), x.dtype),
+        grid=(num_pairs, outputs // rows),
+        in_specs=[anywhere] * 5,
+        out_specs=pl.BlockSpec((None, rows), lambda p, r: (p, r)),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="mxfp4_expert_gemv" if swiglu_params is None else "mxfp4_expert_gemv_swiglu",
+    )(pair_expert.astype(jnp.int32), x.reshape(x.shape[0], d // 2, 2),
+      w_bytes.reshape(-1, out_rows // 2, 2, num_blocks, 16),
+      jax.lax.bitcast_convert_type(w_scales, jnp.uint8).reshape(-1, out_rows // 2, 2, num_blocks),
+      bias.reshape(-1, out_rows // 2, 2))
+
+
+# ------------------------------------------------------------------------- the MoE experts
+def _round(x, dtype):
+    """x rounded to dtype, kept in fp32 (Triton has no bf16 arithmetic, so the kernels do
+    each op in fp32 and round after it, as a bf16 op would)."""
+    return x.astype(dtype).astype(F32)
+
+
+def swiglu_pair(gate, up, limit: float, alpha: float, dtype):
+    """Clamped SwiGLU (spec 2.5) with the roundings of model.MoE.swiglu: every op rounded to
+    `dtype`, the sigmoid as jax.nn.sigmoid's ops. Returns dtype."""
+    gate = jnp.minimum(gate.astype(F32), limit)
+    up = jnp.clip(up.astype(F32), -limit, limit)
+    z = _round(gate * alpha, dtype)
+    sigmoid = _round(1 / _round(1 + _round(jnp.exp(-z), dtype), dtype), dtype)
+    glu = _round(gate * sigmoid, dtype)
+    return (glu * _round(up + 1, dtype)).astype(dtype)
+
+
+def experts_decode(h, experts, mlp1_bytes, mlp1_scales, mlp1_bias, mlp2_bytes, mlp2_scales, mlp2_bias,
+                   *, limit: float, alpha: float, interpret: bool | None = None, **tuning):
+    """Same as MoE.experts_gathered: h [n, d] (compute dtype), experts [n, k] -> [n, k, d].
+    The expert weights are the packed views (`packed_bytes`, uint8 scales). Two kernels:
+    mlp1 + bias + SwiGLU, then mlp2 + bias. On the CPU they run in Pallas interpret mode."""
+    if interpret is None:
+        interpret = jax.default_backend() == "cpu"
+    n, k = experts.shape
+    pair_expert = experts.reshape(-1)  # pair p = token p // k, slot p % k
+    a = expert_gemv(h, pair_expert, mlp1_bytes, mlp1_scales, mlp1_bias, pairs_per_x=k,
+                    swiglu_params=(float(limit), float(alpha)), interpret=interpret, **tuning)
+    y = expert_gemv(a, pair_expert, mlp2_bytes, mlp2_scales, mlp2_bias, interpret=interpret, **tuning)
+    return y.reshape(n, k, -1)

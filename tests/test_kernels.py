@@ -1,0 +1,173 @@
+"""Pallas kernels against the XLA reference path (the oracle), in Pallas interpret mode on
+the CPU. The Triton lowering itself is checked on a GPU by benchmarks/kernel_check.py."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gptoss_jax import mxfp4
+from gptoss_jax.kernels import set_kernels
+from gptoss_jax.kernels import moe as moe_kernels
+from gptoss_jax.loader import load
+
+
+def random_fp4(key, shape_blocks):
+    """FP4 values [..., blocks, 32] with every code (including -0 and the subnormal 0.5)."""
+    raw = jax.random.randint(key, (*shape_blocks, 16), 0, 256, jnp.int32).astype(jnp.uint8)
+    return mxfp4.blocks_to_fp4(raw)
+
+
+def random_scales(key, shape, low=118, high=134):
+    return mxfp4.scales_to_e8m0(jax.random.randint(key, shape, low, high, jnp.int32).astype(jnp.uint8))
+
+
+def reference_gemv(x, pair_expert, fp4, scales, bias, pairs_per_x=1, swiglu_params=None):
+    x_rows = x[jnp.arange(pair_expert.shape[0]) // pairs_per_x]
+    w = mxfp4.dequantize(fp4[pair_expert], scales[pair_expert], jnp.float32)
+    u = jnp.einsum("pd,pod->po", x_rows.astype(jnp.float32), w, precision=jax.lax.Precision.HIGHEST)
+    u = u.astype(x.dtype) + bias[pair_expert]
+    if swiglu_params is None:
+        return u
+    return moe_kernels.swiglu_pair(u[:, 0::2], u[:, 1::2], *swiglu_params, x.dtype)
+
+
+def test_decode_nibbles_is_exact_for_every_byte():
+    byte = jnp.arange(256, dtype=jnp.int32)
+    low, high = moe_kernels.decode_nibbles(byte)
+    fp4 = mxfp4.blocks_to_fp4(jnp.arange(256, dtype=jnp.uint8).reshape(16, 16))  # [16, 32]
+    expected = np.asarray(fp4.astype(jnp.float32)).reshape(256, 2)
+    scale = 2.0 ** moe_kernels.FP16_SHIFT
+    np.testing.assert_array_equal(np.asarray(low) * scale, expected[:, 0])
+    np.testing.assert_array_equal(np.asarray(high) * scale, expected[:, 1])
+
+
+def test_block_scale_matches_e8m0():
+    """Exact for every scale up to 2^113 (E8M0 240); trained MXFP4 scales sit far below."""
+    exponents = jnp.arange(0, 241, dtype=jnp.uint8)
+    got = np.asarray(moe_kernels.block_scale(exponents), np.float64) * 2.0 ** -moe_kernels.FP16_SHIFT
+    np.testing.assert_array_equal(got, 2.0 ** (np.arange(0, 241) - 127.0))
+
+
+@pytest.mark.parametrize("features,rows,pairs,pairs_per_x,swiglu", [
+    (96, 64, 3, 1, False),    # 3 blocks: a ragged last step of the contraction loop
+    (64, 32, 8, 4, True),     # mlp1 shape: x per token, gate/up interleaved, SwiGLU fused
+    (160, 16, 5, 1, True),    # 5 blocks, a single row tile
+])
+def test_expert_gemv_matches_reference(features, rows, pairs, pairs_per_x, swiglu):
+    keys = jax.random.split(jax.random.key(features + rows + pairs), 5)
+    experts = 6
+    fp4 = random_fp4(keys[0], (experts, rows, features // 32))
+    scales = random_scales(keys[1], (experts, rows, features // 32))
+    bias = (jax.random.normal(keys[2], (experts, rows)) * 0.5).astype(jnp.bfloat16)
+    x = (jax.random.normal(keys[3], (pairs // pairs_per_x if pairs_per_x > 1 else pairs, features)) * 2).astype(jnp.bfloat16)
+    # uneven loads: some experts used several times, some never
+    pair_expert = jax.random.randint(keys[4], (pairs,), 0, experts // 2, jnp.int32) * 2
+    params = (7.0, 1.702) if swiglu else None
+    got = moe_kernels.expert_gemv(x, pair_expert, moe_kernels.packed_bytes(fp4), scales, bias,
+                                  pairs_per_x=pairs_per_x, swiglu_params=params, rows=8, blocks_per_step=2,
+                                  interpret=True)
+    want = reference_gemv(x, pair_expert, fp4, scales, bias, pairs_per_x, params)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    # Same products; only the fp32 summation order differs, so at most one bf16 rounding flip.
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=1e-2, atol=1e-2)
+    assert np.mean(np.asarray(got) == np.asarray(want)) > 0.95
+
+
+def test_expert_gemv_rejects_mismatched_shapes():
+    fp4 = random_fp4(jax.random.key(0), (2, 16, 2))
+    scales = random_scales(jax.random.key(1), (2, 16, 2))
+    bias = jnp.zeros((2, 16), jnp.bfloat16)
+    x = jnp.ones((1, 96), jnp.bfloat16)
+    with pytest.raises(ValueError, match="features"):
+        moe_kernels.expert_gemv(x, jnp.zeros(1, jnp.int32), moe_kernels.packed_bytes(fp4), scales, bias,
+                                interpret=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return load("tiny", dtype="bfloat16")
+
+
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_moe_experts_kernel_equals_gathered_reference(tiny_model, tokens):
+    mlp = tiny_model.blocks[1].mlp
+    h = jax.random.normal(jax.random.key(tokens), (tokens, tiny_model.config.hidden_size)).astype(jnp.bfloat16)
+    experts, _ = mlp.route(h)
+    want = mlp.experts_gathered(h, experts)
+    got = mlp.experts_kernel(h, experts)
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=1e-2, atol=1e-2)
+
+
+def test_moe_kernel_saturates_swiglu_clamp(tiny_model):
+    """Large inputs push the mlp1 pre-activations past the clamp (limit 7)."""
+    mlp = tiny_model.blocks[0].mlp
+    h = (jax.random.normal(jax.random.key(9), (2, tiny_model.config.hidden_size)) * 64).astype(jnp.bfloat16)
+    experts, _ = mlp.route(h)
+    w1 = mxfp4.dequantize(mlp.mlp1_fp4[...][experts], mlp.mlp1_scales[...][experts], jnp.float32)
+    assert float(jnp.max(jnp.abs(jnp.einsum("nd,nkod->nko", h.astype(jnp.float32), w1)))) > 2 * 7.0
+    want = mlp.experts_gathered(h, experts)
+    got = mlp.experts_kernel(h, experts)
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=1e-2, atol=2e-2)
+
+
+def test_end_to_end_decode_logits_with_kernels(tiny_model):
+    """Prefill (reference path: many tokens) then decode steps through the MoE and attention
+    kernels: logits
+    equal the reference path's within bf16 tolerance."""
+    tokens = jnp.asarray([[3, 17, 4000, 99, 123456, 7, 8]])
+    positions = jnp.arange(tokens.shape[1])[None]
+    caches = tiny_model.init_cache(1, 64)
+    _, caches = tiny_model.extend(tokens, positions, caches)
+    steps = [[11], [200000], [5]]
+    reference, kernel = [], []
+    for impl, out in (("xla", reference), ("pallas", kernel)):
+        set_kernels(tiny_model, moe=impl, attention=impl)
+        c = caches
+        for i, t in enumerate(steps):
+            logits, c = tiny_model.extend(jnp.asarray([t]), jnp.asarray([[tokens.shape[1] + i]]), c)
+            out.append(np.asarray(logits, np.float32))
+    set_kernels(tiny_model, moe="xla", attention="xla")
+    for r, k in zip(reference, kernel):
+        np.testing.assert_allclose(k, r, atol=0.05 * np.abs(r).max(), rtol=0)
+        assert np.argmax(k) == np.argmax(r)
+
+
+def test_set_kernels_rejects_unknown_implementation(tiny_model):
+    with pytest.raises(ValueError, match="moe must be one of"):
+        set_kernels(tiny_model, "cuda")
+    with pytest.raises(ValueError, match="attention must be one of"):
+        set_kernels(tiny_model, attention="flash")
+
+
+# ------------------------------------------------------------------------------ attention
+def _ring_positions(position, slots, sliding):
+    slot = jnp.arange(slots)
+    if sliding:  # slot s holds the newest position below `position` with p % slots == s
+        newest = position - 1 - ((position - 1 - slot) % slots)
+        return jnp.where(newest >= 0, newest, -1)
+    return jnp.where(slot < position, slot, -1)
+
+
+@pytest.mark.parametrize("layer", [0, 1])  # tiny: layer 0 sliding (window 32), layer 1 full
+def test_decode_attention_matches_reference(tiny_model, layer):
+    from gptoss_jax.kernels.attention import decode_attention
+
+    c = tiny_model.config
+    attn = tiny_model.blocks[layer].attn
+    slots = c.sliding_window if attn.sliding else 80
+    # window edges (31, 32, 33 keys back), a long context, position 0, and padding (-1)
+    query_positions = [33, 32, 70, 0, -1] if attn.sliding else [79, 33, 1, 0, -1]
+    b, kv, hd = len(query_positions), c.num_key_value_heads, c.head_dim
+    ks = jax.random.split(jax.random.key(layer), 5)
+    q = jax.random.normal(ks[0], (b, 1, c.num_attention_heads, hd)).astype(jnp.bfloat16)
+    k_new, v_new = (jax.random.normal(k, (b, 1, kv, hd)).astype(jnp.bfloat16) for k in ks[1:3])
+    cache_k, cache_v = (jax.random.normal(k, (b, slots, kv, hd)).astype(jnp.bfloat16) for k in ks[3:5])
+    positions = jnp.asarray(query_positions)[:, None]
+    cache_positions = jnp.stack([_ring_positions(max(p, 0), slots, attn.sliding) for p in query_positions])
+    want = attn.attend(q, jnp.concatenate([cache_k, k_new], 1), jnp.concatenate([cache_v, v_new], 1), positions,
+                       jnp.concatenate([cache_positions, positions], 1))
+    got = decode_attention(q, k_new, v_new, positions, cache_k, cache_v, cache_positions, attn.sinks[...],
+                           window=c.sliding_window if attn.sliding else None, splits=3, block=16, interpret=True)
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=1.6e-2, rtol=1e-2)
+    assert not np.any(np.asarray(got[-1], np.float32))  # padding attends nothing
