@@ -284,10 +284,11 @@ class MoE(nnx.Module):
         y = _einsum("nki,nkoi->nko", a, w2, dt).astype(dt)
         return y + w.mlp2_bias[experts]
 
-    def experts_kernel(self, h, experts, w: ExpertWeights):
+    def experts_kernel(self, h, experts, w: ExpertWeights | None = None):
         """The fused MXFP4 kernel (gptoss_jax.kernels): same contract as experts_gathered."""
         from gptoss_jax.kernels import moe as moe_kernels
 
+        w = self.expert_weights() if w is None else w
         c = self.config
         return moe_kernels.experts_decode(
             h, experts, moe_kernels.packed_bytes(w.mlp1_fp4), w.mlp1_scales, w.mlp1_bias,
