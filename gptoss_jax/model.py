@@ -266,7 +266,7 @@ class MoE(nnx.Module):
         known = (experts >= 0) & (experts < num_experts)
         if self.kernels == "pallas" and n * k <= KERNEL_MAX_PAIRS:
             y = self.experts_kernel(h, jnp.where(known, experts, 0), w)
-        elif n * k < num_experts:
+        elif n * k < self.config.num_experts:  # by the whole model's experts: every mesh takes the same path
             y = self.experts_gathered(h, jnp.where(known, experts, 0), w)
         else:
             y = self.experts_grouped(h, experts, w)
