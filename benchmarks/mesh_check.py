@@ -25,9 +25,10 @@ from gptoss_jax.sharding.mesh import make_mesh
 
 def decode_rate(model, batch: int, new_tokens: int, prompt):
     prompts = [list(prompt) for _ in range(batch)]
-    generate(model, prompts, max_new_tokens=8, temperature=0, stop_tokens=[], chunk=8)  # compile
+    kw = dict(max_new_tokens=new_tokens, temperature=0, stop_tokens=[], chunk=16)
+    generate(model, prompts, **kw)  # compiles
     start = time.perf_counter()
-    out = generate(model, prompts, max_new_tokens=new_tokens, temperature=0, stop_tokens=[], chunk=16)
+    out = generate(model, prompts, **kw)
     return out, batch * new_tokens / (time.perf_counter() - start)
 
 

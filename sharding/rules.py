@@ -37,7 +37,10 @@ def partition_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh) -
     spec = []
     for name, size in zip(axes, shape):
         mesh_axis = None if name is None else LOGICAL_TO_MESH[name]
-        if mesh_axis is None or mesh_axis not in mesh.shape or size % mesh.shape[mesh_axis]:
+        # A size-1 mesh axis is left out (and named_sharding drops trailing Nones): the same
+        # layout, in the form jit outputs carry, so state fed back into a jitted step (the
+        # decode loop) hits the compiled code instead of compiling again.
+        if mesh_axis is None or mesh.shape.get(mesh_axis, 1) == 1 or size % mesh.shape[mesh_axis]:
             spec.append(None)
         else:
             spec.append(mesh_axis)
@@ -48,4 +51,7 @@ def named_sharding(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: M
     """Where a parameter with these logical axes lives; no mesh means the default device."""
     if mesh is None:
         return jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    return NamedSharding(mesh, partition_spec(axes, shape, mesh))
+    spec = list(partition_spec(axes, shape, mesh))
+    while spec and spec[-1] is None:
+        spec.pop()
+    return NamedSharding(mesh, PartitionSpec(*spec))

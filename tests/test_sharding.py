@@ -320,3 +320,13 @@ def test_expert_parallel_bf16_decoding_is_token_identical(spec):
     kw = dict(max_new_tokens=12, temperature=0, stop_tokens=[])
     one = generate(load("tiny"), [prompt], **kw)
     assert generate(load("tiny", mesh=mesh_of(spec)), [prompt], **kw) == one
+
+
+@pytest.mark.parametrize("spec", ["2x1", "1x2", "2x2x2"])
+def test_decode_loop_compiles_once_on_a_mesh(spec):
+    from gptoss_jax.generate import _decode_chunk
+
+    model = load("tiny", mesh=mesh_of(spec))
+    _decode_chunk.clear_cache()
+    generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=20, temperature=0, stop_tokens=[], chunk=4)
+    assert _decode_chunk._cache_size() == 1  # the state comes back with the shardings it went in with
