@@ -28,3 +28,17 @@ def tiny_hf_checkpoint(tmp_path_factory):
     from gptoss_jax.testing import write_random_checkpoint
 
     return write_random_checkpoint(tmp_path_factory.mktemp("tiny_hf"), "tiny", "hf", seed=3)
+
+
+def rewrite_tensor(path, name, array):
+    """Rewrites safetensors file `path` with tensor `name` replaced by `array` (None: removed)."""
+    from gptoss_jax.converters.safetensors_io import SafetensorsFile, write_safetensors
+
+    source = SafetensorsFile(path)
+    arrays = {n: np.array(source.get(n)) for n in source.names()}
+    del source
+    if array is None:
+        del arrays[name]
+    else:
+        arrays[name] = array
+    write_safetensors(path, [(n, a.shape, a.dtype) for n, a in arrays.items()], arrays.__getitem__)

@@ -11,7 +11,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import hf_logits
+from conftest import hf_logits, rewrite_tensor
 from flax import nnx
 
 import gptoss_jax
@@ -21,7 +21,7 @@ from gptoss_jax.converters import convert as convert_module
 from gptoss_jax.converters import orbax_io
 from gptoss_jax.converters.convert import Progress, main
 from gptoss_jax.converters.layouts import HF_INDEX
-from gptoss_jax.converters.safetensors_io import SafetensorsFile, write_safetensors
+from gptoss_jax.converters.safetensors_io import SafetensorsFile
 from gptoss_jax.loader import random_model
 from gptoss_jax.testing import write_random_checkpoint
 
@@ -250,17 +250,6 @@ def test_restore_onto_an_8_device_mesh_puts_each_expert_shard_on_its_devices(tmp
 
 
 # ------------------------------------------------------------------------------ bad input
-def _rewrite(path, name, array):
-    source = SafetensorsFile(path)
-    arrays = {n: np.array(source.get(n)) for n in source.names()}
-    del source
-    if array is None:
-        del arrays[name]
-    else:
-        arrays[name] = array
-    write_safetensors(path, [(n, a.shape, a.dtype) for n, a in arrays.items()], arrays.__getitem__)
-
-
 @pytest.fixture
 def original_source(tmp_path):
     write_random_checkpoint(tmp_path / "src", SMALL, "original", seed=0)
@@ -278,15 +267,15 @@ BAD_SOURCES = {
                         ["model.safetensors", "is truncated", "'unembedding.weight'"]),
     "corrupt header": (lambda src, f: f.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all"),
                        ["model.safetensors", "corrupt header"]),
-    "missing tensor": (lambda src, f: _rewrite(f, "block.0.attn.sinks", None), ["missing tensor 'block.0.attn.sinks'"]),
-    "unexpected tensor": (lambda src, f: _rewrite(f, "block.9.extra", np.zeros(3, np.float32)),
+    "missing tensor": (lambda src, f: rewrite_tensor(f, "block.0.attn.sinks", None), ["missing tensor 'block.0.attn.sinks'"]),
+    "unexpected tensor": (lambda src, f: rewrite_tensor(f, "block.9.extra", np.zeros(3, np.float32)),
                           ["model.safetensors", "unexpected tensor 'block.9.extra'"]),
-    "wrong shape": (lambda src, f: _rewrite(f, "norm.scale", np.zeros(7, ml_dtypes.bfloat16)),
+    "wrong shape": (lambda src, f: rewrite_tensor(f, "norm.scale", np.zeros(7, ml_dtypes.bfloat16)),
                     ["model.safetensors", "'norm.scale' has shape [7]"]),
-    "blocks stored as bf16": (lambda src, f: _rewrite(f, "block.1.mlp.mlp1_weight.blocks",
+    "blocks stored as bf16": (lambda src, f: rewrite_tensor(f, "block.1.mlp.mlp1_weight.blocks",
                                                       np.zeros((8, 128, 2, 16), ml_dtypes.bfloat16)),
                               ["model.safetensors", "'block.1.mlp.mlp1_weight.blocks' has dtype BF16, expected U8"]),
-    "E8M0 scale 255": (lambda src, f: _rewrite(f, "block.0.mlp.mlp2_weight.scales", np.full((8, 64, 2), 255, np.uint8)),
+    "E8M0 scale 255": (lambda src, f: rewrite_tensor(f, "block.0.mlp.mlp2_weight.scales", np.full((8, 64, 2), 255, np.uint8)),
                        ["model.safetensors", "'block.0.mlp.mlp2_weight.scales' has E8M0 scale 255"]),
     "config missing a field": (lambda src, f: _drop_config_field(src), ["config.json", "'num_attention_heads' is missing"]),
 }

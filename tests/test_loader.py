@@ -4,12 +4,12 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from conftest import rewrite_tensor
 from flax import nnx
 
 import gptoss_jax
 from gptoss_jax import CheckpointError
 from gptoss_jax.config import GptOssConfig
-from gptoss_jax.converters.safetensors_io import SafetensorsFile, write_safetensors
 from gptoss_jax.loader import random_model
 from gptoss_jax.testing import write_random_checkpoint
 
@@ -30,7 +30,7 @@ def assert_bit_identical(a, b):
 
 def test_both_layouts_load_to_identical_parameters(tmp_path):
     hf = write_random_checkpoint(tmp_path / "hf", SMALL, "hf", seed=5, max_shard_bytes=50_000)
-    original = write_random_checkpoint(tmp_path / "orig", SMALL, "original", seed=5)
+    write_random_checkpoint(tmp_path / "orig", SMALL, "original", seed=5)
     assert len(list(hf.glob("model-*-of-*.safetensors"))) > 1
     assert (tmp_path / "orig" / "original" / "dtypes.json").exists()
     from_hf, from_original = gptoss_jax.load(hf), gptoss_jax.load(tmp_path / "orig")
@@ -47,17 +47,6 @@ def test_fp32_load_holds_the_same_values(tmp_path):
         np.testing.assert_array_equal(a[path].astype(np.float32), b[path].astype(np.float32), err_msg=str(path))
 
 
-def _rewrite(path, name, array):
-    source = SafetensorsFile(path)
-    arrays = {n: np.array(source.get(n)) for n in source.names()}
-    del source
-    if array is None:
-        del arrays[name]
-    else:
-        arrays[name] = array
-    write_safetensors(path, [(n, a.shape, a.dtype) for n, a in arrays.items()], arrays.__getitem__)
-
-
 @pytest.fixture
 def original_checkpoint(tmp_path):
     write_random_checkpoint(tmp_path, SMALL, "original", seed=0)
@@ -65,12 +54,12 @@ def original_checkpoint(tmp_path):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda f: _rewrite(f, "block.0.attn.sinks", None), "missing tensor 'block.0.attn.sinks'"),
-    (lambda f: _rewrite(f, "block.9.extra", np.zeros(3, np.float32)), "unexpected tensor 'block.9.extra'"),
-    (lambda f: _rewrite(f, "norm.scale", np.zeros(7, ml_dtypes.bfloat16)), "'norm.scale' has shape \\[7\\]"),
-    (lambda f: _rewrite(f, "block.1.mlp.mlp1_weight.blocks",
+    (lambda f: rewrite_tensor(f, "block.0.attn.sinks", None), "missing tensor 'block.0.attn.sinks'"),
+    (lambda f: rewrite_tensor(f, "block.9.extra", np.zeros(3, np.float32)), "unexpected tensor 'block.9.extra'"),
+    (lambda f: rewrite_tensor(f, "norm.scale", np.zeros(7, ml_dtypes.bfloat16)), "'norm.scale' has shape \\[7\\]"),
+    (lambda f: rewrite_tensor(f, "block.1.mlp.mlp1_weight.blocks",
                         np.zeros((8, 128, 2, 16), ml_dtypes.bfloat16)), "dtype BF16, expected U8"),
-    (lambda f: _rewrite(f, "block.0.mlp.mlp2_weight.scales", np.full((8, 64, 2), 255, np.uint8)), "scale 255"),
+    (lambda f: rewrite_tensor(f, "block.0.mlp.mlp2_weight.scales", np.full((8, 64, 2), 255, np.uint8)), "scale 255"),
     (lambda f: f.write_bytes(f.read_bytes()[:-100]), "truncated"),
     (lambda f: f.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all"), "corrupt header"),
 ])
