@@ -42,3 +42,18 @@ def rewrite_tensor(path, name, array):
     else:
         arrays[name] = array
     write_safetensors(path, [(n, a.shape, a.dtype) for n, a in arrays.items()], arrays.__getitem__)
+
+
+def leaves(model):
+    """The model's parameters as host arrays, by path."""
+    from flax import nnx
+
+    return {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model))}
+
+
+def assert_bit_identical(a, b):
+    la, lb = leaves(a), leaves(b)
+    assert la.keys() == lb.keys()
+    for path in la:
+        assert la[path].dtype == lb[path].dtype, path
+        np.testing.assert_array_equal(la[path].view(np.uint8), lb[path].view(np.uint8), err_msg=str(path))

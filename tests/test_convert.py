@@ -11,8 +11,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import hf_logits, rewrite_tensor
-from flax import nnx
+from conftest import assert_bit_identical, hf_logits, rewrite_tensor
 
 import gptoss_jax
 from gptoss_jax import CheckpointError
@@ -28,18 +27,6 @@ from gptoss_jax.testing import write_random_checkpoint
 SMALL = GptOssConfig.preset("tiny").replace(name="small", vocab_size=256, num_hidden_layers=2)
 SEED = 5
 REPO = Path(__file__).resolve().parents[1]
-
-
-def leaves(model):
-    return {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model))}
-
-
-def assert_bit_identical(a, b):
-    la, lb = leaves(a), leaves(b)
-    assert la.keys() == lb.keys()
-    for path in la:
-        assert la[path].dtype == lb[path].dtype, path
-        np.testing.assert_array_equal(la[path].view(np.uint8), lb[path].view(np.uint8), err_msg=str(path))
 
 
 def tensors(root: Path) -> dict[str, np.ndarray]:

@@ -4,8 +4,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import rewrite_tensor
-from flax import nnx
+from conftest import assert_bit_identical, leaves, rewrite_tensor
 
 import gptoss_jax
 from gptoss_jax import CheckpointError
@@ -14,18 +13,6 @@ from gptoss_jax.loader import random_model
 from gptoss_jax.testing import write_random_checkpoint
 
 SMALL = GptOssConfig.preset("tiny").replace(name="small", vocab_size=256, num_hidden_layers=2)
-
-
-def leaves(model):
-    return {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model))}
-
-
-def assert_bit_identical(a, b):
-    la, lb = leaves(a), leaves(b)
-    assert la.keys() == lb.keys()
-    for path in la:
-        assert la[path].dtype == lb[path].dtype, path
-        np.testing.assert_array_equal(la[path].view(np.uint8), lb[path].view(np.uint8), err_msg=str(path))
 
 
 def test_both_layouts_load_to_identical_parameters(tmp_path):
