@@ -10,6 +10,7 @@ Measures (each selectable with --measure):
   prefill  prefill tokens/s for each --prompts length (in --prefill-chunk pieces through extend)
   profile  where one batch-1 decode step's time goes: attention (sliding / full layer), MoE
            layer, unembedding + argmax, each timed in an on-device loop
+  prefill_trace  a profiler trace of each --prompts prefill, device time by kernel
   memory   peak device memory
   ttft     time to first token of a 16-token prompt in a fresh process, cold and with the
            compilation cache
@@ -201,22 +202,27 @@ def summarize_trace(trace_dir: str, steps: int, top: int = 25) -> dict:
             "top": [{"name": n[:120], "us_per_step": v[0] / steps, "calls_per_step": v[1] / steps} for n, v in ranked[:top]]}
 
 
-def measure_trace(model, context: int, steps: int) -> dict:
-    """A jax.profiler trace of `steps` batch-1 decode steps, summarised by kernel."""
-    result = {}
+def traced(measure, per: int, **kwargs) -> dict:
+    """measure(..., wrap_timed=...) with its timed run under jax.profiler; the trace summed
+    by kernel and divided by `per` (steps, or 1 for a whole prompt)."""
     with tempfile.TemporaryDirectory() as trace_dir:
-        def traced(run):
+        def wrap(run):
             jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
             try:
                 return run()
             finally:
                 jax.profiler.stop_trace()
-        result = measure_decode(model, 1, context, steps, wrap_timed=traced)
-        result["trace"] = summarize_trace(trace_dir, steps)
+        result = measure(wrap_timed=wrap, **kwargs)
+        result["trace"] = summarize_trace(trace_dir, per)
     return result
 
 
-def measure_prefill(model, length: int, chunk: int) -> dict:
+def measure_trace(model, context: int, steps: int) -> dict:
+    """A jax.profiler trace of `steps` batch-1 decode steps, summarised by kernel."""
+    return traced(partial(measure_decode, model, 1, context, steps), steps)
+
+
+def measure_prefill(model, length: int, chunk: int, wrap_timed=None) -> dict:
     graphdef, state = nnx.split(model)
     chunk = min(chunk, length)
     if length % chunk:
@@ -241,7 +247,7 @@ def measure_prefill(model, length: int, chunk: int) -> dict:
     run()
     first = time.perf_counter() - start
     start = time.perf_counter()
-    run()
+    run() if wrap_timed is None else wrap_timed(run)
     elapsed = time.perf_counter() - start
     return {"prompt": length, "chunk": chunk, "seconds": elapsed, "tokens_per_s": length / elapsed,
             "first_call_s": first}
@@ -399,6 +405,9 @@ def main(argv=None) -> int:
     if "prefill" in measures:
         for length in parse_ints(args.prompts):
             record(f"prefill_{length}", lambda: measure_prefill(model, length, args.prefill_chunk))
+    if "prefill_trace" in measures:  # where one prompt's prefill time goes, by kernel
+        for length in parse_ints(args.prompts):
+            record(f"prefill_trace_{length}", lambda: traced(partial(measure_prefill, model, length, args.prefill_chunk), 1))
     if "memory" in measures:
         stats = device.memory_stats() or {}
         record("memory", lambda: {"peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30,

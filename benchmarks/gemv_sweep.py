@@ -1,0 +1,203 @@
+"""Why is the batch-1 GEMV below bandwidth? A sweep of tilings for the fused MXFP4 expert
+GEMV and for a plain bf16 GEMV (the attention projections), timed by device kernel time
+from a jax.profiler trace (not part of CI; run on a GPU).
+
+    python benchmarks/gemv_sweep.py --json sweep.json [--quick]
+
+Each timed call reads bytes no earlier call read (rotating experts / 8 weight copies), so
+L2 (50 MB on an H100) does not flatter the numbers. Prints us per call and GB/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import itertools
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import summarize_trace  # noqa: E402
+
+from gptoss_jax import mxfp4  # noqa: E402
+from gptoss_jax.kernels import moe  # noqa: E402
+
+F32 = jnp.float32
+CALLS = 8
+
+
+def kernel_us(fn, args_per_call, name_part: str) -> float:
+    """Median device time (us) of the kernels whose name contains name_part, over CALLS calls
+    of fn, each on its own arguments."""
+    run = jax.jit(lambda all_args: [fn(*a) for a in all_args])
+    jax.block_until_ready(run(args_per_call))
+    with tempfile.TemporaryDirectory() as trace_dir:
+        jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+        try:
+            jax.block_until_ready(run(args_per_call))
+        finally:
+            jax.profiler.stop_trace()
+        summary = summarize_trace(trace_dir, 1, top=200)
+    hits = [t for t in summary["top"] if name_part in t["name"]]
+    if not hits:
+        raise RuntimeError(f"no kernel named like {name_part!r}: {[t['name'] for t in summary['top'][:8]]}")
+    return sum(t["us_per_step"] for t in hits) / sum(t["calls_per_step"] for t in hits)
+
+
+# ------------------------------------------------------------------ a plain bf16 GEMV (Triton)
+def _dense_kernel(x_ref, w_ref, b_ref, o_ref, *, rows, bk, k_total):
+    from jax.experimental.pallas import triton as plgpu
+
+    r = pl.program_id(0)
+    steps = -(-k_total // bk)
+
+    def step(i, acc):
+        cols = i * bk + jnp.arange(bk)
+        inside = cols < k_total
+        x = plgpu.load(x_ref.at[pl.ds(i * bk, bk)], mask=inside, other=0).astype(F32)
+        w = plgpu.load(w_ref.at[pl.ds(r * rows, rows), pl.ds(i * bk, bk)], mask=inside[None, :], other=0)
+        return acc + jnp.sum(w.astype(F32) * x[None, :], axis=1)
+
+    acc = jax.lax.fori_loop(0, steps, step, jnp.zeros((rows,), F32))
+    o_ref[...] = (acc.astype(o_ref.dtype).astype(F32) + b_ref[...].astype(F32)).astype(o_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("rows", "bk", "num_warps", "num_stages", "interpret"))
+def dense_gemv(x, w, b, *, rows=8, bk=256, num_warps=4, num_stages=3, interpret=False):
+    """x [1, K] @ w[N, K]^T + b -> [1, N] (rounded like the model's projection)."""
+    from jax.experimental.pallas import triton as plgpu
+
+    n, k = w.shape
+    return pl.pallas_call(
+        functools.partial(_dense_kernel, rows=rows, bk=bk, k_total=k),
+        out_shape=jax.ShapeDtypeStruct((1, n), x.dtype),
+        grid=(n // rows,),
+        in_specs=[pl.BlockSpec(memory_space=pl.ANY), pl.BlockSpec(memory_space=pl.ANY),
+                  pl.BlockSpec((rows,), lambda r: (r,))],
+        out_specs=pl.BlockSpec((None, rows), lambda r: (0, r)),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        name="dense_gemv",
+        interpret=interpret,
+    )(x.reshape(k), w, b)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--json")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--ncu", action="store_true", help="one call of the default tilings (run under ncu)")
+    args = parser.parse_args()
+    if args.ncu:
+        raw = jnp.zeros((32, 5760, 90, 16), jnp.uint8) + 0x35
+        scales = jnp.full((32, 5760, 90), 127, jnp.uint8)
+        bias = jnp.zeros((32, 5760), jnp.bfloat16)
+        x = jnp.ones((1, 2880), jnp.bfloat16)
+        pe = jnp.arange(4, dtype=jnp.int32)
+        jax.block_until_ready(moe.expert_gemv(x, pe, raw, scales, bias, pairs_per_x=4, swiglu_params=(7.0, 1.702)))
+        w = jnp.ones((5120, 2880), jnp.bfloat16)
+        jax.block_until_ready(dense_gemv(x, w, w[0]))
+        return
+    report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "command": " ".join(sys.argv), "results": []}
+
+    def record(row):
+        report["results"].append(row)
+        print(json.dumps(row), flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=1))
+
+    key = jax.random.key(0)
+    experts = 32
+    # ---- fused MXFP4 expert GEMV, 4 pairs (batch 1, top-4)
+    grid = [dict(rows=r, blocks_per_step=b, num_warps=w, num_stages=s)
+            for (r, b), w, s in itertools.product(
+                [(4, 32), (8, 16), (8, 32), (8, 128), (16, 8), (16, 16), (16, 32), (32, 8), (32, 16), (64, 8)],
+                [4, 8], [1, 3])]
+    if args.quick:
+        grid = grid[:4]
+    for name, (out_rows, features, swiglu) in {"mlp1+swiglu": (5760, 2880, (7.0, 1.702)),
+                                               "mlp2": (2880, 2880, None)}.items():
+        k1, k2, k3, key = jax.random.split(key, 4)
+        raw = jax.random.randint(k1, (experts, out_rows, features // 32, 16), 0, 256, jnp.int32).astype(jnp.uint8)
+        scales = jax.random.randint(k2, (experts, out_rows, features // 32), 118, 134, jnp.int32).astype(jnp.uint8)
+        bias = jax.random.normal(k3, (experts, out_rows), F32).astype(jnp.bfloat16)
+        x = jax.random.normal(k3, (1, features), F32).astype(jnp.bfloat16)
+        calls = [(x, jnp.arange(4 * i, 4 * i + 4, dtype=jnp.int32) % experts) for i in range(CALLS)]
+        fp4 = mxfp4.blocks_to_fp4(raw[:4])
+        ref = jnp.einsum("d,pod->po", x[0].astype(F32), mxfp4.dequantize(fp4, mxfp4.scales_to_e8m0(scales[:4]), F32),
+                         precision=jax.lax.Precision.HIGHEST)
+        ref = ref.astype(jnp.bfloat16) + bias[:4]
+        if swiglu:
+            ref = moe.swiglu_pair(ref[:, 0::2], ref[:, 1::2], *swiglu, jnp.bfloat16)
+        ref = np.asarray(ref.astype(F32))
+        nbytes = 4 * out_rows * features // 32 * 17
+        variants = grid if name.startswith("mlp1") else grid[:: max(1, len(grid) // 12)]
+        for v in variants:
+            row = {"matrix": name, **v}
+            try:
+                fn = lambda x, pe, v=v: moe.expert_gemv(x, pe, raw, scales, bias, pairs_per_x=4,
+                                                        swiglu_params=swiglu, **v)
+                out = np.asarray(fn(*calls[0]).astype(F32))
+                row["max_rel_err"] = float(np.max(np.abs(out - ref)) / np.max(np.abs(ref)))
+                us = kernel_us(fn, calls, "mxfp4_expert_gemv")
+                row.update(us=us, gb_per_s=nbytes / us / 1e3)
+            except Exception as e:  # a tiling Triton rejects: record it and go on
+                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            record(row)
+
+    # ---- bf16 GEMV at the attention projection shapes (q/k/v fused = 5120 x 2880, o = 2880 x 4096)
+    for name, (n, k) in {"qkv": (5120, 2880), "o": (2880, 4096)}.items():
+        kw, kb, key = jax.random.split(key, 3)
+        ws = [jax.random.normal(jax.random.fold_in(kw, i), (n, k), F32).astype(jnp.bfloat16) for i in range(CALLS)]
+        b = jax.random.normal(kb, (n,), F32).astype(jnp.bfloat16)
+        x = jax.random.normal(kb, (1, k), F32).astype(jnp.bfloat16)
+        calls = [(x, w, b) for w in ws]
+        nbytes = n * k * 2
+        xla = lambda x, w, b: (jnp.einsum("bd,nd->bn", x, w, preferred_element_type=F32).astype(x.dtype)
+                               .astype(F32) + b.astype(F32)).astype(x.dtype)
+        ref = np.asarray(xla(x, ws[0], b).astype(F32))
+        try:
+            run = jax.jit(lambda all_args: [xla(*a) for a in all_args])
+            jax.block_until_ready(run(calls))
+            with tempfile.TemporaryDirectory() as trace_dir:
+                jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+                jax.block_until_ready(run(calls))
+                jax.profiler.stop_trace()
+                top = summarize_trace(trace_dir, 1, top=10)["top"]
+            record({"matrix": name, "variant": "xla", "kernels": top[:4], "gb_per_s_top": nbytes * CALLS / top[0]["us_per_step"] / 1e3})
+        except Exception as e:
+            record({"matrix": name, "variant": "xla", "error": f"{type(e).__name__}: {str(e)[:300]}"})
+        dense_grid = [dict(rows=r, bk=bk, num_warps=w, num_stages=s)
+                      for r, bk, w, s in itertools.product([4, 8, 16], [256, 512], [4], [1, 3])]
+        if args.quick:
+            dense_grid = dense_grid[:3]
+        for v in dense_grid:
+            row = {"matrix": name, "variant": "pallas_dense", **v}
+            try:
+                fn = lambda x, w, b, v=v: dense_gemv(x, w, b, **v)
+                out = np.asarray(fn(*calls[0]).astype(F32))
+                row["max_rel_err"] = float(np.max(np.abs(out - ref)) / np.max(np.abs(ref)))
+                us = kernel_us(fn, calls, "dense_gemv")
+                row.update(us=us, gb_per_s=nbytes / us / 1e3)
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            record(row)
+
+    print("\nbest per matrix:")
+    for m in ("mlp1+swiglu", "mlp2", "qkv", "o"):
+        ok = [r for r in report["results"] if r.get("matrix") == m and "us" in r]
+        for r in sorted(ok, key=lambda r: r["us"])[:5]:
+            print(m, {k: r[k] for k in r if k not in ("matrix",)})
+
+
+if __name__ == "__main__":
+    main()
