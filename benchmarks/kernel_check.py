@@ -83,7 +83,7 @@ def main():
     shapes = {"mlp1+swiglu": (5760, 2880, (7.0, 1.702)), "mlp2": (2880, 2880, None)}
     variants = [dict(use_ptx=p, rows=r, blocks_per_step=b, num_warps=w, num_stages=st, elementwise_acc=ea)
                 for p, r, b, w, st, ea in [
-                    (True, 16, 32, 4, 3, False), (False, 16, 32, 4, 3, False), (True, 16, 16, 4, 3, True),
+                    (True, 4, 32, 4, 1, False), (True, 16, 32, 4, 3, False), (True, 8, 32, 8, 1, False),
                     (True, 32, 16, 4, 3, False), (True, 8, 32, 4, 3, False), (True, 16, 16, 4, 4, False),
                     (True, 32, 32, 8, 3, False)]]
     if args.quick:

@@ -155,8 +155,8 @@ def _gemv_kernel(expert_ref, x_ref, w_ref, s_ref, bias_ref, out_ref, *, rows: in
 @functools.partial(jax.jit, static_argnames=("pairs_per_x", "swiglu_params", "rows", "blocks_per_step",
                                              "num_warps", "num_stages", "use_ptx", "elementwise_acc",
                                              "interpret"))
-def expert_gemv(x, pair_expert, w_bytes, w_scales, bias, *, pairs_per_x=1, swiglu_params=None, rows=16,
-                blocks_per_step=32, num_warps=4, num_stages=3, use_ptx=True, elementwise_acc=False,
+def expert_gemv(x, pair_expert, w_bytes, w_scales, bias, *, pairs_per_x=1, swiglu_params=None, rows=4,
+                blocks_per_step=32, num_warps=4, num_stages=1, use_ptx=True, elementwise_acc=False,
                 interpret=False):
     """Grouped GEMV over (token, expert) pairs, reading only pair_expert's packed FP4 rows.
 
