@@ -1,0 +1,88 @@
+"""Fused RMSNorm + q/k/v projection for one-token decode steps (Pallas Triton).
+
+One kernel replaces, per attention layer, the RMSNorm kernel and XLA's q/k/v GEMM, which
+for a single token runs at about half the memory bandwidth (docs/performance.md). Each
+program recomputes the norm of the token (2880 values, cached in L1/L2) and produces
+`rows` outputs of q, k or v: round(h @ W^T + bias) as Attention.project (spec
+2.2 for the norm: fp32, gain in fp32, one rounding; spec 2.7 for the projection).
+The norm's fp32 sum runs in another order than XLA's, so h can differ from the reference
+by one bf16 ulp in rare elements: the result matches within bf16 tolerance, not bit for bit.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+F32 = jnp.float32
+
+
+def _kernel(x_ref, scale_ref, wq_ref, bq_ref, wk_ref, bk_ref, wv_ref, bv_ref, q_ref, k_ref, v_ref, *,
+            rows: int, bk: int, features: int, eps: float, programs: tuple[int, int, int]):
+    from jax.experimental.pallas import triton as plgpu
+
+    pid = pl.program_id(0)
+    steps = -(-features // bk)
+
+    def chunk(i):
+        cols = i * bk + jnp.arange(bk)
+        inside = cols < features
+        x = plgpu.load(x_ref.at[pl.ds(i * bk, bk)], mask=inside, other=0).astype(F32)
+        return x, inside
+
+    def sum_squares(i, acc):
+        x, _ = chunk(i)
+        return acc + x * x
+
+    inv_rms = jax.lax.rsqrt(jnp.sum(jax.lax.fori_loop(0, steps, sum_squares, jnp.zeros((bk,), F32))) / features + eps)
+
+    def project(w_ref, b_ref, out_ref, block):
+        def step(i, acc):
+            x, inside = chunk(i)
+            gain = plgpu.load(scale_ref.at[pl.ds(i * bk, bk)], mask=inside, other=0).astype(F32)
+            h = (x * inv_rms * gain).astype(out_ref.dtype).astype(F32)
+            w = plgpu.load(w_ref.at[pl.ds(block * rows, rows), pl.ds(i * bk, bk)], mask=inside[None, :], other=0)
+            return acc + jnp.sum(w.astype(F32) * h[None, :], axis=1)
+
+        acc = jax.lax.fori_loop(0, steps, step, jnp.zeros((rows,), F32))
+        bias = b_ref[pl.ds(block * rows, rows)].astype(F32)
+        out = (acc + bias).astype(out_ref.dtype)  # one rounding, after the bias (spec 2.7)
+        plgpu.store(out_ref.at[pl.ds(block * rows, rows)], out)
+
+    first = 0
+    for count, (w_ref, b_ref, out_ref) in zip(programs, ((wq_ref, bq_ref, q_ref), (wk_ref, bk_ref, k_ref),
+                                                         (wv_ref, bv_ref, v_ref))):
+        @pl.when((pid >= first) & (pid < first + count))
+        def _(w_ref=w_ref, b_ref=b_ref, out_ref=out_ref, first=first):
+            project(w_ref, b_ref, out_ref, pid - first)
+        first += count
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "rows", "bk", "num_warps", "num_stages", "interpret"))
+def norm_qkv(x, norm_scale, wq, bq, wk, bk_, wv, bv, *, eps: float, rows: int = 8, bk: int = 256,
+             num_warps: int = 4, num_stages: int = 1, interpret: bool = False):
+    """One token: x [D] (the residual stream, compute dtype), norm_scale [D], w* [heads,
+    head_dim, D], b* [heads, head_dim] -> q, k, v [heads, head_dim] (compute dtype)."""
+    from jax.experimental.pallas import triton as plgpu
+
+    features = x.shape[-1]
+    weights = [w.reshape(-1, features) for w in (wq, wk, wv)]
+    for w in weights:
+        if w.shape[0] % rows:
+            raise ValueError(f"norm_qkv: {w.shape[0]} projection outputs are not a multiple of the row tile {rows}")
+    programs = tuple(w.shape[0] // rows for w in weights)
+    anywhere = pl.BlockSpec(memory_space=pl.ANY)
+    q, k, v = pl.pallas_call(
+        functools.partial(_kernel, rows=rows, bk=bk, features=features, eps=float(eps), programs=programs),
+        out_shape=[jax.ShapeDtypeStruct((w.shape[0],), x.dtype) for w in weights],
+        grid=(sum(programs),),
+        in_specs=[anywhere] * 8,
+        out_specs=[anywhere] * 3,
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="norm_qkv_gemv",
+    )(x, norm_scale, weights[0], bq.reshape(-1), weights[1], bk_.reshape(-1), weights[2], bv.reshape(-1))
+    return q.reshape(wq.shape[:2]), k.reshape(wk.shape[:2]), v.reshape(wv.shape[:2])
