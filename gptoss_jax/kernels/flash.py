@@ -41,6 +41,8 @@ def _next_power_of_2(n: int) -> int:
 
 def _flash_kernel(count_ref, order_ref, q_ref, qpos_ref, sink_ref, k_ref, v_ref, kpos_ref, o_ref, *,
                   block_k: int, window: int | None, scale: float, dtype, precision):
+    from jax.experimental.pallas import triton as plgpu
+
     b, head, rows = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     q = q_ref[...]  # [M, D] compute dtype
     qp = qpos_ref[...]  # [M]
@@ -51,7 +53,7 @@ def _flash_kernel(count_ref, order_ref, q_ref, qpos_ref, sink_ref, k_ref, v_ref,
         k = k_ref[b, pl.ds(start, block_k), head, :]  # [K, D]
         v = v_ref[b, pl.ds(start, block_k), head, :]
         kp = kpos_ref[b, pl.ds(start, block_k)]  # [K]
-        s = pl.dot(q, k, trans_b=True, precision=precision)  # fp32 accumulation
+        s = plgpu.dot(q, k, trans_b=True, precision=precision)  # fp32 accumulation
         # Spec 2.3 roundings: the score in the compute dtype, scaled in it, rounded again.
         s = (s.astype(dtype).astype(F32) * scale).astype(dtype).astype(F32)
         allowed = (kp[None, :] <= qp[:, None]) & (kp[None, :] != NO_POSITION)
@@ -61,7 +63,7 @@ def _flash_kernel(count_ref, order_ref, q_ref, qpos_ref, sink_ref, k_ref, v_ref,
         m_new = jnp.maximum(m, jnp.max(s, axis=1))  # finite: m starts at the sink
         p = jnp.exp(s - m_new[:, None])
         alpha = jnp.exp(m - m_new)
-        pv = pl.dot(p.astype(dtype), v, precision=precision)
+        pv = plgpu.dot(p.astype(dtype), v, precision=precision)
         return m_new, l * alpha + jnp.sum(p, axis=1), acc * alpha[:, None] + pv
 
     # The sink is the first logit: running max = sink, denominator = exp(sink - sink) = 1.
