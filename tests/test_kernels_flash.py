@@ -8,11 +8,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.kernels import set_kernels
 from gptoss_jax.kernels.flash import key_block_schedule, prefill_attention
-from gptoss_jax.loader import load
+from gptoss_jax.loader import random_model
 from gptoss_jax.model import NO_POSITION, Attention
 
 F32, BF16 = jnp.float32, jnp.bfloat16
@@ -87,33 +88,39 @@ def test_prefill_attention_matches_reference(name):
     assert padding.any() and not np.any(got[padding])  # padding queries attend nothing
 
 
-def brute_force_needed(row_pos, key_pos, block_m, block_k, window):
-    """[b, row blocks, key blocks]: does any (row, key) pair of the two blocks see each other?"""
+def brute_force_blocks(row_pos, key_pos, block_m, block_k, window):
+    """[b, row blocks, key blocks] twice: does any (row, key) pair of the two blocks see
+    each other, does every pair?"""
     qp, kp = row_pos[:, :, None], key_pos[:, None, :]
     allowed = (kp <= qp) & (kp != NO_POSITION)
     if window is not None:
         allowed &= qp - kp < window
     b, m, n = allowed.shape
-    return allowed.reshape(b, m // block_m, block_m, n // block_k, block_k).any(axis=(2, 4))
+    allowed = allowed.reshape(b, m // block_m, block_m, n // block_k, block_k)
+    return allowed.any(axis=(2, 4)), allowed.all(axis=(2, 4))
 
 
-@pytest.mark.parametrize("window", [None, 8])
-def test_schedule_keeps_every_visible_block(window):
-    """Random positions (shuffled, with padding): the listed key blocks cover every block
-    holding an allowed (query, key) pair, and come in increasing order."""
+@pytest.mark.parametrize("window", [None, 8, 40])
+def test_schedule_is_exact(window):
+    """Random positions (shuffled, with padding) and ordered runs: the listed key blocks
+    cover every block holding an allowed (query, key) pair; the ones listed as unmasked
+    are seen whole by every row; each group comes in increasing order."""
     rng = np.random.default_rng(0)
     row_pos = np.where(rng.random((3, 128)) < 0.2, NO_POSITION, rng.integers(0, 200, (3, 128))).astype(np.int32)
     key_pos = np.where(rng.random((3, 256)) < 0.2, NO_POSITION, rng.integers(0, 200, (3, 256))).astype(np.int32)
-    row_pos[:, :32] = np.sort(row_pos[:, :32])  # one dense, ordered block too
-    order, count = key_block_schedule(jnp.asarray(row_pos), jnp.asarray(key_pos), block_m=16, block_k=32,
-                                      window=window)
-    order, count = np.asarray(order), np.asarray(count)
-    needed = brute_force_needed(row_pos, key_pos, 16, 32, window)
+    row_pos[:, :64] = np.repeat(np.arange(100, 116), 4)  # GQA rows: 16 tokens x 4 heads
+    key_pos[:, :128] = np.arange(128)  # a dense prefix: blocks seen whole
+    order, counts = key_block_schedule(jnp.asarray(row_pos), jnp.asarray(key_pos), block_m=16, block_k=32,
+                                       window=window)
+    order, counts = np.asarray(order), np.asarray(counts)
+    some, every = brute_force_blocks(row_pos, key_pos, 16, 32, window)
+    assert (some & ~every).any() and (every.any() or window < 32)  # both kinds (none whole if window < block)
     for bi in range(3):
         for r in range(8):
-            listed = order[bi, r, : count[bi, r]]
-            assert set(np.flatnonzero(needed[bi, r])) <= set(listed.tolist())
-            assert np.all(np.diff(listed) > 0)
+            whole, listed = order[bi, r, : counts[bi, r, 0]], order[bi, r, : counts[bi, r, 1]]
+            assert set(np.flatnonzero(some[bi, r])) <= set(listed.tolist())
+            assert np.all(every[bi, r, whole])
+            assert np.all(np.diff(whole) > 0) and np.all(np.diff(listed[len(whole):]) > 0)
             assert sorted(order[bi, r].tolist()) == list(range(8))  # a permutation
 
 
@@ -123,25 +130,28 @@ def test_sliding_prefill_reads_only_the_window():
     tokens, window = 4096, 128
     q_pos, k_pos = ragged_batch([5000], [tokens], tokens, window, sliding=True)
     rows = jnp.repeat(q_pos, 8, axis=1)
-    _, count = key_block_schedule(rows, k_pos, block_m=128, block_k=64, window=window)
-    assert int(count.max()) <= 4 and int(count.min()) >= 2
-    _, count_full = key_block_schedule(rows, k_pos, block_m=128, block_k=64, window=None)
-    assert int(count_full.max()) == k_pos.shape[1] // 64  # the full layer at the last block reads all
+    _, counts = key_block_schedule(rows, k_pos, block_m=128, block_k=64, window=window)
+    assert int(counts[..., 1].max()) <= 4 and int(counts[..., 1].min()) >= 2
+    _, counts = key_block_schedule(rows, k_pos, block_m=128, block_k=64, window=None)
+    assert int(counts[..., 1].max()) == k_pos.shape[1] // 64  # the full layer's last block reads all ...
+    assert int(counts[0, -1, 0]) == k_pos.shape[1] // 64 - 1  # ... all but its diagonal block unmasked
 
 
 @pytest.mark.parametrize("dtype,tolerance", [("float32", 2e-4), ("bfloat16", 0.05)])
 def test_end_to_end_prefill_logits_with_kernel(dtype, tolerance):
     """The tiny model (window 32) prefills a ragged batch of 40 tokens in two chunks against
     its cache, with the attention kernels on and off: the logits agree."""
-    model = load("tiny", dtype=dtype)
+    model = random_model(GptOssConfig.preset("tiny").replace(vocab_size=512), dtype=jnp.dtype(dtype))
     tokens = jax.random.randint(jax.random.key(1), (2, 40), 0, model.config.vocab_size, jnp.int32)
     positions = jnp.stack([jnp.arange(40), jnp.where(jnp.arange(40) < 29, jnp.arange(40), NO_POSITION)])
     results = {}
     for impl in ("xla", "pallas"):
         set_kernels(model, moe="xla", attention=impl)
+        graphdef, state = nnx.split(model)
+        extend = jax.jit(lambda state, *args: nnx.merge(graphdef, state).extend(*args))
         caches = model.init_cache(2, 64)
-        first, caches = model.extend(tokens[:, :24], positions[:, :24], caches)
-        second, _ = model.extend(tokens[:, 24:], positions[:, 24:], caches)
+        first, caches = extend(state, tokens[:, :24], positions[:, :24], caches)
+        second, _ = extend(state, tokens[:, 24:], positions[:, 24:], caches)
         results[impl] = np.concatenate([np.asarray(first, np.float32), np.asarray(second, np.float32)], axis=1)
     set_kernels(model, moe="xla", attention="xla")
     reference, kernel = results["xla"], results["pallas"]

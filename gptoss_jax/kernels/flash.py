@@ -18,7 +18,8 @@ caches), so the key blocks a row block needs come from positions: XLA computes, 
 block, the list of key blocks that hold at least one key with k_lo <= q_hi (causal) and
 k_hi > q_lo - window (sliding), over valid positions only. The kernel loops over that
 list only: a sliding layer does O(queries x window) work however long the keys are, and
-empty cache slots cost nothing. Inside a block the exact mask comes from the positions.
+empty cache slots cost nothing. Blocks that every row of the block sees whole come
+first and skip the mask; the others apply the exact mask computed from the positions.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def _next_power_of_2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def _flash_kernel(count_ref, order_ref, q_ref, qpos_ref, sink_ref, k_ref, v_ref, kpos_ref, o_ref, *,
+def _flash_kernel(counts_ref, order_ref, q_ref, qpos_ref, sink_ref, k_ref, v_ref, kpos_ref, o_ref, *,
                   block_k: int, window: int | None, scale: float, dtype, precision):
     from jax.experimental.pallas import triton as plgpu
 
@@ -47,19 +48,20 @@ def _flash_kernel(count_ref, order_ref, q_ref, qpos_ref, sink_ref, k_ref, v_ref,
     q = q_ref[...]  # [M, D] compute dtype
     qp = qpos_ref[...]  # [M]
 
-    def body(j, carry):
+    def body(j, carry, masked: bool):
         m, l, acc = carry
         start = order_ref[b, rows, j] * block_k
         k = k_ref[b, pl.ds(start, block_k), head, :]  # [K, D]
         v = v_ref[b, pl.ds(start, block_k), head, :]
-        kp = kpos_ref[b, pl.ds(start, block_k)]  # [K]
         s = plgpu.dot(q, k, trans_b=True, precision=precision)  # fp32 accumulation
         # Spec 2.3 roundings: the score in the compute dtype, scaled in it, rounded again.
         s = (s.astype(dtype).astype(F32) * scale).astype(dtype).astype(F32)
-        allowed = (kp[None, :] <= qp[:, None]) & (kp[None, :] != NO_POSITION)
-        if window is not None:
-            allowed &= qp[:, None] - kp[None, :] < window
-        s = jnp.where(allowed, s, -jnp.inf)
+        if masked:
+            kp = kpos_ref[b, pl.ds(start, block_k)]  # [K]
+            allowed = (kp[None, :] <= qp[:, None]) & (kp[None, :] != NO_POSITION)
+            if window is not None:
+                allowed &= qp[:, None] - kp[None, :] < window
+            s = jnp.where(allowed, s, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))  # finite: m starts at the sink
         p = jnp.exp(s - m_new[:, None])
         alpha = jnp.exp(m - m_new)
@@ -68,29 +70,42 @@ def _flash_kernel(count_ref, order_ref, q_ref, qpos_ref, sink_ref, k_ref, v_ref,
 
     # The sink is the first logit: running max = sink, denominator = exp(sink - sink) = 1.
     m = sink_ref[...]
-    init = (m, jnp.ones_like(m), jnp.zeros(o_ref.shape, F32))
-    _, l, acc = jax.lax.fori_loop(0, count_ref[b, rows], body, init)
+    carry = (m, jnp.ones_like(m), jnp.zeros(o_ref.shape, F32))
+    # The schedule lists the key blocks every row sees whole first (no mask needed), then
+    # the blocks that need the position mask.
+    unmasked, needed = counts_ref[b, rows, 0], counts_ref[b, rows, 1]
+    carry = jax.lax.fori_loop(0, unmasked, functools.partial(body, masked=False), carry)
+    _, l, acc = jax.lax.fori_loop(unmasked, needed, functools.partial(body, masked=True), carry)
     o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
 
 
 def _block_bounds(positions, block):
-    """positions [b, n * block] -> (lowest, highest) valid position per block [b, n];
-    (_FAR, NO_POSITION) for a block without a valid position."""
+    """positions [b, n * block] -> per block [b, n]: the lowest and highest valid position
+    ((_FAR, NO_POSITION) without any), and whether every position in it is valid."""
     p = positions.reshape(positions.shape[0], -1, block)
     valid = p != NO_POSITION
-    return jnp.min(jnp.where(valid, p, _FAR), axis=2), jnp.max(jnp.where(valid, p, NO_POSITION), axis=2)
+    return (jnp.min(jnp.where(valid, p, _FAR), axis=2), jnp.max(jnp.where(valid, p, NO_POSITION), axis=2),
+            jnp.all(valid, axis=2))
 
 
 def key_block_schedule(row_positions, key_positions, *, block_m: int, block_k: int, window: int | None):
-    """Per row block, the key blocks holding at least one key some row may see, in
-    increasing order, then the rest: (order [b, row blocks, key blocks], count [b, row blocks])."""
-    q_lo, q_hi = _block_bounds(row_positions, block_m)
-    k_lo, k_hi = _block_bounds(key_positions, block_k)
-    needed = k_lo[:, None, :] <= q_hi[:, :, None]  # false for empty blocks (k_lo = _FAR, q_hi = -1)
+    """Per row block, which key blocks to read, in this order: those every row sees whole
+    (no mask), then those holding at least one key some row may see, then the rest, each
+    group in increasing block order. Returns (order [b, row blocks, key blocks],
+    counts [b, row blocks, 2]: the unmasked blocks and all needed blocks)."""
+    q_lo, q_hi, q_full = _block_bounds(row_positions, block_m)
+    k_lo, k_hi, k_full = _block_bounds(key_positions, block_k)
+    q_lo, q_hi, q_full = q_lo[:, :, None], q_hi[:, :, None], q_full[:, :, None]
+    k_lo, k_hi, k_full = k_lo[:, None, :], k_hi[:, None, :], k_full[:, None, :]
+    needed = k_lo <= q_hi  # false for empty blocks (k_lo = _FAR, q_hi = -1)
+    whole = q_full & k_full & (k_hi <= q_lo)
     if window is not None:
-        needed &= k_hi[:, None, :] > q_lo[:, :, None] - window
-    order = jnp.argsort(~needed, axis=2, stable=True).astype(jnp.int32)
-    return order, jnp.sum(needed, axis=2, dtype=jnp.int32)
+        needed &= k_hi > q_lo - window
+        whole &= q_hi - k_lo < window
+    rank = jnp.where(whole, 0, jnp.where(needed, 1, 2))
+    order = jnp.argsort(rank, axis=2, stable=True).astype(jnp.int32)
+    counts = jnp.stack([jnp.sum(whole, axis=2, dtype=jnp.int32), jnp.sum(needed, axis=2, dtype=jnp.int32)], axis=2)
+    return order, counts
 
 
 def _check(q, k, v, q_positions, k_positions, sinks, window, block_m, block_k):
@@ -143,7 +158,7 @@ def prefill_attention(q, k, v, q_positions, k_positions, sinks, *, window: int |
     row_sinks = row_sinks[:, : rows + pad_rows]
     k, v = (jnp.pad(x, ((0, 0), (0, pad_keys), (0, 0), (0, pad_hd))) for x in (k, v))
     key_positions = jnp.pad(k_positions.astype(jnp.int32), ((0, 0), (0, pad_keys)), constant_values=NO_POSITION)
-    order, count = key_block_schedule(row_positions, key_positions, block_m=block_m, block_k=block_k, window=window)
+    order, counts = key_block_schedule(row_positions, key_positions, block_m=block_m, block_k=block_k, window=window)
 
     scale = float(np.asarray(hd ** -0.5, dtype))  # the scale as the compute dtype holds it
     precision = jax.lax.Precision.HIGHEST if dtype == F32 else jax.lax.Precision.DEFAULT
@@ -163,6 +178,6 @@ def prefill_attention(q, k, v, q_positions, k_positions, sinks, *, window: int |
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="prefill_attention_sinks",
-    )(count, order, q_rows, row_positions, row_sinks, k, v, key_positions)
+    )(counts, order, q_rows, row_positions, row_sinks, k, v, key_positions)
     out = out[:, :, :rows, :hd].reshape(b, kv, t, groups, hd).transpose(0, 2, 1, 3, 4)
     return out.reshape(b, t, heads, hd)
