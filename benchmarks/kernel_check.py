@@ -158,7 +158,7 @@ def check_flash(args, report, save):
                 report["results"].append(row)
                 print(json.dumps(row), flush=True)
                 save()
-    print("\nlayer   keys variant                                                      rel_err        us  TFLOP/s")
+    print("\nlayer   keys variant" + " " * 54 + "rel_err        us  TFLOP/s")
     for r in report["results"]:
         print(f"{r['layer']:7s} {r['keys']:6d} {str(r['variant'])[:60]:60s} {r.get('rel_err', float('nan')):8.1e} "
               f"{r.get('us', float('nan')):9.1f} {r.get('tflop_per_s', float('nan')):8.1f} {r.get('error', '')[:80]}")

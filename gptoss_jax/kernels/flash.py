@@ -41,10 +41,11 @@ def _next_power_of_2(n: int) -> int:
 
 
 def _flash_kernel(counts_ref, order_ref, q_ref, qpos_ref, sink_ref, k_ref, v_ref, kpos_ref, o_ref, *,
-                  block_k: int, window: int | None, scale: float, dtype, precision):
+                  row_blocks: int, block_k: int, window: int | None, scale: float, dtype, precision):
     from jax.experimental.pallas import triton as plgpu
 
-    b, head, rows = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    b, head = pl.program_id(0), pl.program_id(1)
+    rows = row_blocks - 1 - pl.program_id(2)  # the row block: the last ones (most keys) run first
     q = q_ref[...]  # [M, D] compute dtype
     qp = qpos_ref[...]  # [M]
 
@@ -146,7 +147,8 @@ def prefill_attention(q, k, v, q_positions, k_positions, sinks, *, window: int |
     groups = heads // kv
     rows = t * groups
     row_blocks, key_blocks = -(-rows // block_m), -(-s // block_k)
-    pad_rows, pad_keys, pad_hd = row_blocks * block_m - rows, key_blocks * block_k - s, max(16, _next_power_of_2(hd)) - hd
+    pad_rows, pad_keys = row_blocks * block_m - rows, key_blocks * block_k - s
+    pad_hd = max(16, _next_power_of_2(hd)) - hd
 
     # Rows of one kv head: [b, kv, t * groups, hd]; padding rows and keys carry NO_POSITION,
     # padding head_dim columns are zeros (they change no dot product).
@@ -162,17 +164,18 @@ def prefill_attention(q, k, v, q_positions, k_positions, sinks, *, window: int |
 
     scale = float(np.asarray(hd ** -0.5, dtype))  # the scale as the compute dtype holds it
     precision = jax.lax.Precision.HIGHEST if dtype == F32 else jax.lax.Precision.DEFAULT
-    kernel = functools.partial(_flash_kernel, block_k=block_k, window=window, scale=scale, dtype=dtype,
-                               precision=precision)
+    kernel = functools.partial(_flash_kernel, row_blocks=row_blocks, block_k=block_k, window=window, scale=scale,
+                               dtype=dtype, precision=precision)
     anywhere = pl.BlockSpec(memory_space=pl.ANY)
-    rows_spec = pl.BlockSpec((None, None, block_m, hd + pad_hd), lambda b, h, r: (b, h, r, 0))
+    last = row_blocks - 1  # programs take the row blocks from the last: causal work shrinks towards the end
+    rows_spec = pl.BlockSpec((None, None, block_m, hd + pad_hd), lambda b, h, r: (b, h, last - r, 0))
     out = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct(q_rows.shape, dtype),
         grid=(b, kv, row_blocks),
         in_specs=[anywhere, anywhere, rows_spec,
-                  pl.BlockSpec((None, block_m), lambda b, h, r: (b, r)),
-                  pl.BlockSpec((None, block_m), lambda b, h, r: (h, r)),
+                  pl.BlockSpec((None, block_m), lambda b, h, r: (b, last - r)),
+                  pl.BlockSpec((None, block_m), lambda b, h, r: (h, last - r)),
                   anywhere, anywhere, anywhere],
         out_specs=rows_spec,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
