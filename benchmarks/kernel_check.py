@@ -1,6 +1,7 @@
 """Checks and times the MXFP4 expert kernels on an accelerator at the real shapes.
 
     python benchmarks/kernel_check.py --json kernels.json
+    python benchmarks/kernel_check.py --flash --json flash.json   # prefill attention (check_flash)
 
 For each variant: the error against the XLA reference (dequantize the routed experts, fp32
 einsum) on fresh random data, and the time per call inside an on-device loop whose expert
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import sys
 import time
@@ -65,11 +67,109 @@ def loop_time(step, x, pair_expert, num_experts):
     return float(np.median(times)) / REPS
 
 
+# ------------------------------------------------------------------ prefill attention (--flash)
+FLASH_VARIANTS = [dict(block_m=bm, block_k=bk, num_warps=w, num_stages=st) for bm, bk, w, st in [
+    (128, 64, 4, 2), (128, 64, 4, 3), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 2), (64, 128, 4, 2),
+    (256, 64, 8, 2), (256, 32, 8, 2), (128, 32, 4, 2)]]
+
+
+def flash_case(config, sliding: bool, keys: int, chunk: int, dtype, key):
+    """The last `chunk` tokens of a `keys`-token prompt against its cache, as bench.py's prefill
+    runs them: a full layer's cache holds `keys` slots (positions 0..keys-chunk-1, the rest
+    empty), a sliding layer's a ring of `window` slots. Returns the kernel's and attend's
+    arguments and the useful FLOPs (4 * head_dim per visible (query head, key) pair)."""
+    from gptoss_jax.model import NO_POSITION
+
+    window = config.sliding_window
+    start = keys - chunk
+    slots = window if sliding else keys
+    slot = np.arange(slots)
+    if sliding:
+        cached = start - 1 - ((start - 1 - slot) % slots)
+        cached = np.where(cached >= 0, cached, NO_POSITION)
+    else:
+        cached = np.where(slot < start, slot, NO_POSITION)
+    q_pos = np.arange(start, keys, dtype=np.int32)[None]
+    k_pos = np.concatenate([cached.astype(np.int32)[None], q_pos], axis=1)
+    kq, kk, kv = jax.random.split(key, 3)
+    heads, kv_heads, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    q = jax.random.normal(kq, (1, chunk, heads, hd), jnp.float32).astype(dtype)
+    k = jax.random.normal(kk, (1, k_pos.shape[1], kv_heads, hd), jnp.float32).astype(dtype)
+    v = jax.random.normal(kv, (1, k_pos.shape[1], kv_heads, hd), jnp.float32).astype(dtype)
+    visible = np.minimum(q_pos + 1, window) if sliding else q_pos + 1
+    flops = 4 * hd * heads * float(visible.sum())
+    return q, k, v, jnp.asarray(q_pos), jnp.asarray(k_pos), flops
+
+
+def flash_loop_time(step, q, reps: int):
+    """Seconds per step(q) call in an on-device loop (each call depends on the previous)."""
+    @jax.jit
+    def run(q):
+        return jax.lax.fori_loop(0, reps, lambda i, q: q + (1e-30 * step(q)).astype(q.dtype), q)
+
+    jax.block_until_ready(run(q))
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        jax.block_until_ready(run(q))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)) / reps
+
+
+def check_flash(args, report, save):
+    """Times Attention.attend (the XLA reference) and prefill_attention variants at
+    gpt-oss-20b shapes: full and sliding layers, a 2048-token prompt chunk against prompts
+    of 2k/8k/32k keys. Errors are against attend on the chunk's last 256 queries (they see
+    the most keys), so that they can be measured even where attend on the chunk runs out of memory."""
+    from gptoss_jax.config import GptOssConfig
+    from gptoss_jax.kernels.flash import prefill_attention
+    from gptoss_jax.model import Attention
+
+    config = GptOssConfig.preset("gpt-oss-20b")
+    dtype, chunk, reps = jnp.bfloat16, 2048, 8
+    variants = FLASH_VARIANTS[:2] if args.quick else FLASH_VARIANTS
+    key = jax.random.key(0)
+    for sliding in (False, True):
+        attn = Attention(config, 0 if sliding else 1, dtype)
+        assert attn.sliding == sliding
+        key, ks = jax.random.split(key)
+        attn.sinks[...] = jax.random.normal(ks, (config.num_attention_heads,), jnp.float32).astype(dtype)
+        sinks, window = attn.sinks[...], config.sliding_window if sliding else None
+        for keys in (2048,) if args.quick else (2048, 8192, 32768):
+            key, kc = jax.random.split(key)
+            q, k, v, q_pos, k_pos, flops = flash_case(config, sliding, keys, chunk, dtype, kc)
+            ref = jax.jit(attn.attend)(q[:, -256:], k, v, q_pos[:, -256:], k_pos).astype(jnp.float32)
+            base = {"layer": "sliding" if sliding else "full", "chunk": chunk, "keys": keys,
+                    "gflop": flops / 1e9}
+            rows = [("xla_attend", lambda q: attn.attend(q, k, v, q_pos, k_pos))]
+            rows += [(variant, functools.partial(
+                lambda q, variant: prefill_attention(q, k, v, q_pos, k_pos, sinks, window=window, **variant),
+                variant=variant)) for variant in variants]
+            for variant, step in rows:
+                row = dict(base, variant=variant)
+                try:
+                    out = jax.jit(step)(q)[:, -256:].astype(jnp.float32)
+                    row["rel_err"] = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+                    row["max_abs_err"] = float(jnp.max(jnp.abs(out - ref)))
+                    t = flash_loop_time(step, q, reps)
+                    row.update(us=1e6 * t, tflop_per_s=flops / t / 1e12)
+                except Exception as e:  # e.g. attend's [64, 2048, 34k] scores running out of memory
+                    row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+                report["results"].append(row)
+                print(json.dumps(row), flush=True)
+                save()
+    print("\nlayer   keys variant" + " " * 54 + "rel_err        us  TFLOP/s")
+    for r in report["results"]:
+        print(f"{r['layer']:7s} {r['keys']:6d} {str(r['variant'])[:60]:60s} {r.get('rel_err', float('nan')):8.1e} "
+              f"{r.get('us', float('nan')):9.1f} {r.get('tflop_per_s', float('nan')):8.1f} {r.get('error', '')[:80]}")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--json")
     parser.add_argument("--experts", type=int, default=32)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--flash", action="store_true", help="prefill attention kernel instead of the MoE kernels")
     args = parser.parse_args()
     report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -78,6 +178,9 @@ def main():
     def save():
         if args.json:
             Path(args.json).write_text(json.dumps(report, indent=1))
+
+    if args.flash:
+        return check_flash(args, report, save)
 
     key = jax.random.key(0)
     shapes = {"mlp1+swiglu": (5760, 2880, (7.0, 1.702)), "mlp2": (2880, 2880, None)}

@@ -92,7 +92,7 @@ def apply_rope(x, cos, sin):
 
 
 class Attention(nnx.Module):
-    kernels = "xla"  # "pallas": the decode attention kernel (gptoss_jax.kernels.set_kernels)
+    kernels = "xla"  # "pallas": the decode and prefill attention kernels (gptoss_jax.kernels.set_kernels)
 
     def __init__(self, config: GptOssConfig, layer: int, dtype):
         c = config
@@ -138,7 +138,13 @@ class Attention(nnx.Module):
                 keys = jnp.concatenate([cache.k, k], axis=1)
                 values = jnp.concatenate([cache.v, v], axis=1)
                 key_positions = jnp.concatenate([cache.positions, positions], axis=1)
-            out = self.attend(q, keys, values, positions, key_positions)
+            if self.kernels == "pallas" and x.shape[1] > 1:  # kernels hook: prompt / multi-token steps
+                from gptoss_jax.kernels.flash import prefill_attention
+
+                out = prefill_attention(q, keys, values, positions, key_positions, self.sinks[...],
+                                        window=c.sliding_window if self.sliding else None)
+            else:
+                out = self.attend(q, keys, values, positions, key_positions)
         out = (_einsum("btnk,dnk->btd", out, self.wo[...], dt) + self.bo[...].astype(F32)).astype(dt)
         return out, (None if cache is None else self.write_cache(cache, k, v, positions))
 
