@@ -118,25 +118,15 @@ def _partial_kernel(qpos_ref, q_ref, k_ref, v_ref, kpos_ref, k_new_ref, v_new_re
         plgpu.store(acc_ref.at[b, split, heads, :], acc, mask=real[:, None])
 
 
-def _combine_kernel(m_ref, l_ref, acc_ref, out_ref, *, splits: int, groups: int, rows: int):
-    """Rescales each split's running sums to the common maximum and divides."""
+def _combine_kernel(m_ref, l_ref, acc_ref, out_ref):
+    """One query head of one sequence: rescales each split's sums to the common maximum, adds, divides."""
     b, head = pl.program_id(0), pl.program_id(1)
-    real = jnp.arange(rows) < groups
-    heads = pl.ds(head * groups, rows)
-    m = plgpu.load(m_ref.at[b, :, heads], mask=real[None, :], other=0)  # [splits, rows]
-    l = plgpu.load(l_ref.at[b, :, heads], mask=real[None, :], other=0)
-    peak = jnp.max(m, axis=0)  # finite: split 0 holds the sink
-    weight = jnp.exp(m - peak[None, :])
-    denominator = jnp.sum(l * weight, axis=0)
-
-    def body(s, numerator):
-        acc = plgpu.load(acc_ref.at[b, s, heads, :], mask=real[:, None], other=0)
-        w = jnp.exp(plgpu.load(m_ref.at[b, s, heads], mask=real, other=0) - peak)
-        return numerator + w[:, None] * acc
-
-    numerator = jax.lax.fori_loop(0, splits, body, jnp.zeros((rows, out_ref.shape[-1]), F32))
-    plgpu.store(out_ref.at[b, heads, :], (numerator / denominator[:, None]).astype(out_ref.dtype),
-                mask=real[:, None])
+    m = plgpu.load(m_ref.at[b, :, head])  # [splits]
+    l = plgpu.load(l_ref.at[b, :, head])
+    acc = plgpu.load(acc_ref.at[b, :, head, :])  # [splits, hd]
+    weight = jnp.exp(m - jnp.max(m))  # the maximum is finite: split 0 holds the sink
+    out = jnp.sum(acc * weight[:, None], axis=0) / jnp.sum(l * weight)
+    plgpu.store(out_ref.at[b, head, :], out.astype(out_ref.dtype))
 
 
 @functools.partial(jax.jit, static_argnames=("window", "splits", "block", "num_warps", "num_stages", "interpret"))
@@ -181,8 +171,7 @@ def decode_attention(q, k_new, v_new, positions, cache_k, cache_v, cache_positio
         [out] = parts
     else:
         out = pl.pallas_call(
-            functools.partial(_combine_kernel, splits=splits, groups=groups, rows=rows),
-            out_shape=jax.ShapeDtypeStruct((batch, heads, hd), dtype), grid=(batch, kv),
+            _combine_kernel, out_shape=jax.ShapeDtypeStruct((batch, heads, hd), dtype), grid=(batch, heads),
             in_specs=[anywhere] * 3, out_specs=anywhere,
             compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1), interpret=interpret,
             name="decode_attention_combine",
