@@ -161,3 +161,15 @@ def test_decode_attention_lowers_to_triton_at_20b_shapes(window, slots, batch):
     text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     splits = default_splits(batch, 8, slots, 64, window)
     assert text.count("custom_call @__gpu$xla.gpu.triton") == (1 if splits == 1 else 2)
+
+
+@pytest.mark.parametrize("knobs", [dict(block=32, num_warps=2), dict(block=128, splits=8, num_stages=3),
+                                   dict(splits=128, num_warps=8), dict(splits=4, block=16)])
+def test_decode_attention_knobs_lower_to_triton(knobs):
+    """The variants benchmarks/kernel_check.py --attention times, at the 20b full-layer shape."""
+    bf16, i32 = jnp.bfloat16, jnp.int32
+    s = jax.ShapeDtypeStruct
+    args = (s((1, 1, 64, 64), bf16), s((1, 1, 8, 64), bf16), s((1, 1, 8, 64), bf16), s((1, 1), i32),
+            s((1, 4224, 8, 64), bf16), s((1, 4224, 8, 64), bf16), s((1, 4224), i32), s((64,), bf16))
+    f = functools.partial(decode_attention, window=None, interpret=False, **knobs)
+    assert "custom_call @__gpu$xla.gpu.triton" in jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
