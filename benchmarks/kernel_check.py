@@ -1,11 +1,18 @@
-"""Checks and times the MXFP4 expert kernels on an accelerator at the real shapes.
+"""Checks and times the Pallas kernels on an accelerator at the real shapes.
 
     python benchmarks/kernel_check.py --json kernels.json
     python benchmarks/kernel_check.py --flash --json flash.json   # prefill attention (check_flash)
+    python benchmarks/kernel_check.py --json kernels.json               # MXFP4 expert kernels
+    python benchmarks/kernel_check.py --attention --json attention.json # decode attention
 
-For each variant: the error against the XLA reference (dequantize the routed experts, fp32
-einsum) on fresh random data, and the time per call inside an on-device loop whose expert
-ids rotate, so that successive calls read different experts (no L2 reuse across calls).
+Experts: for each variant, the error against the XLA reference (dequantize the routed
+experts, fp32 einsum) on fresh random data, and the time per call inside an on-device loop
+whose expert ids rotate, so that successive calls read different experts (no L2 reuse).
+
+Attention (gpt-oss-20b layer shapes, one new token per sequence): the XLA reference (the
+model's cache concatenation + Attention.attend) and kernel variants, each timed in an
+on-device loop over enough distinct caches that they do not stay in L2, and their error
+against the reference.
 """
 
 from __future__ import annotations
@@ -24,7 +31,9 @@ import numpy as np
 
 
 from gptoss_jax import mxfp4  # noqa: E402
-from gptoss_jax.kernels import moe  # noqa: E402
+from gptoss_jax.config import GptOssConfig  # noqa: E402
+from gptoss_jax.kernels import attention, moe  # noqa: E402
+from gptoss_jax.model import NO_POSITION, Attention  # noqa: E402
 
 REPS = 64
 
@@ -170,6 +179,7 @@ def main():
     parser.add_argument("--experts", type=int, default=32)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--flash", action="store_true", help="prefill attention kernel instead of the MoE kernels")
+    parser.add_argument("--attention", action="store_true", help="time the decode attention kernel instead")
     args = parser.parse_args()
     report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -181,6 +191,9 @@ def main():
 
     if args.flash:
         return check_flash(args, report, save)
+    if args.attention:
+        attention_check(report, save, quick=args.quick)
+        return
 
     key = jax.random.key(0)
     shapes = {"mlp1+swiglu": (5760, 2880, (7.0, 1.702)), "mlp2": (2880, 2880, None)}
@@ -230,6 +243,117 @@ def main():
     for r in report["results"]:
         print(f"{r['matrix']:6s} {r['pairs']:5d} {str(r['variant'])[:60]:60s} {r.get('rel_err', float('nan')):8.1e} "
               f"{r.get('us', float('nan')):7.1f} {r.get('gb_per_s', float('nan')):6.0f} {r.get('error', '')[:80]}")
+
+
+# ------------------------------------------------------------------------------ attention
+L2_BYTES = 100 * 2**20  # more than an H100's (50 MB) or H200's L2: caches cycled per loop step
+ATTENTION_CASES = [  # name, batch, cache slots, query position (= keys in the cache), sliding
+    ("full b1 ctx0", 1, 4224, 0, False),
+    ("full b1 ctx4096", 1, 4224, 4096, False),
+    ("full b1 ctx32768", 1, 32896, 32768, False),
+    ("sliding b1 ctx4096", 1, 128, 4096, True),
+    ("full b64 ctx1024", 64, 1152, 1024, False),
+    ("sliding b64 ctx1024", 64, 128, 1024, True),
+]
+
+
+def attention_variants(batch, slots, sliding, quick):
+    """Kernel knobs to time: the defaults, then block / splits / warps / stages around them."""
+    window = 128 if sliding else None
+    splits = attention.default_splits(batch, 8, slots, 64, window)
+    variants = [{}, dict(block=32), dict(block=128), dict(num_warps=2), dict(num_warps=8), dict(num_stages=3),
+                dict(splits=splits * 2), dict(splits=splits * 4)]
+    if splits > 1:
+        variants += [dict(splits=splits // 2), dict(splits=splits // 2, block=128)]
+    return variants[:2] if quick else variants
+
+
+def attention_loop_time(step, q, caches):
+    """Seconds per step(q, *cache) call: an on-device loop, each iteration calling it once
+    per cache in `caches` (distinct buffers, together larger than L2)."""
+    @jax.jit
+    def run(q, caches):
+        def body(i, q):
+            for cache in caches:
+                q = q + (1e-30 * step(q, *cache)).astype(q.dtype)
+            return q
+        return jax.lax.fori_loop(0, REPS, body, q)
+
+    jax.block_until_ready(run(q, caches))
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        jax.block_until_ready(run(q, caches))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)) / (REPS * len(caches))
+
+
+def attention_case(config, key, batch, slots, position, sliding):
+    """A 20b attention layer with random sinks and `copies` random caches holding positions
+    0..position-1 (sliding: the ring's newest), then the step's q, k, v at `position`."""
+    attn = Attention(config, 0 if sliding else 1, jnp.bfloat16)
+    assert attn.sliding == sliding
+    ks = jax.random.split(key, 4)
+    attn.sinks.set_value(jax.random.normal(ks[0], (config.num_attention_heads,)).astype(jnp.bfloat16))
+    kv, hd = config.num_key_value_heads, config.head_dim
+    q = jax.random.normal(ks[1], (batch, 1, config.num_attention_heads, hd)).astype(jnp.bfloat16)
+    k_new, v_new = (jax.random.normal(k, (batch, 1, kv, hd)).astype(jnp.bfloat16) for k in jax.random.split(ks[2]))
+    slot = jnp.arange(slots)
+    if sliding:
+        held = position - 1 - ((position - 1 - slot) % slots)
+        held = jnp.where(held >= 0, held, NO_POSITION)
+    else:
+        held = jnp.where(slot < position, slot, NO_POSITION)
+    cache_positions = jnp.broadcast_to(held.astype(jnp.int32), (batch, slots))
+    kv_bytes = 2 * batch * slots * kv * hd * 2
+    copies = int(min(16, max(1, -(-L2_BYTES // kv_bytes))))
+    caches = []
+    for c in range(copies):
+        kc, vc = jax.random.split(jax.random.fold_in(ks[3], c))
+        caches.append((k_new, v_new, jnp.full((batch, 1), position, jnp.int32),
+                       jax.random.normal(kc, (batch, slots, kv, hd)).astype(jnp.bfloat16),
+                       jax.random.normal(vc, (batch, slots, kv, hd)).astype(jnp.bfloat16), cache_positions))
+    return attn, q, caches
+
+
+def attention_check(report, save, quick=False):
+    config = GptOssConfig.preset("gpt-oss-20b")
+    key = jax.random.key(1)
+    for name, batch, slots, position, sliding in ATTENTION_CASES[:2] if quick else ATTENTION_CASES:
+        key, sub = jax.random.split(key)
+        attn, q, caches = attention_case(config, sub, batch, slots, position, sliding)
+        sinks = attn.sinks[...]
+
+        def xla(q, k_new, v_new, positions, cache_k, cache_v, cache_positions):
+            return attn.attend(q, jnp.concatenate([cache_k, k_new], 1), jnp.concatenate([cache_v, v_new], 1),
+                               positions, jnp.concatenate([cache_positions, positions], 1))
+
+        visible = min(slots, position)
+        read_bytes = 2 * batch * visible * config.num_key_value_heads * config.head_dim * 2
+        ref = jax.jit(xla)(q, *caches[0]).astype(jnp.float32)
+        base = {"case": name, "batch": batch, "slots": slots, "position": position, "copies": len(caches)}
+        runs = [("xla_reference", xla)]
+        for v in attention_variants(batch, slots, sliding, quick):
+            runs.append((v, functools.partial(attention.decode_attention, sinks=sinks,
+                                              window=config.sliding_window if sliding else None, **v)))
+        for variant, step in runs:
+            row = dict(base, variant=variant)
+            try:
+                out = jax.jit(step)(q, *caches[0]).astype(jnp.float32)
+                row["rel_err"] = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+                row["max_abs_err"] = float(jnp.max(jnp.abs(out - ref)))
+                t = attention_loop_time(step, q, caches)
+                row.update(us=1e6 * t, kv_gb_per_s=read_bytes / t / 1e9)
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+            report["results"].append(row)
+            print(json.dumps(row), flush=True)
+            save()
+    print("\ncase                 variant                                   rel_err  max_abs      us  KV GB/s")
+    for r in report["results"]:
+        print(f"{r['case']:20s} {str(r['variant'])[:40]:40s} {r.get('rel_err', float('nan')):8.1e} "
+              f"{r.get('max_abs_err', float('nan')):8.1e} {r.get('us', float('nan')):7.1f} "
+              f"{r.get('kv_gb_per_s', float('nan')):8.0f} {r.get('error', '')[:80]}")
 
 
 if __name__ == "__main__":

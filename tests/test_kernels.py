@@ -138,36 +138,3 @@ def test_set_kernels_rejects_unknown_implementation(tiny_model):
         set_kernels(tiny_model, "cuda")
     with pytest.raises(ValueError, match="attention must be one of"):
         set_kernels(tiny_model, attention="flash")
-
-
-# ------------------------------------------------------------------------------ attention
-def _ring_positions(position, slots, sliding):
-    slot = jnp.arange(slots)
-    if sliding:  # slot s holds the newest position below `position` with p % slots == s
-        newest = position - 1 - ((position - 1 - slot) % slots)
-        return jnp.where(newest >= 0, newest, -1)
-    return jnp.where(slot < position, slot, -1)
-
-
-@pytest.mark.parametrize("layer", [0, 1])  # tiny: layer 0 sliding (window 32), layer 1 full
-def test_decode_attention_matches_reference(tiny_model, layer):
-    from gptoss_jax.kernels.attention import decode_attention
-
-    c = tiny_model.config
-    attn = tiny_model.blocks[layer].attn
-    slots = c.sliding_window if attn.sliding else 80
-    # window edges (31, 32, 33 keys back), a long context, position 0, and padding (-1)
-    query_positions = [33, 32, 70, 0, -1] if attn.sliding else [79, 33, 1, 0, -1]
-    b, kv, hd = len(query_positions), c.num_key_value_heads, c.head_dim
-    ks = jax.random.split(jax.random.key(layer), 5)
-    q = jax.random.normal(ks[0], (b, 1, c.num_attention_heads, hd)).astype(jnp.bfloat16)
-    k_new, v_new = (jax.random.normal(k, (b, 1, kv, hd)).astype(jnp.bfloat16) for k in ks[1:3])
-    cache_k, cache_v = (jax.random.normal(k, (b, slots, kv, hd)).astype(jnp.bfloat16) for k in ks[3:5])
-    positions = jnp.asarray(query_positions)[:, None]
-    cache_positions = jnp.stack([_ring_positions(max(p, 0), slots, attn.sliding) for p in query_positions])
-    want = attn.attend(q, jnp.concatenate([cache_k, k_new], 1), jnp.concatenate([cache_v, v_new], 1), positions,
-                       jnp.concatenate([cache_positions, positions], 1))
-    got = decode_attention(q, k_new, v_new, positions, cache_k, cache_v, cache_positions, attn.sinks[...],
-                           window=c.sliding_window if attn.sliding else None, splits=3, block=16, interpret=True)
-    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=1.6e-2, rtol=1e-2)
-    assert not np.any(np.asarray(got[-1], np.float32))  # padding attends nothing
