@@ -128,8 +128,8 @@ def _gemm_kernel(expert_ref, start_ref, rows_ref, x_ref, w_ref, s_ref, bias_ref,
                                other=0)
                 s = plgpu.load(s_ref.at[expert, cols, group, blocks], mask=s_mask, other=0)
                 w_low, w_high = _dequantized(w, s, dtype, use_ptx)
-                acc = acc + pl.dot(x_even, w_low, trans_b=True, precision=precision)
-                new.append(acc + pl.dot(x_odd, w_high, trans_b=True, precision=precision))
+                acc = acc + plgpu.dot(x_even, w_low, trans_b=True, precision=precision)
+                new.append(acc + plgpu.dot(x_odd, w_high, trans_b=True, precision=precision))
             return tuple(new)
 
         steps = -(-num_blocks // blocks_per_step)
