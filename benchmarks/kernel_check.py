@@ -137,8 +137,8 @@ def main():
 
 
 # --------------------------------------------------------------------------- grouped GEMM
-# (block_m, block_n, blocks_per_step, num_warps, num_stages): the first of each list is the
-# default; the others are timed too (all of them for --gemm, the first two with --quick).
+# (block_m, block_n, blocks_per_step, num_warps, num_stages), timed after the defaults
+# (moe_gemm.default_tuning); --quick times the defaults and the first row only.
 GEMM_VARIANTS = {
     "decode": [(16, 64, 2, 4, 3), (16, 128, 2, 4, 3), (16, 64, 4, 4, 3), (32, 64, 2, 4, 3), (16, 32, 4, 4, 4),
                (16, 64, 2, 8, 3), (16, 128, 4, 8, 3), (16, 64, 2, 4, 2)],
@@ -153,7 +153,7 @@ def gemm_variants(pairs: int, quick: bool = False):
     rows = [dict(block_m=m, block_n=n, blocks_per_step=b, num_warps=w, num_stages=st) for m, n, b, w, st in table]
     if pairs <= 2048:
         rows.append(dict(rows[0], use_ptx=False))
-    return rows[:2] if quick else rows
+    return [{}] + (rows[:1] if quick else rows)  # {}: moe_gemm.default_tuning
 
 
 def call_time(f, *args, reps):
@@ -229,9 +229,10 @@ def gemm_section(args, report, save):
                 row["max_abs_err"] = float(jnp.max(jnp.abs(out - ref)))
                 row.update(rates(call_time(run, h, experts, reps=reps)))
                 # each projection alone, on the same schedule
-                sched = moe_gemm.tile_schedule(experts.reshape(-1), num_experts, tuning["block_m"])
+                one = dict(moe_gemm.default_tuning(pairs, num_experts), **tuning,
+                           interpret=jax.default_backend() == "cpu")
+                sched = moe_gemm.tile_schedule(experts.reshape(-1), num_experts, one["block_m"])
                 x = moe_gemm.parity_planes(h[sched.order // k])
-                one = dict(tuning, interpret=jax.default_backend() == "cpu")
                 t1 = call_time(lambda x, s: moe_gemm.grouped_gemm(x, s, *packed[:3], swiglu_params=swiglu, **one),
                                x, sched, reps=reps)
                 a = moe_gemm.grouped_gemm(x, sched, *packed[:3], swiglu_params=swiglu, **one)

@@ -23,6 +23,7 @@ between even and odd activation columns), so mlp2 reads it directly.
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -203,23 +204,40 @@ def parity_planes(x):
 
 
 # ------------------------------------------------------------------------- the MoE experts
+# Default tilings (to be tuned on the GPU with benchmarks/kernel_check.py --gemm): few pairs
+# per expert (decode batches) and many (prefill). block_m follows the mean pairs per expert.
+DECODE_TUNING = dict(block_n=64, blocks_per_step=2, num_warps=4, num_stages=3)
+PREFILL_TUNING = dict(block_n=64, blocks_per_step=2, num_warps=4, num_stages=3)
+PREFILL_MIN_PAIRS_PER_EXPERT = 64
+
+
+def default_tuning(num_pairs: int, num_experts: int) -> dict:
+    per_expert = num_pairs / num_experts
+    block_m = min(128, max(16, 1 << max(0, math.ceil(math.log2(max(per_expert, 1))))))
+    base = PREFILL_TUNING if per_expert >= PREFILL_MIN_PAIRS_PER_EXPERT else DECODE_TUNING
+    return dict(base, block_m=block_m)
+
+
 def experts_grouped_kernel(h, experts, mlp1_bytes, mlp1_scales, mlp1_bias, mlp2_bytes, mlp2_scales, mlp2_bias,
-                           *, limit: float, alpha: float, interpret: bool | None = None, block_m: int = 64,
+                           *, limit: float, alpha: float, interpret: bool | None = None,
                            mlp1_tuning: dict | None = None, mlp2_tuning: dict | None = None, **tuning):
     """Same as MoE.experts_grouped: h [n, d] (compute dtype), experts [n, k] -> [n, k, d].
     Expert weights as packed views (kernels.moe.packed_bytes, uint8 or E8M0 scales).
-    Pairs whose id is outside [0, E) give zeros. `tuning` (block_n, blocks_per_step,
-    num_warps, num_stages, use_ptx) applies to both kernels, `mlp1_tuning`/`mlp2_tuning`
-    override it per projection. On the CPU the kernels run in Pallas interpret mode."""
+    Pairs whose id is outside [0, E) give zeros. `tuning` (block_m, block_n,
+    blocks_per_step, num_warps, num_stages, use_ptx; unset ones from `default_tuning`)
+    applies to both kernels, `mlp1_tuning`/`mlp2_tuning` override it per projection
+    (except block_m: one tile schedule). On the CPU the kernels run in Pallas interpret mode."""
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
     n, k = experts.shape
     d = h.shape[1]
     if n * k == 0:
         return jnp.zeros((n, k, d), h.dtype)
-    schedule = tile_schedule(experts.reshape(-1), mlp1_bytes.shape[0], block_m)
+    num_experts = mlp1_bytes.shape[0]
+    tuning = {**default_tuning(n * k, num_experts), **tuning}
+    schedule = tile_schedule(experts.reshape(-1), num_experts, tuning["block_m"])
     x = parity_planes(h[schedule.order // k])
-    common = dict(block_m=block_m, interpret=interpret, **tuning)
+    common = dict(interpret=interpret, **tuning)
     a = grouped_gemm(x, schedule, mlp1_bytes, mlp1_scales, mlp1_bias, swiglu_params=(float(limit), float(alpha)),
                      **{**common, **(mlp1_tuning or {})})
     y = grouped_gemm(a, schedule, mlp2_bytes, mlp2_scales, mlp2_bias, **{**common, **(mlp2_tuning or {})})[0]
