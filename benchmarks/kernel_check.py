@@ -137,7 +137,7 @@ def main():
 
 
 # --------------------------------------------------------------------------- grouped GEMM
-# (block_m, block_n, blocks_per_step, num_warps, num_stages), timed after the defaults
+# (block_m, block_n, blocks_per_step, num_warps, num_stages) with swap_ab=False, timed after the defaults
 # (moe_gemm.default_tuning); --quick times the defaults and the first row only.
 GEMM_VARIANTS = {
     "decode": [(16, 64, 2, 4, 3), (16, 128, 2, 4, 3), (16, 64, 4, 4, 3), (32, 64, 2, 4, 3), (16, 32, 4, 4, 4),
@@ -150,7 +150,9 @@ GEMM_VARIANTS = {
 def gemm_variants(pairs: int, quick: bool = False):
     """Tuning dicts for moe_gemm.experts_grouped_kernel at `pairs` (token, expert) pairs."""
     table = GEMM_VARIANTS["decode" if pairs <= 2048 else "prefill"]
-    rows = [dict(block_m=m, block_n=n, blocks_per_step=b, num_warps=w, num_stages=st) for m, n, b, w, st in table]
+    rows = [dict(block_m=m, block_n=n, blocks_per_step=b, num_warps=w, num_stages=st, swap_ab=False)
+            for m, n, b, w, st in table]
+    rows += [dict(r, swap_ab=True) for r in rows[:3]]
     if pairs <= 2048:
         rows.append(dict(rows[0], use_ptx=False))
     return [{}] + (rows[:1] if quick else rows)  # {}: moe_gemm.default_tuning

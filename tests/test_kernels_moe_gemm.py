@@ -78,7 +78,8 @@ def test_tile_schedule_covers_each_known_pair_once_within_one_expert():
 CASES = {
     # name: (tokens, k, experts, embed, hidden, id pattern, tuning)
     "uneven_and_empty": (9, 4, 6, 64, 64, "skewed", dict(block_m=16, block_n=16, blocks_per_step=1)),
-    "odd_pairs_ragged_tiles": (7, 3, 4, 96, 96, "random", dict(block_m=16, block_n=32, blocks_per_step=2)),
+    "odd_pairs_ragged_tiles": (7, 3, 4, 96, 96, "random", dict(block_m=16, block_n=32, blocks_per_step=2,
+                                                               swap_ab=True)),
     "unknown_ids": (9, 4, 6, 64, 64, "unknown", dict(block_m=16, block_n=16, blocks_per_step=1)),
 }
 
@@ -197,8 +198,8 @@ def test_end_to_end_logits_prefill_and_decode_batch_with_gemm(tiny_model):
 # ------------------------------------------------------------------- Triton lowering
 @pytest.mark.parametrize("num_experts", [32, 128])  # gpt-oss-20b, 120b
 @pytest.mark.parametrize("pairs,tuning", [
-    (256, dict(block_m=16, block_n=64, blocks_per_step=2, num_warps=4, num_stages=3)),
-    (32768, dict(block_m=128, block_n=128, blocks_per_step=4, num_warps=8, num_stages=3)),
+    (256, dict(block_m=16, block_n=64, blocks_per_step=2, num_warps=4, num_stages=3, swap_ab=True)),
+    (32768, dict(block_m=128, block_n=128, blocks_per_step=4, num_warps=8, num_stages=3, swap_ab=False)),
 ])
 def test_lowers_to_triton_at_real_shapes(num_experts, pairs, tuning):
     embed = hidden = 2880

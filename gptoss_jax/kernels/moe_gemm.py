@@ -85,7 +85,7 @@ def _dequantized(w_u8, s_u8, dtype, use_ptx: bool):
 
 def _gemm_kernel(expert_ref, start_ref, rows_ref, x_ref, w_ref, s_ref, bias_ref, out_ref, *, block_m: int,
                  block_n: int, blocks_per_step: int, num_blocks: int, col_blocks: int, use_ptx: bool,
-                 swiglu_params):
+                 swap_ab: bool, swiglu_params):
     """Program (n, t): tile t (<= block_m pairs of one expert) x block_n output columns.
 
     x_ref [2, P, K/2] parity planes of the input; w_ref [E, R, G, K/32, 16] packed bytes,
@@ -93,7 +93,10 @@ def _gemm_kernel(expert_ref, start_ref, rows_ref, x_ref, w_ref, s_ref, bias_ref,
     Without swiglu_params: G = 1, one plane, out = round(x @ W^T) + bias.
     With swiglu_params: mlp1 rows viewed as [I/2, 4]: for activation column c = 2m + p the
     gate row is (m, 2p) and the up row (m, 2p + 1); plane p of the output holds the
-    activation columns of parity p (the next kernel's input planes)."""
+    activation columns of parity p (the next kernel's input planes).
+    swap_ab: accumulate out^T = W x^T, so the dequantized weights (in registers) are the
+    left operand and the tile's pairs the N side of the MMA: tensor-core shapes need
+    M >= 64 but allow a small N, which suits tiles of few pairs."""
     from jax.experimental.pallas import triton as plgpu
 
     n, tile = pl.program_id(0), pl.program_id(1)
@@ -129,12 +132,19 @@ def _gemm_kernel(expert_ref, start_ref, rows_ref, x_ref, w_ref, s_ref, bias_ref,
                                other=0)
                 s = plgpu.load(s_ref.at[expert, cols, group, blocks], mask=s_mask, other=0)
                 w_low, w_high = _dequantized(w, s, dtype, use_ptx)
-                acc = acc + plgpu.dot(x_even, w_low, trans_b=True, precision=precision)
-                new.append(acc + plgpu.dot(x_odd, w_high, trans_b=True, precision=precision))
+                if swap_ab:
+                    acc = acc + plgpu.dot(w_low, x_even, trans_b=True, precision=precision)
+                    new.append(acc + plgpu.dot(w_high, x_odd, trans_b=True, precision=precision))
+                else:
+                    acc = acc + plgpu.dot(x_even, w_low, trans_b=True, precision=precision)
+                    new.append(acc + plgpu.dot(x_odd, w_high, trans_b=True, precision=precision))
             return tuple(new)
 
         steps = -(-num_blocks // blocks_per_step)
-        accs = jax.lax.fori_loop(0, steps, step, tuple(jnp.zeros((block_m, block_n), F32) for _ in groups))
+        acc_shape = (block_n, block_m) if swap_ab else (block_m, block_n)
+        accs = jax.lax.fori_loop(0, steps, step, tuple(jnp.zeros(acc_shape, F32) for _ in groups))
+        if swap_ab:
+            accs = tuple(acc.T for acc in accs)
         out_dtype = out_ref.dtype
         outs = []
         for acc, group in zip(accs, groups):
@@ -148,9 +158,10 @@ def _gemm_kernel(expert_ref, start_ref, rows_ref, x_ref, w_ref, s_ref, bias_ref,
 
 
 @functools.partial(jax.jit, static_argnames=("swiglu_params", "block_m", "block_n", "blocks_per_step",
-                                             "num_warps", "num_stages", "use_ptx", "interpret"))
+                                             "num_warps", "num_stages", "use_ptx", "swap_ab", "interpret"))
 def grouped_gemm(x_planes, schedule: TileSchedule, w_bytes, w_scales, bias, *, swiglu_params=None, block_m=64,
-                 block_n=64, blocks_per_step=2, num_warps=4, num_stages=3, use_ptx=True, interpret=False):
+                 block_n=64, blocks_per_step=2, num_warps=4, num_stages=3, use_ptx=True, swap_ab=False,
+                 interpret=False):
     """One projection over expert-sorted pairs.
 
     x_planes [2, P, K/2]: the pairs' inputs (sorted as `schedule.order`), even features in
@@ -177,7 +188,7 @@ def grouped_gemm(x_planes, schedule: TileSchedule, w_bytes, w_scales, bias, *, s
     col_blocks = -(-rows // block_n)
     kernel = functools.partial(_gemm_kernel, block_m=block_m, block_n=block_n, blocks_per_step=blocks_per_step,
                                num_blocks=num_blocks, col_blocks=col_blocks, use_ptx=use_ptx and not interpret,
-                               swiglu_params=swiglu_params)
+                               swap_ab=swap_ab, swiglu_params=swiglu_params)
     anywhere = pl.BlockSpec(memory_space=pl.ANY)
     num_tiles = schedule.tile_rows.shape[0]
     name = "mxfp4_grouped_gemm" if swiglu_params is None else "mxfp4_grouped_gemm_swiglu"
@@ -206,8 +217,8 @@ def parity_planes(x):
 # ------------------------------------------------------------------------- the MoE experts
 # Default tilings (to be tuned on the GPU with benchmarks/kernel_check.py --gemm): few pairs
 # per expert (decode batches) and many (prefill). block_m follows the mean pairs per expert.
-DECODE_TUNING = dict(block_n=64, blocks_per_step=2, num_warps=4, num_stages=3)
-PREFILL_TUNING = dict(block_n=64, blocks_per_step=2, num_warps=4, num_stages=3)
+DECODE_TUNING = dict(block_n=64, blocks_per_step=2, num_warps=4, num_stages=3, swap_ab=True)
+PREFILL_TUNING = dict(block_n=64, blocks_per_step=2, num_warps=8, num_stages=3, swap_ab=False)
 PREFILL_MIN_PAIRS_PER_EXPERT = 64
 
 
@@ -224,7 +235,7 @@ def experts_grouped_kernel(h, experts, mlp1_bytes, mlp1_scales, mlp1_bias, mlp2_
     """Same as MoE.experts_grouped: h [n, d] (compute dtype), experts [n, k] -> [n, k, d].
     Expert weights as packed views (kernels.moe.packed_bytes, uint8 or E8M0 scales).
     Pairs whose id is outside [0, E) give zeros. `tuning` (block_m, block_n,
-    blocks_per_step, num_warps, num_stages, use_ptx; unset ones from `default_tuning`)
+    blocks_per_step, num_warps, num_stages, use_ptx, swap_ab; unset ones from `default_tuning`)
     applies to both kernels, `mlp1_tuning`/`mlp2_tuning` override it per projection
     (except block_m: one tile schedule). On the CPU the kernels run in Pallas interpret mode."""
     if interpret is None:
