@@ -1,9 +1,9 @@
 """Checks and times the Pallas kernels on an accelerator at the real shapes.
 
-    python benchmarks/kernel_check.py --json kernels.json
-    python benchmarks/kernel_check.py --flash --json flash.json   # prefill attention (check_flash)
-    python benchmarks/kernel_check.py --json kernels.json               # MXFP4 expert kernels
+    python benchmarks/kernel_check.py --json kernels.json               # MXFP4 grouped GEMV (decode)
+    python benchmarks/kernel_check.py --gemm --json gemm.json           # MXFP4 grouped GEMM (batches, prefill)
     python benchmarks/kernel_check.py --attention --json attention.json # decode attention
+    python benchmarks/kernel_check.py --flash --json flash.json         # prefill attention
 
 Experts: for each variant, the error against the XLA reference (dequantize the routed
 experts, fp32 einsum) on fresh random data, and the time per call inside an on-device loop
@@ -34,6 +34,8 @@ from gptoss_jax import mxfp4  # noqa: E402
 from gptoss_jax.config import GptOssConfig  # noqa: E402
 from gptoss_jax.kernels import attention, moe  # noqa: E402
 from gptoss_jax.model import NO_POSITION, Attention  # noqa: E402
+from gptoss_jax.kernels import moe  # noqa: E402
+from gptoss_jax.kernels import moe_gemm  # noqa: E402
 
 REPS = 64
 
@@ -180,6 +182,8 @@ def main():
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--flash", action="store_true", help="prefill attention kernel instead of the MoE kernels")
     parser.add_argument("--attention", action="store_true", help="time the decode attention kernel instead")
+    parser.add_argument("--gemm", action="store_true", help="time the grouped GEMM (moe_gemm) instead")
+    parser.add_argument("--pairs", type=int, nargs="*", default=[256, 32768], help="--gemm: pair counts")
     args = parser.parse_args()
     report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -194,7 +198,9 @@ def main():
     if args.attention:
         attention_check(report, save, quick=args.quick)
         return
-
+    if args.gemm:
+        gemm_section(args, report, save)
+        return
     key = jax.random.key(0)
     shapes = {"mlp1+swiglu": (5760, 2880, (7.0, 1.702)), "mlp2": (2880, 2880, None)}
     variants = [dict(use_ptx=p, rows=r, blocks_per_step=b, num_warps=w, num_stages=st, elementwise_acc=ea)
@@ -354,6 +360,122 @@ def attention_check(report, save, quick=False):
         print(f"{r['case']:20s} {str(r['variant'])[:40]:40s} {r.get('rel_err', float('nan')):8.1e} "
               f"{r.get('max_abs_err', float('nan')):8.1e} {r.get('us', float('nan')):7.1f} "
               f"{r.get('kv_gb_per_s', float('nan')):8.0f} {r.get('error', '')[:80]}")
+# --------------------------------------------------------------------------- grouped GEMM
+# (block_m, block_n, blocks_per_step, num_warps, num_stages) with swap_ab=False, timed after the defaults
+# (moe_gemm.default_tuning); --quick times the defaults and the first row only.
+GEMM_VARIANTS = {
+    "decode": [(16, 64, 2, 4, 3), (16, 128, 2, 4, 3), (16, 64, 4, 4, 3), (32, 64, 2, 4, 3), (16, 32, 4, 4, 4),
+               (16, 64, 2, 8, 3), (16, 128, 4, 8, 3), (16, 64, 2, 4, 2)],
+    "prefill": [(64, 64, 2, 4, 3), (128, 64, 2, 4, 3), (128, 128, 2, 8, 3), (128, 128, 4, 8, 3), (64, 128, 2, 4, 4),
+                (128, 64, 4, 4, 4), (128, 128, 2, 8, 4), (64, 64, 4, 4, 2), (128, 256, 2, 8, 3)],
+}
+
+
+def gemm_variants(pairs: int, quick: bool = False):
+    """Tuning dicts for moe_gemm.experts_grouped_kernel at `pairs` (token, expert) pairs."""
+    table = GEMM_VARIANTS["decode" if pairs <= 2048 else "prefill"]
+    rows = [dict(block_m=m, block_n=n, blocks_per_step=b, num_warps=w, num_stages=st, swap_ab=False)
+            for m, n, b, w, st in table]
+    rows += [dict(r, swap_ab=True) for r in rows[:3]]
+    if pairs <= 2048:
+        rows.append(dict(rows[0], use_ptx=False))
+    return [{}] + (rows[:1] if quick else rows)  # {}: moe_gemm.default_tuning
+
+
+def call_time(f, *args, reps):
+    """Seconds per f(*args) call, in an on-device loop whose input depends on the last output."""
+    @jax.jit
+    def run(h, *rest):
+        def body(_, h):
+            out = f(h, *rest).reshape(-1)
+            m = min(out.size, h.size)
+            return h.reshape(-1).at[:m].add((1e-30 * out[:m]).astype(h.dtype)).reshape(h.shape)
+        return jax.lax.fori_loop(0, reps, body, h)
+
+    jax.block_until_ready(run(*args))
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        jax.block_until_ready(run(*args))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)) / reps
+
+
+def gemm_section(args, report, save):
+    """The grouped GEMM at the 20b shapes (or --experts): the whole experts computation
+    (sort, mlp1 + SwiGLU, mlp2, unsort) against MoE.experts_grouped (XLA: dequantize every
+    expert, ragged_dot), and each projection's kernel alone, per tiling."""
+    from gptoss_jax.config import GptOssConfig
+    from gptoss_jax.model import MoE
+
+    config = GptOssConfig.preset("gpt-oss-20b").replace(num_experts=args.experts)
+    d, i, k, num_experts = config.hidden_size, config.intermediate_size, config.experts_per_token, args.experts
+    mlp = MoE(config, jnp.bfloat16)
+    key = jax.random.key(0)
+    for name, rows, features in (("mlp1", 2 * i, d), ("mlp2", d, i)):
+        key, kw, kb = jax.random.split(key, 3)
+        fp4, scales = random_experts(kw, num_experts, rows, features)
+        getattr(mlp, f"{name}_fp4")[...] = fp4
+        getattr(mlp, f"{name}_scales")[...] = scales
+        getattr(mlp, f"{name}_bias")[...] = (jax.random.normal(kb, (num_experts, rows)) * 0.5).astype(jnp.bfloat16)
+    w = mlp.expert_weights()
+    packed = (moe.packed_bytes(w.mlp1_fp4), mxfp4.e8m0_to_scales(w.mlp1_scales), w.mlp1_bias,
+              moe.packed_bytes(w.mlp2_fp4), mxfp4.e8m0_to_scales(w.mlp2_scales), w.mlp2_bias)
+    packed = jax.block_until_ready(packed)
+    bytes_per_expert = (2 * i * d + d * i) // 32 * 17
+    swiglu = (float(config.swiglu_limit), float(config.swiglu_alpha))
+
+    def log(row):
+        report["results"].append(row)
+        print(json.dumps(row), flush=True)
+        save()
+
+    for pairs in args.pairs:
+        n = pairs // k
+        key, kh, ke = jax.random.split(key, 3)
+        h = jax.random.normal(kh, (n, d), jnp.float32).astype(jnp.bfloat16)
+        experts = jax.lax.top_k(jax.random.normal(ke, (n, num_experts)), k)[1]  # k distinct experts per token
+        flops = 2 * n * k * (2 * i * d + d * i)
+        touched = int(jnp.unique(experts).size)
+        reps = 32 if pairs <= 2048 else 4
+
+        def rates(t, flop_count=flops, byte_count=touched * bytes_per_expert):
+            return dict(us=1e6 * t, tflop_per_s=flop_count / t / 1e12, gb_per_s=byte_count / t / 1e9)
+
+        ref = jax.jit(mlp.experts_grouped)(h, experts).astype(jnp.float32)
+        log({"section": "gemm", "pairs": pairs, "variant": "xla_experts_grouped",
+             **rates(call_time(lambda h, e: mlp.experts_grouped(h, e), h, experts, reps=reps))})
+        for tuning in gemm_variants(pairs, args.quick):
+            row = {"section": "gemm", "pairs": pairs, "variant": tuning}
+            try:
+                run = jax.jit(lambda h, e, t=tuning: moe_gemm.experts_grouped_kernel(
+                    h, e, *packed, limit=swiglu[0], alpha=swiglu[1], **t))
+                out = run(h, experts).astype(jnp.float32)
+                row["rel_err"] = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+                row["max_abs_err"] = float(jnp.max(jnp.abs(out - ref)))
+                row.update(rates(call_time(run, h, experts, reps=reps)))
+                # each projection alone, on the same schedule
+                one = dict(moe_gemm.default_tuning(pairs, num_experts), **tuning,
+                           interpret=jax.default_backend() == "cpu")
+                sched = moe_gemm.tile_schedule(experts.reshape(-1), num_experts, one["block_m"])
+                x = moe_gemm.parity_planes(h[sched.order // k])
+                t1 = call_time(lambda x, s: moe_gemm.grouped_gemm(x, s, *packed[:3], swiglu_params=swiglu, **one),
+                               x, sched, reps=reps)
+                a = moe_gemm.grouped_gemm(x, sched, *packed[:3], swiglu_params=swiglu, **one)
+                t2 = call_time(lambda a, s: moe_gemm.grouped_gemm(a, s, *packed[3:], **one), a, sched, reps=reps)
+                row.update(mlp1_us=1e6 * t1, mlp2_us=1e6 * t2,
+                           mlp1_tflop_per_s=2 * pairs * 2 * i * d / t1 / 1e12,
+                           mlp2_tflop_per_s=2 * pairs * d * i / t2 / 1e12)
+            except Exception as e:  # a tiling Triton refuses (shared memory, registers): record, go on
+                row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+            log(row)
+    print("\npairs variant                                                           rel_err      us  TFLOP/s   GB/s"
+          "  mlp1_us  mlp2_us")
+    for r in report["results"]:
+        print(f"{r['pairs']:6d} {str(r['variant'])[:64]:64s} {r.get('rel_err', float('nan')):8.1e} "
+              f"{r.get('us', float('nan')):8.1f} {r.get('tflop_per_s', float('nan')):7.1f} "
+              f"{r.get('gb_per_s', float('nan')):6.0f} {r.get('mlp1_us', float('nan')):8.1f} "
+              f"{r.get('mlp2_us', float('nan')):8.1f} {r.get('error', '')[:80]}")
 
 
 if __name__ == "__main__":

@@ -200,7 +200,9 @@ class ExpertWeights(NamedTuple):
     mlp2_bias: jax.Array  # [experts, embed]
 
 
-KERNEL_MAX_PAIRS = 512  # kernels="pallas": the grouped GEMV handles up to this many (token, expert) pairs
+# kernels="pallas": fewer (token, expert) pairs than this run the grouped GEMV (each pair
+# reads its expert's weights), this many or more the grouped GEMM (one read per tile of pairs).
+KERNEL_GEMM_MIN_PAIRS = 64
 
 
 class MoE(nnx.Module):
@@ -270,8 +272,10 @@ class MoE(nnx.Module):
         n, k = experts.shape
         num_experts = w.mlp1_fp4.shape[0]
         known = (experts >= 0) & (experts < num_experts)
-        if self.kernels == "pallas" and n * k <= KERNEL_MAX_PAIRS:
+        if self.kernels == "pallas" and n * k < KERNEL_GEMM_MIN_PAIRS:
             y = self.experts_kernel(h, jnp.where(known, experts, 0), w)
+        elif self.kernels == "pallas":
+            y = self.experts_grouped_kernel(h, experts, w)
         elif n * k < self.config.num_experts:  # by the whole model's experts: every mesh takes the same path
             y = self.experts_gathered(h, jnp.where(known, experts, 0), w)
         else:
@@ -297,6 +301,19 @@ class MoE(nnx.Module):
         w = self.expert_weights() if w is None else w
         c = self.config
         return moe_kernels.experts_decode(
+            h, experts, moe_kernels.packed_bytes(w.mlp1_fp4), w.mlp1_scales, w.mlp1_bias,
+            moe_kernels.packed_bytes(w.mlp2_fp4), w.mlp2_scales, w.mlp2_bias,
+            limit=c.swiglu_limit, alpha=c.swiglu_alpha)
+
+    def experts_grouped_kernel(self, h, experts, w: ExpertWeights | None = None):
+        """The grouped MXFP4 GEMM kernel (gptoss_jax.kernels.moe_gemm): same contract as
+        experts_grouped."""
+        from gptoss_jax.kernels import moe as moe_kernels
+        from gptoss_jax.kernels import moe_gemm
+
+        w = self.expert_weights() if w is None else w
+        c = self.config
+        return moe_gemm.experts_grouped_kernel(
             h, experts, moe_kernels.packed_bytes(w.mlp1_fp4), w.mlp1_scales, w.mlp1_bias,
             moe_kernels.packed_bytes(w.mlp2_fp4), w.mlp2_scales, w.mlp2_bias,
             limit=c.swiglu_limit, alpha=c.swiglu_alpha)

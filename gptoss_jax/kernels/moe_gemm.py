@@ -1,0 +1,257 @@
+"""Grouped MXFP4 GEMM (Pallas, Triton) for the MoE experts when many (token, expert) pairs
+run at once: decode batches and prefill.
+
+`experts_grouped_kernel` has the contract of `MoE.experts_grouped`: tokens h [n, d],
+routed experts [n, k] -> [n, k, d], with the same roundings (spec 2.5): mlp1 accumulated
+in fp32, rounded, + bias, clamped SwiGLU; mlp2 accumulated in fp32, rounded, + bias.
+
+The pairs are sorted by expert in XLA and cut into tiles of at most `block_m` pairs of one
+expert (`tile_schedule`). A program computes one tile x `block_n` outputs: it streams the
+expert's packed FP4 bytes and E8M0 scales, builds the exact bf16 (or fp32) weights in
+registers (an FP4 value times a power of two is exact in bf16) and accumulates with
+tensor-core dots in fp32. Each expert's weights are read once per tile, not once per pair
+as in the grouped GEMV (kernels/moe.py).
+
+Nibble interleave: byte j of a 32-element block holds input feature 2j in its low nibble
+and 2j+1 in its high nibble. Instead of interleaving the decoded nibbles, the kernel takes
+its input split into parity planes, x [2, pairs, d/2] (even features, odd features), and
+contracts low nibbles with plane 0 and high nibbles with plane 1: two dots per step.
+mlp1 writes its activation in the same parity planes (program column blocks alternate
+between even and odd activation columns), so mlp2 reads it directly.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from gptoss_jax import mxfp4
+from gptoss_jax.kernels.moe import _round, block_scale, decode_nibbles, decode_nibbles_ptx, swiglu_pair
+
+F32 = jnp.float32
+HALF_BLOCK = mxfp4.BYTES_PER_BLOCK  # 16 bytes = 16 even + 16 odd features of a block
+
+
+class TileSchedule(NamedTuple):
+    """Pairs sorted by expert and cut into tiles that never straddle two experts."""
+
+    order: jax.Array  # [P] sorted position -> original pair index (unknown ids last)
+    known: jax.Array  # [P] bool, per original pair: expert id in [0, num_experts)
+    tile_expert: jax.Array  # [T] int32 expert of each tile
+    tile_start: jax.Array  # [T] int32 first sorted pair of each tile
+    tile_rows: jax.Array  # [T] int32 pairs in each tile, 0 for the padding tiles
+
+
+def max_tiles(num_pairs: int, num_experts: int, block_m: int) -> int:
+    """Static bound on the tile count: each expert wastes at most one partial tile."""
+    return max(1, min(num_pairs, -(-num_pairs // block_m) + num_experts))
+
+
+def tile_schedule(pair_expert, num_experts: int, block_m: int) -> TileSchedule:
+    """pair_expert [P] int -> the sort order and a tile list of static length
+    `max_tiles(P, num_experts, block_m)`. Ids outside [0, num_experts) (other devices'
+    experts) sort last and are in no tile."""
+    num_pairs = pair_expert.shape[0]
+    known = (pair_expert >= 0) & (pair_expert < num_experts)
+    key = jnp.where(known, pair_expert, num_experts).astype(jnp.int32)
+    order = jnp.argsort(key, stable=True).astype(jnp.int32)
+    sizes = jnp.zeros(num_experts + 1, jnp.int32).at[key].add(1)[:num_experts]
+    group_start = jnp.cumsum(sizes) - sizes
+    tiles = (sizes + block_m - 1) // block_m
+    tiles_end = jnp.cumsum(tiles)
+    t = jnp.arange(max_tiles(num_pairs, num_experts, block_m), dtype=jnp.int32)
+    expert = jnp.searchsorted(tiles_end, t, side="right").astype(jnp.int32)
+    real = expert < num_experts
+    expert = jnp.minimum(expert, num_experts - 1)
+    start = group_start[expert] + (t - (tiles_end[expert] - tiles[expert])) * block_m
+    rows = jnp.where(real, jnp.minimum(block_m, group_start[expert] + sizes[expert] - start), 0)
+    return TileSchedule(order, known, expert, jnp.where(real, start, 0), rows.astype(jnp.int32))
+
+
+# ---------------------------------------------------------------------------- the kernel
+def _dequantized(w_u8, s_u8, dtype, use_ptx: bool):
+    """Packed bytes [BN, bk, 16] + E8M0 scales [BN, bk] -> (low, high) nibble weights, each
+    [BN, bk * 16] in `dtype`, exact: (FP4 * 2^-14) * 2^(s - 127 + 14) in fp32, then cast."""
+    rows, blocks, _ = w_u8.shape
+    low, high = decode_nibbles_ptx(w_u8) if use_ptx else decode_nibbles(w_u8.astype(jnp.int32))
+    scale = block_scale(s_u8)[:, :, None]
+    return tuple((v * scale).astype(dtype).reshape(rows, blocks * HALF_BLOCK) for v in (low, high))
+
+
+def _gemm_kernel(expert_ref, start_ref, rows_ref, x_ref, w_ref, s_ref, bias_ref, out_ref, *, block_m: int,
+                 block_n: int, blocks_per_step: int, num_blocks: int, col_blocks: int, use_ptx: bool,
+                 swap_ab: bool, swiglu_params):
+    """Program (n, t): tile t (<= block_m pairs of one expert) x block_n output columns.
+
+    x_ref [2, P, K/2] parity planes of the input; w_ref [E, R, G, K/32, 16] packed bytes,
+    s_ref [E, R, G, K/32] scales, bias_ref [E, R, G]; out_ref [planes, P, R].
+    Without swiglu_params: G = 1, one plane, out = round(x @ W^T) + bias.
+    With swiglu_params: mlp1 rows viewed as [I/2, 4]: for activation column c = 2m + p the
+    gate row is (m, 2p) and the up row (m, 2p + 1); plane p of the output holds the
+    activation columns of parity p (the next kernel's input planes).
+    swap_ab: accumulate out^T = W x^T, so the dequantized weights (in registers) are the
+    left operand and the tile's pairs the N side of the MMA: tensor-core shapes need
+    M >= 64 but allow a small N, which suits tiles of few pairs."""
+    from jax.experimental.pallas import triton as plgpu
+
+    n, tile = pl.program_id(0), pl.program_id(1)
+    tile_rows = rows_ref[tile]
+
+    @pl.when(tile_rows > 0)
+    def _():
+        expert, row0 = expert_ref[tile], start_ref[tile]
+        plane, col0 = n // col_blocks, (n % col_blocks) * block_n
+        groups = (jnp.int32(0),) if swiglu_params is None else (2 * plane, 2 * plane + 1)
+        num_rows = w_ref.shape[1]
+        row_ok = jnp.arange(block_m) < tile_rows
+        col_ok = col0 + jnp.arange(block_n) < num_rows
+        rows, cols = pl.ds(row0, block_m), pl.ds(col0, block_n)
+        width = blocks_per_step * HALF_BLOCK
+        dtype = x_ref.dtype
+        precision = jax.lax.Precision.HIGHEST if dtype == F32 else None
+
+        def step(i, accs):
+            block0 = i * blocks_per_step
+            block_ok = block0 + jnp.arange(blocks_per_step) < num_blocks
+            feature_ok = jnp.broadcast_to(block_ok[:, None], (blocks_per_step, HALF_BLOCK)).reshape(width)
+            x_mask = row_ok[:, None] & feature_ok[None, :]
+            features = pl.ds(block0 * HALF_BLOCK, width)
+            x_even = plgpu.load(x_ref.at[jnp.int32(0), rows, features], mask=x_mask, other=0)
+            x_odd = plgpu.load(x_ref.at[jnp.int32(1), rows, features], mask=x_mask, other=0)
+            blocks = pl.ds(block0, blocks_per_step)
+            s_mask = col_ok[:, None] & block_ok[None, :]
+            new = []
+            for acc, group in zip(accs, groups):
+                w = plgpu.load(w_ref.at[expert, cols, group, blocks, :],
+                               mask=jnp.broadcast_to(s_mask[:, :, None], (block_n, blocks_per_step, HALF_BLOCK)),
+                               other=0)
+                s = plgpu.load(s_ref.at[expert, cols, group, blocks], mask=s_mask, other=0)
+                w_low, w_high = _dequantized(w, s, dtype, use_ptx)
+                if swap_ab:
+                    acc = acc + plgpu.dot(w_low, x_even, trans_b=True, precision=precision)
+                    new.append(acc + plgpu.dot(w_high, x_odd, trans_b=True, precision=precision))
+                else:
+                    acc = acc + plgpu.dot(x_even, w_low, trans_b=True, precision=precision)
+                    new.append(acc + plgpu.dot(x_odd, w_high, trans_b=True, precision=precision))
+            return tuple(new)
+
+        steps = -(-num_blocks // blocks_per_step)
+        acc_shape = (block_n, block_m) if swap_ab else (block_m, block_n)
+        accs = jax.lax.fori_loop(0, steps, step, tuple(jnp.zeros(acc_shape, F32) for _ in groups))
+        if swap_ab:
+            accs = tuple(acc.T for acc in accs)
+        out_dtype = out_ref.dtype
+        outs = []
+        for acc, group in zip(accs, groups):
+            bias = plgpu.load(bias_ref.at[expert, cols, group], mask=col_ok, other=0).astype(F32)
+            outs.append(_round(_round(acc, out_dtype) + bias[None, :], out_dtype))
+        if swiglu_params is None:
+            out = outs[0].astype(out_dtype)
+        else:
+            out = swiglu_pair(outs[0], outs[1], *swiglu_params, out_dtype)
+        plgpu.store(out_ref.at[plane, rows, cols], out, mask=row_ok[:, None] & col_ok[None, :])
+
+
+@functools.partial(jax.jit, static_argnames=("swiglu_params", "block_m", "block_n", "blocks_per_step",
+                                             "num_warps", "num_stages", "use_ptx", "swap_ab", "interpret"))
+def grouped_gemm(x_planes, schedule: TileSchedule, w_bytes, w_scales, bias, *, swiglu_params=None, block_m=64,
+                 block_n=64, blocks_per_step=2, num_warps=4, num_stages=3, use_ptx=True, swap_ab=False,
+                 interpret=False):
+    """One projection over expert-sorted pairs.
+
+    x_planes [2, P, K/2]: the pairs' inputs (sorted as `schedule.order`), even features in
+    plane 0, odd in plane 1. w_bytes uint8 [E, O, K/32, 16], w_scales uint8 or E8M0
+    [E, O, K/32], bias [E, O]. Returns [1, P, O] = round(x @ W^T) + bias, or with
+    swiglu_params=(limit, alpha) [2, P, O/4]: SwiGLU of the interleaved gate/up outputs,
+    as parity planes (plane p holds activation columns 2m + p). Rows of pairs in no tile
+    are left unwritten."""
+    from jax.experimental.pallas import triton as plgpu
+
+    _, num_pairs, half_k = x_planes.shape
+    num_experts, out_rows, num_blocks, _ = w_bytes.shape
+    if 2 * half_k != num_blocks * mxfp4.BLOCK:
+        raise ValueError(f"grouped_gemm: the input has {2 * half_k} features but the weights hold "
+                         f"{num_blocks} blocks of 32; pass the matching projection")
+    groups = 1 if swiglu_params is None else 4
+    if out_rows % groups:
+        raise ValueError(f"grouped_gemm: mlp1 with SwiGLU needs a multiple of 4 rows (even intermediate size), "
+                         f"got {out_rows}")
+    rows, planes = out_rows // groups, 1 if swiglu_params is None else 2
+    for name, value in (("block_m", block_m), ("block_n", block_n), ("blocks_per_step", blocks_per_step)):
+        if value < 1 or value & (value - 1) or (name != "blocks_per_step" and value < 16):
+            raise ValueError(f"grouped_gemm: {name}={value} must be a power of 2 (>= 16 for block_m/block_n)")
+    col_blocks = -(-rows // block_n)
+    kernel = functools.partial(_gemm_kernel, block_m=block_m, block_n=block_n, blocks_per_step=blocks_per_step,
+                               num_blocks=num_blocks, col_blocks=col_blocks, use_ptx=use_ptx and not interpret,
+                               swap_ab=swap_ab, swiglu_params=swiglu_params)
+    anywhere = pl.BlockSpec(memory_space=pl.ANY)
+    num_tiles = schedule.tile_rows.shape[0]
+    name = "mxfp4_grouped_gemm" if swiglu_params is None else "mxfp4_grouped_gemm_swiglu"
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((planes, num_pairs, rows), x_planes.dtype),
+        # Output columns vary fastest: the programs running together share one tile's
+        # inputs and sweep its expert's weights, which then stay in L2 for the next tile.
+        grid=(planes * col_blocks, num_tiles),
+        in_specs=[anywhere] * 7,
+        out_specs=anywhere,
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name=name,
+    )(schedule.tile_expert, schedule.tile_start, schedule.tile_rows, x_planes,
+      w_bytes.reshape(num_experts, rows, groups, num_blocks, HALF_BLOCK),
+      jax.lax.bitcast_convert_type(w_scales, jnp.uint8).reshape(num_experts, rows, groups, num_blocks),
+      bias.reshape(num_experts, rows, groups))
+
+
+def parity_planes(x):
+    """[P, K] -> [2, P, K/2]: even features, odd features."""
+    return jnp.moveaxis(x.reshape(x.shape[0], x.shape[1] // 2, 2), 2, 0)
+
+
+# ------------------------------------------------------------------------- the MoE experts
+# Default tilings (to be tuned on the GPU with benchmarks/kernel_check.py --gemm): few pairs
+# per expert (decode batches) and many (prefill). block_m follows the mean pairs per expert.
+DECODE_TUNING = dict(block_n=64, blocks_per_step=2, num_warps=4, num_stages=3, swap_ab=True)
+PREFILL_TUNING = dict(block_n=64, blocks_per_step=2, num_warps=8, num_stages=3, swap_ab=False)
+PREFILL_MIN_PAIRS_PER_EXPERT = 64
+
+
+def default_tuning(num_pairs: int, num_experts: int) -> dict:
+    per_expert = num_pairs / num_experts
+    block_m = min(128, max(16, 1 << max(0, math.ceil(math.log2(max(per_expert, 1))))))
+    base = PREFILL_TUNING if per_expert >= PREFILL_MIN_PAIRS_PER_EXPERT else DECODE_TUNING
+    return dict(base, block_m=block_m)
+
+
+def experts_grouped_kernel(h, experts, mlp1_bytes, mlp1_scales, mlp1_bias, mlp2_bytes, mlp2_scales, mlp2_bias,
+                           *, limit: float, alpha: float, interpret: bool | None = None,
+                           mlp1_tuning: dict | None = None, mlp2_tuning: dict | None = None, **tuning):
+    """Same as MoE.experts_grouped: h [n, d] (compute dtype), experts [n, k] -> [n, k, d].
+    Expert weights as packed views (kernels.moe.packed_bytes, uint8 or E8M0 scales).
+    Pairs whose id is outside [0, E) give zeros. `tuning` (block_m, block_n,
+    blocks_per_step, num_warps, num_stages, use_ptx, swap_ab; unset ones from `default_tuning`)
+    applies to both kernels, `mlp1_tuning`/`mlp2_tuning` override it per projection
+    (except block_m: one tile schedule). On the CPU the kernels run in Pallas interpret mode."""
+    if interpret is None:
+        interpret = jax.default_backend() == "cpu"
+    n, k = experts.shape
+    d = h.shape[1]
+    if n * k == 0:
+        return jnp.zeros((n, k, d), h.dtype)
+    num_experts = mlp1_bytes.shape[0]
+    tuning = {**default_tuning(n * k, num_experts), **tuning}
+    schedule = tile_schedule(experts.reshape(-1), num_experts, tuning["block_m"])
+    x = parity_planes(h[schedule.order // k])
+    common = dict(interpret=interpret, **tuning)
+    a = grouped_gemm(x, schedule, mlp1_bytes, mlp1_scales, mlp1_bias, swiglu_params=(float(limit), float(alpha)),
+                     **{**common, **(mlp1_tuning or {})})
+    y = grouped_gemm(a, schedule, mlp2_bytes, mlp2_scales, mlp2_bias, **{**common, **(mlp2_tuning or {})})[0]
+    sorted_position = jnp.zeros_like(schedule.order).at[schedule.order].set(jnp.arange(n * k, dtype=jnp.int32))
+    y = jnp.where(schedule.known[:, None], y[sorted_position], jnp.zeros((), y.dtype))
+    return y.reshape(n, k, d)
