@@ -47,7 +47,7 @@ from flax import nnx  # noqa: E402
 from gptoss_jax import mxfp4  # noqa: E402
 from gptoss_jax.config import GptOssConfig  # noqa: E402
 from gptoss_jax.generate import _decode_chunk  # noqa: E402
-from gptoss_jax.kernels import set_kernels  # noqa: E402
+from gptoss_jax.kernels import FASTEST, KERNELS, kernels_in_use, set_kernels  # noqa: E402
 from gptoss_jax.loader import random_model  # noqa: E402
 from gptoss_jax.model import NO_POSITION, LayerCache  # noqa: E402
 
@@ -106,11 +106,31 @@ def timed(fn, *args, repeats=3):
 
 
 # ----------------------------------------------------------------------- model and caches
-def build_model(name: str, kernels: str, seed: int = 0, attention: str = "xla"):
+def kernel_choice(spec: str, attention: str | None = None) -> dict:
+    """--kernels: "xla" / "pallas" (every kernel), "fastest" (set_kernels' defaults), or
+    "moe=pallas,projection=xla,..." (unnamed kernels: xla); --attention overrides both
+    attention kernels."""
+    if spec in ("xla", "pallas"):
+        chosen = dict.fromkeys(KERNELS, spec)
+    elif spec == "fastest":
+        chosen = dict(FASTEST)
+    else:
+        chosen = dict.fromkeys(KERNELS, "xla")
+        for item in spec.split(","):
+            name, _, impl = item.partition("=")
+            if name not in KERNELS:
+                raise SystemExit(f"--kernels: unknown kernel '{name}' in '{spec}'; kernels: {', '.join(KERNELS)}")
+            chosen[name] = impl
+    if attention is not None:
+        chosen.update(decode_attention=attention, prefill_attention=attention)
+    return chosen
+
+
+def build_model(name: str, kernels: dict, seed: int = 0):
     config = GptOssConfig.preset(name)
     start = time.perf_counter()
     model = sync(random_model(config, dtype=jnp.bfloat16, seed=seed))
-    set_kernels(model, moe=kernels, attention=attention)
+    set_kernels(model, **kernels)
     return model, time.perf_counter() - start
 
 
@@ -307,8 +327,8 @@ def measure_ttft(args) -> dict:
     out = {}
     with tempfile.TemporaryDirectory() as cache_dir:
         for label in ("cold", "cached"):
-            cmd = [sys.executable, __file__, "--ttft-child", "--model", args.model, "--kernels", args.kernels,
-                   "--attention", args.attention]
+            cmd = [sys.executable, __file__, "--ttft-child", "--model", args.model, "--kernels",
+                   args.kernels.split(";")[0]] + ([] if args.attention is None else ["--attention", args.attention])
             env = dict(os.environ, GPTOSS_JAX_CACHE_DIR=cache_dir)
             start = time.perf_counter()
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -325,7 +345,7 @@ def ttft_child(args) -> None:
 
     process_start = time.perf_counter()
     enable_compilation_cache(Path(os.environ.get("GPTOSS_JAX_CACHE_DIR", COMPILATION_CACHE_DIR)))
-    model, build_s = build_model(args.model, args.kernels, attention=args.attention)
+    model, build_s = build_model(args.model, kernel_choice(args.kernels.split(";")[0], args.attention))
     prompt = [int(t) for t in np.random.default_rng(0).integers(0, 200000, 16)]
     start = time.perf_counter()
     generate(model, [prompt], max_new_tokens=1, temperature=0.0, stop_tokens=[])
@@ -342,8 +362,11 @@ def parse_ints(text: str) -> list[int]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="gpt-oss-20b", choices=["gpt-oss-20b", "gpt-oss-120b", "tiny"])
-    parser.add_argument("--kernels", default="xla", choices=["xla", "pallas"], help="MoE experts implementation")
-    parser.add_argument("--attention", default="xla", choices=["xla", "pallas"], help="decode attention implementation")
+    parser.add_argument("--kernels", default="xla",
+                        help='"xla", "pallas" (every kernel), "fastest" (set_kernels defaults) or '
+                             '"moe=pallas,projection=pallas,decode_attention=xla,prefill_attention=pallas" '
+                             '(unnamed: xla); several configurations separated by ";" are measured in turn')
+    parser.add_argument("--attention", choices=["xla", "pallas"], help="overrides both attention kernels")
     parser.add_argument("--measure", default="copy,decode,batch,prefill,profile,memory")
     parser.add_argument("--contexts", default="0,4096,32768")
     parser.add_argument("--batches", default="8,64")
@@ -387,27 +410,36 @@ def main(argv=None) -> int:
 
     if "copy" in measures:
         record("copy", measure_copy)
-    if measures - {"copy"}:
-        model, build_s = build_model(args.model, args.kernels, attention=args.attention)
-        results["model_build_s"] = build_s
-    if "decode" in measures:
-        for context in parse_ints(args.contexts):
-            record(f"decode_b1_ctx{context}", lambda: dict(measure_decode(model, 1, context, args.steps),
-                                                          bytes_per_token=bytes_per_token(config, context)))
-    if "batch" in measures:
-        for batch in parse_ints(args.batches):
-            record(f"decode_b{batch}_ctx{args.batch_context}",
-                   lambda: measure_decode(model, batch, args.batch_context, args.steps))
-    if "trace" in measures:
-        record(f"trace_ctx{args.profile_context}", lambda: measure_trace(model, args.profile_context, 8))
-    if "profile" in measures:
-        record(f"profile_ctx{args.profile_context}", lambda: measure_profile(model, args.profile_context))
-    if "prefill" in measures:
-        for length in parse_ints(args.prompts):
-            record(f"prefill_{length}", lambda: measure_prefill(model, length, args.prefill_chunk))
-    if "prefill_trace" in measures:  # where one prompt's prefill time goes, by kernel
-        for length in parse_ints(args.prompts):
-            record(f"prefill_trace_{length}", lambda: traced(partial(measure_prefill, model, length, args.prefill_chunk), 1))
+    configs = [kernel_choice(spec, args.attention) for spec in args.kernels.split(";")]
+    model = None
+    for kernels in configs:
+        if not measures - {"copy", "memory"}:
+            break
+        if model is None:
+            model, build_s = build_model(args.model, kernels)
+            results["model_build_s"] = build_s
+        set_kernels(model, **kernels)
+        # One configuration: plain names; several: each name gets the configuration.
+        tag = "" if len(configs) == 1 else "[" + ",".join(f"{k}={v}" for k, v in kernels_in_use(model).items()) + "]"
+        if "decode" in measures:
+            for context in parse_ints(args.contexts):
+                record(f"decode_b1_ctx{context}{tag}", lambda: dict(measure_decode(model, 1, context, args.steps),
+                                                                   bytes_per_token=bytes_per_token(config, context)))
+        if "batch" in measures:
+            for batch in parse_ints(args.batches):
+                record(f"decode_b{batch}_ctx{args.batch_context}{tag}",
+                       lambda: measure_decode(model, batch, args.batch_context, args.steps))
+        if "trace" in measures:
+            record(f"trace_ctx{args.profile_context}{tag}", lambda: measure_trace(model, args.profile_context, 8))
+        if "profile" in measures:
+            record(f"profile_ctx{args.profile_context}{tag}", lambda: measure_profile(model, args.profile_context))
+        if "prefill" in measures:
+            for length in parse_ints(args.prompts):
+                record(f"prefill_{length}{tag}", lambda: measure_prefill(model, length, args.prefill_chunk))
+        if "prefill_trace" in measures:  # where one prompt's prefill time goes, by kernel
+            for length in parse_ints(args.prompts):
+                record(f"prefill_trace_{length}{tag}",
+                       lambda: traced(partial(measure_prefill, model, length, args.prefill_chunk), 1))
     if "memory" in measures:
         stats = device.memory_stats() or {}
         record("memory", lambda: {"peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30,

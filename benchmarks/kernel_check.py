@@ -442,27 +442,28 @@ def gemm_section(args, report, save):
         def rates(t, flop_count=flops, byte_count=touched * bytes_per_expert):
             return dict(us=1e6 * t, tflop_per_s=flop_count / t / 1e12, gb_per_s=byte_count / t / 1e9)
 
-        ref = jax.jit(mlp.experts_grouped)(h, experts).astype(jnp.float32)
+        # The weights travel as arguments: closed over, they would be compiled in as constants.
+        ref = jax.jit(lambda h, e, w: mlp.experts_grouped(h, e, w))(h, experts, w).astype(jnp.float32)
         log({"section": "gemm", "pairs": pairs, "variant": "xla_experts_grouped",
-             **rates(call_time(lambda h, e: mlp.experts_grouped(h, e), h, experts, reps=reps))})
+             **rates(call_time(lambda h, e, w: mlp.experts_grouped(h, e, w), h, experts, w, reps=reps))})
         for tuning in gemm_variants(pairs, args.quick):
             row = {"section": "gemm", "pairs": pairs, "variant": tuning}
             try:
-                run = jax.jit(lambda h, e, t=tuning: moe_gemm.experts_grouped_kernel(
-                    h, e, *packed, limit=swiglu[0], alpha=swiglu[1], **t))
-                out = run(h, experts).astype(jnp.float32)
+                run = jax.jit(lambda h, e, p, t=tuning: moe_gemm.experts_grouped_kernel(
+                    h, e, *p, limit=swiglu[0], alpha=swiglu[1], **t))
+                out = run(h, experts, packed).astype(jnp.float32)
                 row["rel_err"] = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
                 row["max_abs_err"] = float(jnp.max(jnp.abs(out - ref)))
-                row.update(rates(call_time(run, h, experts, reps=reps)))
+                row.update(rates(call_time(run, h, experts, packed, reps=reps)))
                 # each projection alone, on the same schedule
                 one = dict(moe_gemm.default_tuning(pairs, num_experts), **tuning,
                            interpret=jax.default_backend() == "cpu")
                 sched = moe_gemm.tile_schedule(experts.reshape(-1), num_experts, one["block_m"])
                 x = moe_gemm.parity_planes(h[sched.order // k])
-                t1 = call_time(lambda x, s: moe_gemm.grouped_gemm(x, s, *packed[:3], swiglu_params=swiglu, **one),
-                               x, sched, reps=reps)
+                t1 = call_time(lambda x, s, p: moe_gemm.grouped_gemm(x, s, *p, swiglu_params=swiglu, **one),
+                               x, sched, packed[:3], reps=reps)
                 a = moe_gemm.grouped_gemm(x, sched, *packed[:3], swiglu_params=swiglu, **one)
-                t2 = call_time(lambda a, s: moe_gemm.grouped_gemm(a, s, *packed[3:], **one), a, sched, reps=reps)
+                t2 = call_time(lambda a, s, p: moe_gemm.grouped_gemm(a, s, *p, **one), a, sched, packed[3:], reps=reps)
                 row.update(mlp1_us=1e6 * t1, mlp2_us=1e6 * t2,
                            mlp1_tflop_per_s=2 * pairs * 2 * i * d / t1 / 1e12,
                            mlp2_tflop_per_s=2 * pairs * d * i / t2 / 1e12)

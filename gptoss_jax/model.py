@@ -92,7 +92,10 @@ def apply_rope(x, cos, sin):
 
 
 class Attention(nnx.Module):
-    kernels = "xla"  # "pallas": the decode and prefill attention kernels (gptoss_jax.kernels.set_kernels)
+    # "xla" or "pallas" for each kernel (gptoss_jax.kernels.set_kernels)
+    decode_attention_kernel = "xla"
+    prefill_attention_kernel = "xla"
+    projection_kernel = "xla"
 
     def __init__(self, config: GptOssConfig, layer: int, dtype):
         c = config
@@ -119,14 +122,21 @@ class Attention(nnx.Module):
         """x [b, t, embed]; positions [b, t] (NO_POSITION for padding). With a cache, the new
         keys are attended together with the cached ones, then written into the cache."""
         c, dt = self.config, self.dtype
-        h = self.norm(x)
-        q = self.project(h, self.wq, self.bq)
-        k = self.project(h, self.wk, self.bk)
-        v = self.project(h, self.wv, self.bv)
+        if self.projection_kernel == "pallas" and x.shape[:2] == (1, 1):  # kernels hook: one token
+            from gptoss_jax.kernels.projection import norm_qkv
+
+            q, k, v = (a[None, None] for a in norm_qkv(x[0, 0], self.norm.scale[...], self.wq[...], self.bq[...],
+                                                       self.wk[...], self.bk[...], self.wv[...], self.bv[...],
+                                                       eps=self.norm.eps, interpret=jax.default_backend() == "cpu"))
+        else:
+            h = self.norm(x)
+            q = self.project(h, self.wq, self.bq)
+            k = self.project(h, self.wk, self.bk)
+            v = self.project(h, self.wv, self.bv)
         cos, sin = rope_tables(c, positions, dt)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-        if cache is not None and self.kernels == "pallas" and x.shape[1] == 1:  # kernels hook
+        if cache is not None and self.decode_attention_kernel == "pallas" and x.shape[1] == 1:  # kernels hook
             from gptoss_jax.kernels.attention import decode_attention
 
             out = decode_attention(q, k, v, positions, cache.k, cache.v, cache.positions, self.sinks[...],
@@ -138,7 +148,7 @@ class Attention(nnx.Module):
                 keys = jnp.concatenate([cache.k, k], axis=1)
                 values = jnp.concatenate([cache.v, v], axis=1)
                 key_positions = jnp.concatenate([cache.positions, positions], axis=1)
-            if self.kernels == "pallas" and x.shape[1] > 1:  # kernels hook: prompt / multi-token steps
+            if self.prefill_attention_kernel == "pallas" and x.shape[1] > 1:  # kernels hook: prompt / multi-token steps
                 from gptoss_jax.kernels.flash import prefill_attention
 
                 out = prefill_attention(q, keys, values, positions, key_positions, self.sinks[...],
@@ -200,13 +210,16 @@ class ExpertWeights(NamedTuple):
     mlp2_bias: jax.Array  # [experts, embed]
 
 
-# kernels="pallas": fewer (token, expert) pairs than this run the grouped GEMV (each pair
-# reads its expert's weights), this many or more the grouped GEMM (one read per tile of pairs).
+# With the kernels on: fewer (token, expert) pairs than KERNEL_GEMM_MIN_PAIRS run the grouped
+# GEMV (each pair reads its expert's weights), more the grouped GEMM (one read per tile of
+# pairs); with only the GEMV on, it takes up to KERNEL_GEMV_MAX_PAIRS pairs.
 KERNEL_GEMM_MIN_PAIRS = 64
+KERNEL_GEMV_MAX_PAIRS = 512
 
 
 class MoE(nnx.Module):
-    kernels = "xla"  # "pallas": fused MXFP4 kernels (gptoss_jax.kernels.set_kernels)
+    kernels = "xla"  # "pallas": the fused MXFP4 grouped GEMV (gptoss_jax.kernels.set_kernels)
+    gemm_kernel = "xla"  # "pallas": the MXFP4 grouped GEMM for many pairs
 
     def __init__(self, config: GptOssConfig, dtype, mesh=None):
         c = config
@@ -272,9 +285,10 @@ class MoE(nnx.Module):
         n, k = experts.shape
         num_experts = w.mlp1_fp4.shape[0]
         known = (experts >= 0) & (experts < num_experts)
-        if self.kernels == "pallas" and n * k < KERNEL_GEMM_MIN_PAIRS:
+        gemm = self.gemm_kernel == "pallas" and n * k >= KERNEL_GEMM_MIN_PAIRS
+        if self.kernels == "pallas" and not gemm and n * k <= KERNEL_GEMV_MAX_PAIRS:
             y = self.experts_kernel(h, jnp.where(known, experts, 0), w)
-        elif self.kernels == "pallas":
+        elif gemm:
             y = self.experts_grouped_kernel(h, experts, w)
         elif n * k < self.config.num_experts:  # by the whole model's experts: every mesh takes the same path
             y = self.experts_gathered(h, jnp.where(known, experts, 0), w)

@@ -122,12 +122,12 @@ def test_end_to_end_decode_logits_with_kernels(tiny_model):
     steps = [[11], [200000], [5]]
     reference, kernel = [], []
     for impl, out in (("xla", reference), ("pallas", kernel)):
-        set_kernels(tiny_model, moe=impl, attention=impl)
+        set_kernels(tiny_model, moe=impl, attention=impl, moe_gemm=impl, projection=impl)
         c = caches
         for i, t in enumerate(steps):
             logits, c = tiny_model.extend(jnp.asarray([t]), jnp.asarray([[tokens.shape[1] + i]]), c)
             out.append(np.asarray(logits, np.float32))
-    set_kernels(tiny_model, moe="xla", attention="xla")
+    set_kernels(tiny_model, moe="xla", attention="xla", moe_gemm="xla", projection="xla")
     for r, k in zip(reference, kernel):
         np.testing.assert_allclose(k, r, atol=0.05 * np.abs(r).max(), rtol=0)
         assert np.argmax(k) == np.argmax(r)
@@ -138,3 +138,18 @@ def test_set_kernels_rejects_unknown_implementation(tiny_model):
         set_kernels(tiny_model, "cuda")
     with pytest.raises(ValueError, match="attention must be one of"):
         set_kernels(tiny_model, attention="flash")
+    with pytest.raises(ValueError, match="projection must be one of"):
+        set_kernels(tiny_model, projection="triton")
+
+
+def test_set_kernels_defaults_and_partial_choices(tiny_model):
+    from gptoss_jax.kernels import FASTEST, kernels_in_use
+
+    try:
+        assert kernels_in_use(set_kernels(tiny_model)) == FASTEST
+        set_kernels(tiny_model, projection="xla")  # only the named kernel changes
+        assert kernels_in_use(tiny_model) == {**FASTEST, "projection": "xla"}
+        set_kernels(tiny_model, "xla", "xla", moe_gemm="xla", projection="xla")
+        assert set(kernels_in_use(tiny_model).values()) == {"xla"}
+    finally:
+        set_kernels(tiny_model, "xla", "xla", moe_gemm="xla", projection="xla")

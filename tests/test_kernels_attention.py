@@ -118,10 +118,10 @@ def test_attention_layer_kernel_equals_xla(layer):
     results = {}
     try:
         for impl in ("xla", "pallas"):
-            attn.kernels = impl
+            attn.decode_attention_kernel = impl
             results[impl] = attn(x, positions, cache)
     finally:
-        attn.kernels = "xla"
+        attn.decode_attention_kernel = "xla"
     (want, want_cache), (got, got_cache) = results["xla"], results["pallas"]
     assert_close(got, want, dict(atol=3e-2, rtol=3e-2))
     for a, b in zip(got_cache, want_cache):

@@ -163,14 +163,16 @@ def test_expert_mix_dispatches_gemm_from_threshold(tiny_model, monkeypatch):
 
     for name in ("experts_kernel", "experts_grouped_kernel"):
         monkeypatch.setattr(type(mlp), name, recorder(name))
-    set_kernels(tiny_model, moe="pallas")
+    set_kernels(tiny_model, moe="pallas", moe_gemm="pallas")
     try:
         k = tiny_model.config.experts_per_token
         for tokens in (model_lib.KERNEL_GEMM_MIN_PAIRS // k - 1, model_lib.KERNEL_GEMM_MIN_PAIRS // k, 2048):
             mlp(jnp.ones((1, tokens, tiny_model.config.hidden_size), jnp.bfloat16))
+        set_kernels(tiny_model, moe_gemm="xla")  # the GEMV alone takes up to KERNEL_GEMV_MAX_PAIRS pairs
+        mlp(jnp.ones((1, model_lib.KERNEL_GEMM_MIN_PAIRS // k, tiny_model.config.hidden_size), jnp.bfloat16))
     finally:
-        set_kernels(tiny_model, moe="xla")
-    assert calls == ["experts_kernel", "experts_grouped_kernel", "experts_grouped_kernel"]
+        set_kernels(tiny_model, moe="xla", moe_gemm="xla")
+    assert calls == ["experts_kernel", "experts_grouped_kernel", "experts_grouped_kernel", "experts_kernel"]
 
 
 def test_end_to_end_logits_prefill_and_decode_batch_with_gemm(tiny_model):
@@ -186,10 +188,10 @@ def test_end_to_end_logits_prefill_and_decode_batch_with_gemm(tiny_model):
     next_tokens = jnp.asarray(rng.integers(0, c.vocab_size, (batch, 1)), jnp.int32)
     results = {}
     for impl in ("xla", "pallas"):
-        set_kernels(tiny_model, moe=impl)
+        set_kernels(tiny_model, moe=impl, moe_gemm=impl)
         decode, _ = tiny_model.extend(next_tokens, jnp.full((batch, 1), 8), caches)
         results[impl] = (np.asarray(tiny_model(prompt), np.float32), np.asarray(decode, np.float32))
-    set_kernels(tiny_model, moe="xla")
+    set_kernels(tiny_model, moe="xla", moe_gemm="xla")
     for want, got in zip(results["xla"], results["pallas"]):
         np.testing.assert_allclose(got, want, atol=0.05 * np.abs(want).max(), rtol=0)
         assert np.mean(np.argmax(got, -1) == np.argmax(want, -1)) > 0.9

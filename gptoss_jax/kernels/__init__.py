@@ -1,20 +1,49 @@
-"""Pallas kernels for gpt-oss (fused MXFP4 MoE, sink-aware decode attention). The XLA
-reference path in gptoss_jax.model stays the default and is the oracle for every kernel test."""
+"""Pallas kernels for gpt-oss: fused MXFP4 MoE (grouped GEMV for decode, grouped GEMM for
+batches and prompts), sink-aware decode and prefill attention, and the fused RMSNorm + q/k/v
+projection of one-token steps. The XLA reference path in gptoss_jax.model stays available
+and is the oracle for every kernel test. The kernels lower to Triton (GPUs); on the CPU they
+run in Pallas interpret mode (tests only: slow)."""
 
 from __future__ import annotations
 
 IMPLEMENTATIONS = ("xla", "pallas")
+KERNELS = ("moe", "moe_gemm", "decode_attention", "prefill_attention", "projection")
+# What set_kernels(model) selects: each kernel that measured faster than XLA on an H100
+# (docs/performance.md).
+FASTEST = {"moe": "pallas", "moe_gemm": "xla", "decode_attention": "pallas", "prefill_attention": "pallas",
+           "projection": "pallas"}
 
 
-def set_kernels(model, moe: str = "pallas", attention: str = "xla"):
-    """Selects, in place, the implementation of the model's MoE experts and of its decode
-    attention: "xla" (reference) or "pallas" (fused kernels). The attention kernel is
-    correct but slower than XLA on an H100 so far (docs/performance.md), hence its default
-    "xla". Returns the model."""
-    for name, impl in (("moe", moe), ("attention", attention)):
-        if impl not in IMPLEMENTATIONS:
-            raise ValueError(f"set_kernels: {name} must be one of {', '.join(IMPLEMENTATIONS)}, got '{impl}'")
+def set_kernels(model, moe: str | None = None, attention: str | None = None, *, moe_gemm: str | None = None,
+                decode_attention: str | None = None, prefill_attention: str | None = None,
+                projection: str | None = None):
+    """Selects, in place, "xla" (reference) or "pallas" for each kernel of the model: moe
+    (grouped GEMV, few pairs), moe_gemm (grouped GEMM, many pairs), decode_attention,
+    prefill_attention, projection (RMSNorm + q/k/v of one token).
+    `attention` sets both attention kernels; a kernel left unnamed gets FASTEST's choice
+    when no kernel is named at all, and is left as it is otherwise. Returns the model."""
+    chosen = {"moe": moe, "moe_gemm": moe_gemm, "decode_attention": decode_attention if decode_attention is not None else attention,
+              "prefill_attention": prefill_attention if prefill_attention is not None else attention,
+              "projection": projection}
+    if all(v is None for v in chosen.values()):
+        chosen = dict(FASTEST)
+    for name, impl in chosen.items():
+        if impl is not None and impl not in IMPLEMENTATIONS:
+            shown = "attention" if name.endswith("_attention") and attention == impl else name
+            raise ValueError(f"set_kernels: {shown} must be one of {', '.join(IMPLEMENTATIONS)}, got '{impl}'")
     for block in model.blocks:
-        block.mlp.kernels = moe
-        block.attn.kernels = attention
+        if chosen["moe"] is not None:
+            block.mlp.kernels = chosen["moe"]
+        if chosen["moe_gemm"] is not None:
+            block.mlp.gemm_kernel = chosen["moe_gemm"]
+        for name in ("decode_attention", "prefill_attention", "projection"):
+            if chosen[name] is not None:
+                setattr(block.attn, f"{name}_kernel", chosen[name])
     return model
+
+
+def kernels_in_use(model) -> dict:
+    """{kernel: "xla" | "pallas"} as set on the model's first block."""
+    block = model.blocks[0]
+    return {"moe": block.mlp.kernels, "moe_gemm": block.mlp.gemm_kernel, **{n: getattr(block.attn, f"{n}_kernel")
+                                         for n in ("decode_attention", "prefill_attention", "projection")}}
