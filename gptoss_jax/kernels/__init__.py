@@ -10,7 +10,7 @@ IMPLEMENTATIONS = ("xla", "pallas")
 KERNELS = ("moe", "moe_gemm", "decode_attention", "prefill_attention", "projection")
 # What set_kernels(model) selects: each kernel that measured faster than XLA on an H100
 # (docs/performance.md).
-FASTEST = {"moe": "pallas", "moe_gemm": "xla", "decode_attention": "pallas", "prefill_attention": "pallas",
+FASTEST = {"moe": "pallas", "moe_gemm": "pallas", "decode_attention": "pallas", "prefill_attention": "pallas",
            "projection": "pallas"}
 
 

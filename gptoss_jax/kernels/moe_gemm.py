@@ -215,10 +215,11 @@ def parity_planes(x):
 
 
 # ------------------------------------------------------------------------- the MoE experts
-# Default tilings (to be tuned on the GPU with benchmarks/kernel_check.py --gemm): few pairs
-# per expert (decode batches) and many (prefill). block_m follows the mean pairs per expert.
-DECODE_TUNING = dict(block_n=64, blocks_per_step=2, num_warps=4, num_stages=3, swap_ab=True)
-PREFILL_TUNING = dict(block_n=64, blocks_per_step=2, num_warps=8, num_stages=3, swap_ab=False)
+# Default tilings: the fastest of benchmarks/kernel_check.py --gemm on an H100 (20b shapes,
+# 2026-11-23; docs/performance.md): few pairs per expert (decode batches, timed at 256
+# pairs) and many (prefill, timed at 32768). block_m follows the mean pairs per expert.
+DECODE_TUNING = dict(block_n=32, blocks_per_step=4, num_warps=4, num_stages=4, swap_ab=False)
+PREFILL_TUNING = dict(block_n=64, blocks_per_step=2, num_warps=4, num_stages=3, swap_ab=True)
 PREFILL_MIN_PAIRS_PER_EXPERT = 64
 
 
