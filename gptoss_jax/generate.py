@@ -253,6 +253,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                              "default: the built-in 'tiny' model with random weights")
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     parser.add_argument("--no-compilation-cache", action="store_true")
+    parser.add_argument("--kernels", choices=["auto", "pallas", "xla"], default="auto",
+                        help="auto (default): the Pallas kernels (fused MXFP4 MoE, attention with sinks, "
+                             "fused projections) on a GPU, the XLA reference path elsewhere; on a mesh of "
+                             "several devices only the MoE kernels, which run per device. pallas: the "
+                             "kernels everywhere (on a CPU in Pallas interpret mode: slow). xla: none")
     mesh = parser.add_argument_group(
         "mesh (several devices)",
         "--mesh AxB spreads the model over A x B devices: A-way expert parallelism (each device holds "
@@ -323,7 +328,21 @@ def load_model(args) -> GptOss:
         model = load(path, dtype=args.dtype, mesh=mesh)
     if mesh is not None:
         _report_mesh(model, args.mesh)
+    choose_kernels(model, args.kernels, several_devices=mesh is not None and mesh.size > 1)
     return model
+
+
+def choose_kernels(model, kernels: str, several_devices: bool = False) -> dict:
+    """--kernels: returns {kernel: "xla" | "pallas"} as now set on the model."""
+    from gptoss_jax.kernels import FASTEST, kernels_in_use, set_kernels
+
+    if kernels == "auto":
+        kernels = "pallas" if jax.default_backend() == "gpu" else "xla"
+    chosen = dict(FASTEST) if kernels == "pallas" else {name: "xla" for name in FASTEST}
+    if several_devices:  # attention kernels are not partitioned over a mesh (yet): XLA there
+        chosen.update(decode_attention="xla", prefill_attention="xla", projection="xla")
+    set_kernels(model, **chosen)
+    return kernels_in_use(model)
 
 
 def cli(run_fn, parser: argparse.ArgumentParser, argv=None) -> int:

@@ -235,3 +235,19 @@ def test_decode_loop_compiles_once_per_shape(model):
     _decode_chunk.clear_cache()
     generate(model, [[3, 1, 4, 1, 5]], max_new_tokens=12, temperature=0, stop_tokens=[], chunk=3)
     assert _decode_chunk._cache_size() == 1  # later chunks reuse the first chunk's executable
+
+
+def test_kernel_choice_of_the_cli(model):
+    """--kernels auto is the XLA path on this CPU; pallas selects the kernels that measured
+    fastest; on a mesh of several devices the attention kernels stay XLA."""
+    from gptoss_jax.generate import choose_kernels
+    from gptoss_jax.kernels import FASTEST, kernels_in_use
+
+    try:
+        assert set(choose_kernels(model, "auto").values()) == {"xla"}
+        assert choose_kernels(model, "pallas") == FASTEST
+        on_mesh = choose_kernels(model, "pallas", several_devices=True)
+        assert on_mesh["moe"] == "pallas" and on_mesh["decode_attention"] == on_mesh["projection"] == "xla"
+    finally:
+        choose_kernels(model, "xla")
+    assert set(kernels_in_use(model).values()) == {"xla"}
