@@ -1,0 +1,38 @@
+"""bench.py with a kernel default changed, to compare one design choice end to end (GPU; not
+part of CI). Everything after `--` goes to bench.py.
+
+    python benchmarks/bench_variant.py --gemm-min-pairs 32 -- --kernels fastest --measure batch --batches 8,16
+    python benchmarks/bench_variant.py --gemv contiguous_x=true -- --kernels fastest --measure decode --contexts 0
+"""
+
+import argparse
+import functools
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench  # noqa: E402
+
+from gptoss_jax import model as model_lib  # noqa: E402
+from gptoss_jax.kernels import moe  # noqa: E402
+
+
+def main(argv):
+    split = argv.index("--") if "--" in argv else len(argv)
+    own, rest = argv[:split], argv[split + 1:]
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--gemm-min-pairs", type=int, help="model.KERNEL_GEMM_MIN_PAIRS")
+    parser.add_argument("--gemv", action="append", default=[], metavar="KEY=VALUE",
+                        help="a keyword default of kernels.moe.expert_gemv (value as JSON)")
+    args = parser.parse_args(own)
+    if args.gemm_min_pairs is not None:
+        model_lib.KERNEL_GEMM_MIN_PAIRS = args.gemm_min_pairs
+    if args.gemv:
+        options = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.gemv)}
+        moe.expert_gemv = functools.partial(moe.expert_gemv, **options)
+    return bench.main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
