@@ -91,8 +91,7 @@ def block_scale(scale_u8):
 
 # --------------------------------------------------------------------- grouped GEMV (Triton)
 def _gemv_kernel(expert_ref, x_ref, w_ref, s_ref, bias_ref, out_ref, *, rows: int, blocks_per_step: int,
-                 num_blocks: int, pairs_per_x: int, use_ptx: bool, swiglu_params, elementwise_acc: bool,
-                 contiguous_x: bool):
+                 num_blocks: int, pairs_per_x: int, use_ptx: bool, swiglu_params, elementwise_acc: bool):
     """One program: `rows` outputs of one (token, expert) pair, looping over the contraction
     in steps of `blocks_per_step` 32-element blocks. With `swiglu_params` the program reads
     the interleaved gate and up rows of its `rows` outputs and applies bias + clamped SwiGLU;
@@ -118,13 +117,8 @@ def _gemv_kernel(expert_ref, x_ref, w_ref, s_ref, bias_ref, out_ref, *, rows: in
         start = i * blocks_per_step
         in_range = start + jnp.arange(blocks_per_step) < num_blocks
         x_mask = jnp.broadcast_to(in_range[:, None, None], (blocks_per_step, 16, 1)).reshape(half, 1)
-        if contiguous_x:  # one contiguous (vectorised) load, even/odd features split in registers
-            x = plgpu.load(x_ref.at[x_row, pl.ds(start * 16, half), :], mask=jnp.broadcast_to(x_mask, (half, 2)),
-                           other=0)
-            xe, xo = jnp.split(x.astype(F32), 2, axis=1)
-        else:  # two strided loads
-            xe = plgpu.load(x_ref.at[x_row, pl.ds(start * 16, half), pl.ds(0, 1)], mask=x_mask, other=0)
-            xo = plgpu.load(x_ref.at[x_row, pl.ds(start * 16, half), pl.ds(1, 1)], mask=x_mask, other=0)
+        xe = plgpu.load(x_ref.at[x_row, pl.ds(start * 16, half), pl.ds(0, 1)], mask=x_mask, other=0)
+        xo = plgpu.load(x_ref.at[x_row, pl.ds(start * 16, half), pl.ds(1, 1)], mask=x_mask, other=0)
         xe = xe.astype(F32).reshape(blocks_per_step, 16)[None]
         xo = xo.astype(F32).reshape(blocks_per_step, 16)[None]
         w_mask = jnp.broadcast_to(in_range[None, :, None], (rows, blocks_per_step, 16))
@@ -160,10 +154,10 @@ def _gemv_kernel(expert_ref, x_ref, w_ref, s_ref, bias_ref, out_ref, *, rows: in
 
 @functools.partial(jax.jit, static_argnames=("pairs_per_x", "swiglu_params", "rows", "blocks_per_step",
                                              "num_warps", "num_stages", "use_ptx", "elementwise_acc",
-                                             "contiguous_x", "interpret"))
+                                             "interpret"))
 def expert_gemv(x, pair_expert, w_bytes, w_scales, bias, *, pairs_per_x=1, swiglu_params=None, rows=4,
                 blocks_per_step=32, num_warps=4, num_stages=1, use_ptx=True, elementwise_acc=False,
-                contiguous_x=False, interpret=False):
+                interpret=False):
     """Grouped GEMV over (token, expert) pairs, reading only pair_expert's packed FP4 rows.
 
     x [X, D] in the compute dtype; pair p uses row p // pairs_per_x of x and expert
@@ -184,8 +178,7 @@ def expert_gemv(x, pair_expert, w_bytes, w_scales, bias, *, pairs_per_x=1, swigl
     blocks_per_step = min(blocks_per_step, _next_pow2(num_blocks))
     kernel = functools.partial(_gemv_kernel, rows=rows, blocks_per_step=blocks_per_step, num_blocks=num_blocks,
                                pairs_per_x=pairs_per_x, use_ptx=use_ptx and not interpret,
-                               swiglu_params=swiglu_params, elementwise_acc=elementwise_acc,
-                               contiguous_x=contiguous_x)
+                               swiglu_params=swiglu_params, elementwise_acc=elementwise_acc)
     anywhere = pl.BlockSpec(memory_space=pl.ANY)
     return pl.pallas_call(
         kernel,
