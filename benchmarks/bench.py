@@ -10,6 +10,7 @@ Measures (each selectable with --measure):
   prefill  prefill tokens/s for each --prompts length (in --prefill-chunk pieces through extend)
   profile  where one batch-1 decode step's time goes: attention (sliding / full layer), MoE
            layer, unembedding + argmax, each timed in an on-device loop
+  trace_batch    a profiler trace of decode steps at each --batches (context --batch-context)
   prefill_trace  a profiler trace of each --prompts prefill, device time by kernel
   memory   peak device memory
   ttft     time to first token of a 16-token prompt in a fresh process, cold and with the
@@ -237,9 +238,9 @@ def traced(measure, per: int, **kwargs) -> dict:
     return result
 
 
-def measure_trace(model, context: int, steps: int) -> dict:
-    """A jax.profiler trace of `steps` batch-1 decode steps, summarised by kernel."""
-    return traced(partial(measure_decode, model, 1, context, steps), steps)
+def measure_trace(model, context: int, steps: int, batch: int = 1) -> dict:
+    """A jax.profiler trace of `steps` decode steps, summarised by kernel."""
+    return traced(partial(measure_decode, model, batch, context, steps), steps)
 
 
 def measure_prefill(model, length: int, chunk: int, wrap_timed=None) -> dict:
@@ -431,6 +432,10 @@ def main(argv=None) -> int:
                        lambda: measure_decode(model, batch, args.batch_context, args.steps))
         if "trace" in measures:
             record(f"trace_ctx{args.profile_context}{tag}", lambda: measure_trace(model, args.profile_context, 8))
+        if "trace_batch" in measures:  # where a batched decode step's time goes, by kernel
+            for batch in parse_ints(args.batches):
+                record(f"trace_b{batch}_ctx{args.batch_context}{tag}",
+                       lambda: measure_trace(model, args.batch_context, 8, batch))
         if "profile" in measures:
             record(f"profile_ctx{args.profile_context}{tag}", lambda: measure_profile(model, args.profile_context))
         if "prefill" in measures:
