@@ -57,3 +57,15 @@ def assert_bit_identical(a, b):
     for path in la:
         assert la[path].dtype == lb[path].dtype, path
         np.testing.assert_array_equal(la[path].view(np.uint8), lb[path].view(np.uint8), err_msg=str(path))
+
+
+def assert_mostly_bit_equal(got, want, share):
+    """On the CPU (CI) a kernel's bf16 results equal the reference's bit for bit except for
+    rare one-ulp flips from another fp32 summation order; fewer than `share` equal means a
+    systematic rounding error. On a GPU, XLA's GEMMs and the kernels sum in orders far
+    enough apart that a third of the roundings can flip: there only the callers'
+    tolerance checks apply."""
+    import jax
+
+    if jax.default_backend() == "cpu":
+        assert np.mean(np.asarray(got) == np.asarray(want)) > share
