@@ -137,7 +137,8 @@ def test_lowers_to_mosaic_tpu_at_20b_shapes(pairs):
     num_experts, embed, hidden, k = 32, 2880, 2880, 4
     s = jax.ShapeDtypeStruct
     args = (s((pairs // k, embed), jnp.bfloat16), s((pairs // k, k), jnp.int32),
-            s((num_experts, 2 * hidden, embed // 32, 16), jnp.uint8), s((num_experts, 2 * hidden, embed // 32), jnp.uint8),
+            s((num_experts, 2 * hidden, embed // 32, 16), jnp.uint8),
+            s((num_experts, 2 * hidden, embed // 32), jnp.uint8),
             s((num_experts, 2 * hidden), jnp.bfloat16),
             s((num_experts, embed, hidden // 32, 16), jnp.uint8), s((num_experts, embed, hidden // 32), jnp.uint8),
             s((num_experts, embed), jnp.bfloat16))
