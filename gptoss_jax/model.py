@@ -286,7 +286,9 @@ class MoE(nnx.Module):
         num_experts = w.mlp1_fp4.shape[0]
         known = (experts >= 0) & (experts < num_experts)
         gemm = self.gemm_kernel == "pallas" and n * k >= KERNEL_GEMM_MIN_PAIRS
-        if self.kernels == "pallas" and not gemm and n * k <= KERNEL_GEMV_MAX_PAIRS:
+        if self.kernels == "pallas" and jax.default_backend() == "tpu":
+            y = self.experts_tpu(h, experts, w)
+        elif self.kernels == "pallas" and not gemm and n * k <= KERNEL_GEMV_MAX_PAIRS:
             y = self.experts_kernel(h, jnp.where(known, experts, 0), w)
         elif gemm:
             y = self.experts_grouped_kernel(h, experts, w)
@@ -315,6 +317,19 @@ class MoE(nnx.Module):
         w = self.expert_weights() if w is None else w
         c = self.config
         return moe_kernels.experts_decode(
+            h, experts, moe_kernels.packed_bytes(w.mlp1_fp4), w.mlp1_scales, w.mlp1_bias,
+            moe_kernels.packed_bytes(w.mlp2_fp4), w.mlp2_scales, w.mlp2_bias,
+            limit=c.swiglu_limit, alpha=c.swiglu_alpha)
+
+    def experts_tpu(self, h, experts, w: ExpertWeights | None = None):
+        """The fused MXFP4 kernel for TPU (gptoss_jax.kernels.moe_tpu): same contract as
+        experts_grouped, ids outside [0, experts in w) give zeros."""
+        from gptoss_jax.kernels import moe as moe_kernels
+        from gptoss_jax.kernels import moe_tpu
+
+        w = self.expert_weights() if w is None else w
+        c = self.config
+        return moe_tpu.experts_tpu(
             h, experts, moe_kernels.packed_bytes(w.mlp1_fp4), w.mlp1_scales, w.mlp1_bias,
             moe_kernels.packed_bytes(w.mlp2_fp4), w.mlp2_scales, w.mlp2_bias,
             limit=c.swiglu_limit, alpha=c.swiglu_alpha)
