@@ -257,7 +257,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="auto (default): the Pallas kernels (fused MXFP4 MoE, attention with sinks, "
                              "fused projections) on a GPU, the XLA reference path elsewhere; on a mesh of "
                              "several devices only the MoE kernels, which run per device. pallas: the "
-                             "kernels everywhere (on a CPU in Pallas interpret mode: slow). xla: none")
+                             "kernels everywhere (on a TPU only the MoE kernel, not yet measured there; "
+                             "on a CPU in Pallas interpret mode: slow). xla: none")
     mesh = parser.add_argument_group(
         "mesh (several devices)",
         "--mesh AxB spreads the model over A x B devices: A-way expert parallelism (each device holds "
@@ -339,6 +340,8 @@ def choose_kernels(model, kernels: str, several_devices: bool = False) -> dict:
     if kernels == "auto":
         kernels = "pallas" if jax.default_backend() == "gpu" else "xla"
     chosen = dict(FASTEST) if kernels == "pallas" else {name: "xla" for name in FASTEST}
+    if kernels == "pallas" and jax.default_backend() == "tpu":  # only the MoE kernel has a TPU lowering
+        chosen = {name: "pallas" if name == "moe" else "xla" for name in FASTEST}
     if several_devices:  # attention kernels are not partitioned over a mesh (yet): XLA there
         chosen.update(decode_attention="xla", prefill_attention="xla", projection="xla")
     set_kernels(model, **chosen)

@@ -251,3 +251,19 @@ def test_kernel_choice_of_the_cli(model):
     finally:
         choose_kernels(model, "xla")
     assert set(kernels_in_use(model).values()) == {"xla"}
+
+
+def test_kernel_choice_on_a_tpu_is_the_moe_kernel_only(model, monkeypatch):
+    """The attention and projection kernels lower to Triton only: on a TPU, --kernels pallas
+    selects the MoE kernel (its Mosaic TPU lowering) and auto stays on the XLA path."""
+    import jax
+
+    from gptoss_jax.generate import choose_kernels
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    try:
+        chosen = choose_kernels(model, "pallas")
+        assert chosen["moe"] == "pallas" and {v for k, v in chosen.items() if k != "moe"} == {"xla"}
+        assert set(choose_kernels(model, "auto").values()) == {"xla"}
+    finally:
+        choose_kernels(model, "xla")
