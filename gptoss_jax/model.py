@@ -311,41 +311,33 @@ class MoE(nnx.Module):
         return y + w.mlp2_bias[experts]
 
     def experts_kernel(self, h, experts, w: ExpertWeights | None = None):
-        """The fused MXFP4 kernel (gptoss_jax.kernels): same contract as experts_gathered."""
-        from gptoss_jax.kernels import moe as moe_kernels
+        """The fused MXFP4 grouped GEMV (kernels/moe.py): same contract as experts_gathered."""
+        from gptoss_jax.kernels import moe
 
-        w = self.expert_weights() if w is None else w
-        c = self.config
-        return moe_kernels.experts_decode(
-            h, experts, moe_kernels.packed_bytes(w.mlp1_fp4), w.mlp1_scales, w.mlp1_bias,
-            moe_kernels.packed_bytes(w.mlp2_fp4), w.mlp2_scales, w.mlp2_bias,
-            limit=c.swiglu_limit, alpha=c.swiglu_alpha)
-
-    def experts_tpu(self, h, experts, w: ExpertWeights | None = None):
-        """The fused MXFP4 kernel for TPU (gptoss_jax.kernels.moe_tpu): same contract as
-        experts_grouped, ids outside [0, experts in w) give zeros."""
-        from gptoss_jax.kernels import moe as moe_kernels
-        from gptoss_jax.kernels import moe_tpu
-
-        w = self.expert_weights() if w is None else w
-        c = self.config
-        return moe_tpu.experts_tpu(
-            h, experts, moe_kernels.packed_bytes(w.mlp1_fp4), w.mlp1_scales, w.mlp1_bias,
-            moe_kernels.packed_bytes(w.mlp2_fp4), w.mlp2_scales, w.mlp2_bias,
-            limit=c.swiglu_limit, alpha=c.swiglu_alpha)
+        return self._fused_experts(moe.experts_decode, h, experts, w)
 
     def experts_grouped_kernel(self, h, experts, w: ExpertWeights | None = None):
-        """The grouped MXFP4 GEMM kernel (gptoss_jax.kernels.moe_gemm): same contract as
-        experts_grouped."""
-        from gptoss_jax.kernels import moe as moe_kernels
+        """The grouped MXFP4 GEMM (kernels/moe_gemm.py): same contract as experts_grouped."""
         from gptoss_jax.kernels import moe_gemm
+
+        return self._fused_experts(moe_gemm.experts_grouped_kernel, h, experts, w)
+
+    def experts_tpu(self, h, experts, w: ExpertWeights | None = None):
+        """The MXFP4 expert kernel for TPU (kernels/moe_tpu.py): same contract as experts_grouped."""
+        from gptoss_jax.kernels import moe_tpu
+
+        return self._fused_experts(moe_tpu.experts_tpu, h, experts, w)
+
+    def _fused_experts(self, kernel, h, experts, w: ExpertWeights | None):
+        """Calls a fused expert kernel with the packed views of the experts (uint8 bytes and
+        scales as the checkpoint stores them) and the SwiGLU constants."""
+        from gptoss_jax.kernels.moe import packed_bytes
 
         w = self.expert_weights() if w is None else w
         c = self.config
-        return moe_gemm.experts_grouped_kernel(
-            h, experts, moe_kernels.packed_bytes(w.mlp1_fp4), w.mlp1_scales, w.mlp1_bias,
-            moe_kernels.packed_bytes(w.mlp2_fp4), w.mlp2_scales, w.mlp2_bias,
-            limit=c.swiglu_limit, alpha=c.swiglu_alpha)
+        return kernel(h, experts, packed_bytes(w.mlp1_fp4), w.mlp1_scales, w.mlp1_bias,
+                      packed_bytes(w.mlp2_fp4), w.mlp2_scales, w.mlp2_bias,
+                      limit=c.swiglu_limit, alpha=c.swiglu_alpha)
 
     def experts_grouped(self, h, experts, w: ExpertWeights | None = None):
         """Many tokens: sort the (token, expert) pairs by expert and run one grouped GEMM per
