@@ -11,6 +11,7 @@ With dtype=float32 everything is fp32.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -289,7 +290,7 @@ class MoE(nnx.Module):
         if self.kernels == "pallas" and jax.default_backend() == "tpu":
             y = self.experts_tpu(h, experts, w)
         elif self.kernels == "pallas" and not gemm and n * k <= KERNEL_GEMV_MAX_PAIRS:
-            y = self.experts_kernel(h, jnp.where(known, experts, 0), w)
+            return self.experts_mix_kernel(h, experts, weights, w)  # sums the k experts itself
         elif gemm:
             y = self.experts_grouped_kernel(h, experts, w)
         elif n * k < self.config.num_experts:  # by the whole model's experts: every mesh takes the same path
@@ -315,6 +316,13 @@ class MoE(nnx.Module):
         from gptoss_jax.kernels import moe
 
         return self._fused_experts(moe.experts_decode, h, experts, w)
+
+    def experts_mix_kernel(self, h, experts, weights, w: ExpertWeights | None = None):
+        """The fused MXFP4 grouped GEMVs with the weighted sum over the k experts done by the
+        second kernel (kernels/moe.py): same contract as expert_mix, fp32 [n, embed]."""
+        from gptoss_jax.kernels import moe
+
+        return self._fused_experts(functools.partial(moe.experts_mix_decode, weights=weights), h, experts, w)
 
     def experts_grouped_kernel(self, h, experts, w: ExpertWeights | None = None):
         """The grouped MXFP4 GEMM (kernels/moe_gemm.py): same contract as experts_grouped."""

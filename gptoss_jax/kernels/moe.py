@@ -90,18 +90,23 @@ def block_scale(scale_u8):
 
 
 # --------------------------------------------------------------------- grouped GEMV (Triton)
-def _gemv_kernel(expert_ref, x_ref, w_ref, s_ref, bias_ref, out_ref, *, rows: int, blocks_per_step: int,
-                 num_blocks: int, pairs_per_x: int, use_ptx: bool, swiglu_params, elementwise_acc: bool):
-    """One program: `rows` outputs of one (token, expert) pair, looping over the contraction
-    in steps of `blocks_per_step` 32-element blocks. With `swiglu_params` the program reads
-    the interleaved gate and up rows of its `rows` outputs and applies bias + clamped SwiGLU;
-    otherwise it writes bias + x @ W^T (rounded like the reference: dot in fp32, round, add
-    the bias in the compute dtype)."""
+def _gemv_kernel(expert_ref, weight_ref, x_ref, w_ref, s_ref, bias_ref, out_ref, *, rows: int,
+                 blocks_per_step: int, num_blocks: int, pairs_per_x: int, pairs_per_program: int, use_ptx: bool,
+                 swiglu_params, elementwise_acc: bool, prefetch: bool):
+    """One program: `rows` outputs of `pairs_per_program` (token, expert) pairs, looping over
+    the contraction in steps of `blocks_per_step` 32-element blocks. Per pair, the output is
+    round(round(x @ W^T) + bias) (the reference's roundings: dot in fp32, round, add the bias
+    in the compute dtype); with `swiglu_params` the program reads the interleaved gate and
+    up rows of its `rows` outputs and applies the clamped SwiGLU. With several pairs per
+    program (a token's k experts) it writes their sum weighted by weight_ref in fp32, and
+    pairs whose expert id is negative (another device's expert) read nothing and add nothing."""
     from jax.experimental.pallas import triton as plgpu
 
-    pair, row_block = pl.program_id(0), pl.program_id(1)
-    expert = expert_ref[pair]
-    x_row = pair // pairs_per_x
+    program, row_block = pl.program_id(0), pl.program_id(1)
+    pairs = [program * pairs_per_program + j for j in range(pairs_per_program)]
+    experts = [expert_ref[p] for p in pairs]
+    live = [e >= 0 for e in experts]
+    experts = [jnp.maximum(e, 0) for e in experts]
     # The refs come as [.., O/2, 2, ..] (w, scales, bias) and [X, D/2, 2] (x) views, so that
     # every-other-row and every-other-feature slices are plain indexing.
     # Each entry: (slice of the O/2 axis, slice of the pair axis) covering `rows` outputs.
@@ -109,28 +114,41 @@ def _gemv_kernel(expert_ref, x_ref, w_ref, s_ref, bias_ref, out_ref, *, rows: in
         row_slices = [(pl.ds(row_block * rows // 2, rows // 2), pl.ds(0, 2))]
     else:  # gate j at row 2j, up j at row 2j + 1 (spec 2.5)
         row_slices = [(pl.ds(row_block * rows, rows), pl.ds(0, 1)), (pl.ds(row_block * rows, rows), pl.ds(1, 1))]
+    # One accumulator per (pair, row slice); streams[i] = (pair index j, row slice).
+    streams = [(j, sl) for j in range(pairs_per_program) for sl in row_slices]
     steps = -(-num_blocks // blocks_per_step)
     acc_shape = (rows, blocks_per_step, 16) if elementwise_acc else (rows,)
     half = blocks_per_step * 16
 
-    def step(i, accs):
+    def load(i):
+        """The step's x halves per pair and, per stream, its packed bytes and scales (masked
+        past the last block and for dead pairs: those load nothing)."""
         start = i * blocks_per_step
         in_range = start + jnp.arange(blocks_per_step) < num_blocks
         x_mask = jnp.broadcast_to(in_range[:, None, None], (blocks_per_step, 16, 1)).reshape(half, 1)
-        xe = plgpu.load(x_ref.at[x_row, pl.ds(start * 16, half), pl.ds(0, 1)], mask=x_mask, other=0)
-        xo = plgpu.load(x_ref.at[x_row, pl.ds(start * 16, half), pl.ds(1, 1)], mask=x_mask, other=0)
-        xe = xe.astype(F32).reshape(blocks_per_step, 16)[None]
-        xo = xo.astype(F32).reshape(blocks_per_step, 16)[None]
-        w_mask = jnp.broadcast_to(in_range[None, :, None], (rows, blocks_per_step, 16))
-        s_mask = jnp.broadcast_to(in_range[None, :], (rows, blocks_per_step))
-        new = []
-        for acc, (pair_slice, half_slice) in zip(accs, row_slices):
+        xs = []
+        for j in range(pairs_per_program):
+            x_row = pairs[j] // pairs_per_x
+            xs += [plgpu.load(x_ref.at[x_row, pl.ds(start * 16, half), pl.ds(parity, 1)], mask=x_mask, other=0)
+                   for parity in (0, 1)]
+        weights = []
+        for j, (pair_slice, half_slice) in streams:
+            ok = in_range & live[j]
+            w_mask = jnp.broadcast_to(ok[None, None, :, None], (pair_slice.size, half_slice.size, blocks_per_step, 16))
+            s_mask = jnp.broadcast_to(ok[None, None, :], (pair_slice.size, half_slice.size, blocks_per_step))
             blocks = pl.ds(start, blocks_per_step)
-            w = plgpu.load(w_ref.at[expert, pair_slice, half_slice, blocks, :],
-                           mask=w_mask.reshape(pair_slice.size, half_slice.size, blocks_per_step, 16), other=0)
-            s_ = plgpu.load(s_ref.at[expert, pair_slice, half_slice, blocks],
-                            mask=s_mask.reshape(pair_slice.size, half_slice.size, blocks_per_step), other=0)
-            w, s_ = w.reshape(rows, blocks_per_step, 16), s_.reshape(rows, blocks_per_step)
+            w = plgpu.load(w_ref.at[experts[j], pair_slice, half_slice, blocks, :], mask=w_mask, other=0)
+            s_ = plgpu.load(s_ref.at[experts[j], pair_slice, half_slice, blocks], mask=s_mask, other=0)
+            weights += [w.reshape(rows, blocks_per_step, 16), s_.reshape(rows, blocks_per_step)]
+        return tuple(xs), tuple(weights)
+
+    def accumulate(accs, loaded):
+        xs, weights = loaded
+        new = []
+        for n, (acc, (j, _)) in enumerate(zip(accs, streams)):
+            xe = xs[2 * j].astype(F32).reshape(blocks_per_step, 16)[None]
+            xo = xs[2 * j + 1].astype(F32).reshape(blocks_per_step, 16)[None]
+            w, s_ = weights[2 * n], weights[2 * n + 1]
             scale = block_scale(s_)
             low, high = decode_nibbles_ptx(w) if use_ptx else decode_nibbles(w.astype(jnp.int32))
             if elementwise_acc:
@@ -139,31 +157,49 @@ def _gemv_kernel(expert_ref, x_ref, w_ref, s_ref, bias_ref, out_ref, *, rows: in
                 new.append(acc + jnp.sum(jnp.sum(low * xe + high * xo, axis=2) * scale, axis=1))
         return tuple(new)
 
-    accs = jax.lax.fori_loop(0, steps, step, tuple(jnp.zeros(acc_shape, F32) for _ in row_slices))
+    zeros = tuple(jnp.zeros(acc_shape, F32) for _ in streams)
+    if prefetch:
+        # Software pipelining by hand (Triton does not pipeline loads that feed elementwise
+        # code): the loads of step i + 1 are issued before step i's arithmetic.
+        def step(i, carry):
+            accs, loaded = carry
+            return accumulate(accs, loaded), load(i + 1)
+
+        accs, _ = jax.lax.fori_loop(0, steps, step, (zeros, load(0)))
+    else:
+        accs = jax.lax.fori_loop(0, steps, lambda i, accs: accumulate(accs, load(i)), zeros)
     if elementwise_acc:
         accs = [jnp.sum(jnp.sum(a, axis=2), axis=1) for a in accs]
-    dt = out_ref.dtype
-    outs = [_round(_round(a, dt) + bias_ref[expert, pair_slice, half_slice].reshape(rows).astype(F32), dt)
-            for a, (pair_slice, half_slice) in zip(accs, row_slices)]
-    if swiglu_params is None:
-        out_ref[...] = outs[0].astype(dt)
-    else:
-        limit, alpha = swiglu_params
-        out_ref[...] = swiglu_pair(outs[0], outs[1], limit, alpha, dt)
+    dt = x_ref.dtype
+    outs = [_round(_round(a, dt) + bias_ref[experts[j], pair_slice, half_slice].reshape(rows).astype(F32), dt)
+            for a, (j, (pair_slice, half_slice)) in zip(accs, streams)]
+    if swiglu_params is not None:
+        outs = [swiglu_pair(outs[2 * j], outs[2 * j + 1], *swiglu_params, dt).astype(F32)
+                for j in range(pairs_per_program)]
+    if pairs_per_program == 1:
+        out_ref[...] = outs[0].astype(out_ref.dtype)
+    else:  # the weighted sum over the token's experts, in fp32 in slot order
+        total = jnp.zeros((rows,), F32)
+        for j, y in enumerate(outs):
+            total = total + jnp.where(live[j], weight_ref[pairs[j]].astype(F32) * y, 0.0)
+        out_ref[...] = total
 
 
-@functools.partial(jax.jit, static_argnames=("pairs_per_x", "swiglu_params", "rows", "blocks_per_step",
-                                             "num_warps", "num_stages", "use_ptx", "elementwise_acc",
-                                             "interpret"))
-def expert_gemv(x, pair_expert, w_bytes, w_scales, bias, *, pairs_per_x=1, swiglu_params=None, rows=4,
-                blocks_per_step=32, num_warps=4, num_stages=1, use_ptx=True, elementwise_acc=False,
-                interpret=False):
+@functools.partial(jax.jit, static_argnames=("pairs_per_x", "pairs_per_program", "swiglu_params", "rows",
+                                             "blocks_per_step", "num_warps", "num_stages", "use_ptx",
+                                             "elementwise_acc", "prefetch", "interpret"))
+def expert_gemv(x, pair_expert, w_bytes, w_scales, bias, pair_weight=None, *, pairs_per_x=1, pairs_per_program=1,
+                swiglu_params=None, rows=4, blocks_per_step=32, num_warps=4, num_stages=1, use_ptx=True,
+                elementwise_acc=False, prefetch=False, interpret=False):
     """Grouped GEMV over (token, expert) pairs, reading only pair_expert's packed FP4 rows.
 
     x [X, D] in the compute dtype; pair p uses row p // pairs_per_x of x and expert
     pair_expert[p]. w_bytes uint8 [E, O, D/32, 16], w_scales uint8 or E8M0 [E, O, D/32],
     bias [E, O]. Returns [P, O] = round(x @ W^T) + bias, or with swiglu_params=(limit, alpha)
-    [P, O/2] = SwiGLU of the interleaved gate/up outputs."""
+    [P, O/2] = SwiGLU of the interleaved gate/up outputs.
+    With pairs_per_program=k and pair_weight [P]: returns fp32 [P/k, O'], the sum over each
+    group of k consecutive pairs of pair_weight * (the pair's output); negative expert ids
+    add nothing."""
     from jax.experimental.pallas import triton as plgpu
 
     d = x.shape[1]
@@ -171,25 +207,32 @@ def expert_gemv(x, pair_expert, w_bytes, w_scales, bias, *, pairs_per_x=1, swigl
     _, out_rows, num_blocks, _ = w_bytes.shape
     if d != num_blocks * mxfp4.BLOCK:
         raise ValueError(f"expert_gemv: x has {d} features but the weights hold {num_blocks} blocks of 32")
+    if num_pairs % pairs_per_program or (pairs_per_program > 1) != (pair_weight is not None):
+        raise ValueError(f"expert_gemv: {num_pairs} pairs in groups of {pairs_per_program} need "
+                         f"{'pair_weight' if pairs_per_program > 1 else 'no pair_weight'}")
     outputs = out_rows if swiglu_params is None else out_rows // 2
     rows = max(2, min(rows, _next_pow2(outputs)))
     if outputs % rows:
         raise ValueError(f"expert_gemv: {outputs} outputs are not a multiple of the row tile {rows}")
     blocks_per_step = min(blocks_per_step, _next_pow2(num_blocks))
     kernel = functools.partial(_gemv_kernel, rows=rows, blocks_per_step=blocks_per_step, num_blocks=num_blocks,
-                               pairs_per_x=pairs_per_x, use_ptx=use_ptx and not interpret,
-                               swiglu_params=swiglu_params, elementwise_acc=elementwise_acc)
+                               pairs_per_x=pairs_per_x, pairs_per_program=pairs_per_program,
+                               use_ptx=use_ptx and not interpret, swiglu_params=swiglu_params,
+                               elementwise_acc=elementwise_acc, prefetch=prefetch)
+    if pair_weight is None:
+        pair_weight = jnp.zeros((num_pairs,), x.dtype)
     anywhere = pl.BlockSpec(memory_space=pl.ANY)
+    programs = num_pairs // pairs_per_program
     return pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((num_pairs, outputs), x.dtype),
-        grid=(num_pairs, outputs // rows),
-        in_specs=[anywhere] * 5,
+        out_shape=jax.ShapeDtypeStruct((programs, outputs), x.dtype if pairs_per_program == 1 else F32),
+        grid=(programs, outputs // rows),
+        in_specs=[anywhere] * 6,
         out_specs=pl.BlockSpec((None, rows), lambda p, r: (p, r)),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="mxfp4_expert_gemv" if swiglu_params is None else "mxfp4_expert_gemv_swiglu",
-    )(pair_expert.astype(jnp.int32), x.reshape(x.shape[0], d // 2, 2),
+    )(pair_expert.astype(jnp.int32), pair_weight, x.reshape(x.shape[0], d // 2, 2),
       w_bytes.reshape(-1, out_rows // 2, 2, num_blocks, 16),
       jax.lax.bitcast_convert_type(w_scales, jnp.uint8).reshape(-1, out_rows // 2, 2, num_blocks),
       bias.reshape(-1, out_rows // 2, 2))
@@ -226,3 +269,26 @@ def experts_decode(h, experts, mlp1_bytes, mlp1_scales, mlp1_bias, mlp2_bytes, m
                     swiglu_params=(float(limit), float(alpha)), interpret=interpret, **tuning)
     y = expert_gemv(a, pair_expert, mlp2_bytes, mlp2_scales, mlp2_bias, interpret=interpret, **tuning)
     return y.reshape(n, k, -1)
+
+
+def experts_mix_decode(h, experts, mlp1_bytes, mlp1_scales, mlp1_bias, mlp2_bytes, mlp2_scales, mlp2_bias,
+                       *, weights, limit: float, alpha: float, interpret: bool | None = None, mlp1_tuning: dict | None = None,
+                       mlp2_tuning: dict | None = None):
+    """Same as MoE.expert_mix for few tokens: h [n, d], experts [n, k] (ids outside [0, E):
+    another device's experts, which add nothing), weights [n, k] -> fp32 [n, d], the
+    weighted sum of the token's expert outputs. The second kernel sums a token's k experts
+    itself, so no [n, k, d] intermediate is written."""
+    if interpret is None:
+        interpret = jax.default_backend() == "cpu"
+    n, k = experts.shape
+    num_experts = mlp1_bytes.shape[0]
+    known = (experts >= 0) & (experts < num_experts)
+    pair_expert = jnp.where(known, experts, -1).reshape(-1)
+    a = expert_gemv(h, pair_expert, mlp1_bytes, mlp1_scales, mlp1_bias, pairs_per_x=k,
+                    swiglu_params=(float(limit), float(alpha)), interpret=interpret, **(mlp1_tuning or {}))
+    return expert_gemv(a, pair_expert, mlp2_bytes, mlp2_scales, mlp2_bias, weights.reshape(-1),
+                       pairs_per_program=k, interpret=interpret, **{**MIX_TUNING, **(mlp2_tuning or {})})
+
+
+# The mlp2 tiling of experts_mix_decode (each program reads k experts' rows).
+MIX_TUNING = dict(rows=4)
