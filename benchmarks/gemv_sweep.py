@@ -3,6 +3,7 @@ GEMV and for a plain bf16 GEMV (the attention projections), timed by device kern
 from a jax.profiler trace (not part of CI; run on a GPU).
 
     python benchmarks/gemv_sweep.py --json sweep.json [--quick]
+    python benchmarks/gemv_sweep.py --pipeline --json pipeline.json   # prefetch and mlp2-sums-k variants
 
 Each timed call reads bytes no earlier call read (rotating experts / 8 weight copies), so
 L2 (50 MB on an H100) does not flatter the numbers. Prints us per call and GB/s.
@@ -94,6 +95,8 @@ def main():
     parser.add_argument("--json")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--ncu", action="store_true", help="one call of the default tilings (run under ncu)")
+    parser.add_argument("--pipeline", action="store_true",
+                        help="only the hand-pipelined (prefetch) and mlp2-sums-the-k-experts variants")
     args = parser.parse_args()
     if args.ncu:
         raw = jnp.zeros((32, 5760, 90, 16), jnp.uint8) + 0x35
@@ -117,6 +120,8 @@ def main():
 
     key = jax.random.key(0)
     experts = 32
+    if args.pipeline:
+        return pipeline_sweep(key, experts, record, report["results"], args.quick)
     # ---- fused MXFP4 expert GEMV, 4 pairs (batch 1, top-4)
     grid = [dict(rows=r, blocks_per_step=b, num_warps=w, num_stages=s)
             for (r, b), w, s in itertools.product(
@@ -197,6 +202,59 @@ def main():
         ok = [r for r in report["results"] if r.get("matrix") == m and "us" in r]
         for r in sorted(ok, key=lambda r: r["us"])[:5]:
             print(m, {k: r[k] for k in r if k not in ("matrix",)})
+
+
+def random_experts(key, experts, out_rows, features):
+    k1, k2, k3 = jax.random.split(key, 3)
+    raw = jax.random.randint(k1, (experts, out_rows, features // 32, 16), 0, 256, jnp.int32).astype(jnp.uint8)
+    scales = jax.random.randint(k2, (experts, out_rows, features // 32), 118, 134, jnp.int32).astype(jnp.uint8)
+    bias = jax.random.normal(k3, (experts, out_rows), F32).astype(jnp.bfloat16)
+    return raw, scales, bias
+
+
+def pipeline_sweep(key, experts, record, results, quick):
+    """The two batch-1 GEMVs as the model calls them: mlp1 + SwiGLU over 4 pairs, and mlp2
+    either per pair (then an XLA weighted sum) or summing the 4 experts in the kernel; each
+    with and without hand-pipelined loads. Errors against the plain loop are recorded."""
+    features = 2880
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+    w1 = random_experts(k1, experts, 2 * features, features)
+    w2 = random_experts(k2, experts, features, features)
+    x = jax.random.normal(k3, (1, features), F32).astype(jnp.bfloat16)
+    a = jax.random.normal(k4, (4, features), F32).astype(jnp.bfloat16)
+    weights = jnp.asarray([0.4, 0.3, 0.2, 0.1], jnp.bfloat16)
+    ids = [jnp.arange(4 * i, 4 * i + 4, dtype=jnp.int32) % experts for i in range(CALLS)]
+    tilings = [dict(rows=r, blocks_per_step=b, num_warps=w) for r, b, w in itertools.product(
+        [2, 4, 8], [16, 32], [4, 8])]
+    if quick:
+        tilings = tilings[:3]
+    cases = {
+        "mlp1+swiglu": (lambda pe, **v: moe.expert_gemv(x, pe, *w1, pairs_per_x=4, swiglu_params=(7.0, 1.702), **v),
+                        4 * 2 * features * features // 32 * 17),
+        "mlp2": (lambda pe, **v: moe.expert_gemv(a, pe, *w2, **v), 4 * features * features // 32 * 17),
+        "mlp2_sum4": (lambda pe, **v: moe.expert_gemv(a, pe, *w2, weights, pairs_per_program=4, **v),
+                      4 * features * features // 32 * 17),
+    }
+    for name, (call, nbytes) in cases.items():
+        base = np.asarray(call(ids[0]).astype(F32))
+        for v, prefetch in itertools.product(tilings, [False, True]):
+            row = {"matrix": name, **v, "prefetch": prefetch}
+            if name == "mlp2" and (prefetch or v["num_warps"] == 8):
+                continue  # mlp2 per pair is the baseline only
+            try:
+                fn = lambda pe, v=v, prefetch=prefetch: call(pe, prefetch=prefetch, **v)
+                out = np.asarray(fn(ids[0]).astype(F32))
+                row["max_rel_err_vs_default"] = float(np.max(np.abs(out - base)) / np.max(np.abs(base)))
+                us = kernel_us(fn, [(pe,) for pe in ids], "mxfp4_expert_gemv")
+                row.update(us=us, gb_per_s=nbytes / us / 1e3)
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            record(row)
+    print("\nbest per matrix:")
+    for m in cases:
+        ok = [r for r in results if r.get("matrix") == m and "us" in r]
+        for r in sorted(ok, key=lambda r: r["us"])[:5]:
+            print(m, r)
 
 
 if __name__ == "__main__":
