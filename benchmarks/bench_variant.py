@@ -3,6 +3,7 @@ part of CI). Everything after `--` goes to bench.py.
 
     python benchmarks/bench_variant.py --gemm-min-pairs 32 -- --kernels fastest --measure batch --batches 8,16
     python benchmarks/bench_variant.py --gemv contiguous_x=true -- --kernels fastest --measure decode --contexts 0
+    python benchmarks/bench_variant.py --gemm-decode prefetch=true -- --kernels fastest --measure batch --batches 64
     python benchmarks/bench_variant.py --per-pair-mlp2 -- --kernels fastest --measure decode --contexts 0
 """
 
@@ -18,7 +19,7 @@ import bench  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from gptoss_jax import model as model_lib  # noqa: E402
-from gptoss_jax.kernels import moe  # noqa: E402
+from gptoss_jax.kernels import moe, moe_gemm  # noqa: E402
 
 
 def per_pair_mix(self, h, experts, weights, w):
@@ -35,11 +36,15 @@ def main(argv):
     parser.add_argument("--gemm-min-pairs", type=int, help="model.KERNEL_GEMM_MIN_PAIRS")
     parser.add_argument("--gemv", action="append", default=[], metavar="KEY=VALUE",
                         help="a keyword default of kernels.moe.expert_gemv (value as JSON)")
+    parser.add_argument("--gemm-decode", action="append", default=[], metavar="KEY=VALUE",
+                        help="an entry of kernels.moe_gemm.DECODE_TUNING (the GEMM for decode batches)")
     parser.add_argument("--mix", action="append", default=[], metavar="KEY=VALUE",
                         help="an entry of kernels.moe.MIX_TUNING (the mlp2 GEMV that sums the k experts)")
     parser.add_argument("--per-pair-mlp2", action="store_true",
                         help="batch-1 MoE as before the summing GEMV: mlp2 per pair, then an XLA weighted sum")
     args = parser.parse_args(own)
+    if args.gemm_decode:
+        moe_gemm.DECODE_TUNING.update({k: json.loads(v) for k, v in (item.split("=", 1) for item in args.gemm_decode)})
     if args.mix:
         moe.MIX_TUNING.update({k: json.loads(v) for k, v in (item.split("=", 1) for item in args.mix)})
     if args.per_pair_mlp2:

@@ -3,7 +3,7 @@ GEMV and for a plain bf16 GEMV (the attention projections), timed by device kern
 from a jax.profiler trace (not part of CI; run on a GPU).
 
     python benchmarks/gemv_sweep.py --json sweep.json [--quick]
-    python benchmarks/gemv_sweep.py --pipeline --json pipeline.json   # prefetch and mlp2-sums-k variants
+    python benchmarks/gemv_sweep.py --pipeline --json pipeline.json   # loop variants and mlp2-sums-k; --quick: the default tiling
 
 Each timed call reads bytes no earlier call read (rotating experts / 8 weight copies), so
 L2 (50 MB on an H100) does not flatter the numbers. Prints us per call and GB/s.
@@ -104,7 +104,9 @@ def main():
         bias = jnp.zeros((32, 5760), jnp.bfloat16)
         x = jnp.ones((1, 2880), jnp.bfloat16)
         pe = jnp.arange(4, dtype=jnp.int32)
-        jax.block_until_ready(moe.expert_gemv(x, pe, raw, scales, bias, pairs_per_x=4, swiglu_params=(7.0, 1.702)))
+        for loop in ({}, dict(peel_tail=True), dict(peel_tail=True, prefetch=True)):  # in this order in ncu's report
+            jax.block_until_ready(moe.expert_gemv(x, pe, raw, scales, bias, pairs_per_x=4, swiglu_params=(7.0, 1.702),
+                                                  **loop))
         w = jnp.ones((5120, 2880), jnp.bfloat16)
         jax.block_until_ready(dense_gemv(x, w, w[0]))
         return
@@ -224,10 +226,9 @@ def pipeline_sweep(key, experts, record, results, quick):
     a = jax.random.normal(k4, (4, features), F32).astype(jnp.bfloat16)
     weights = jnp.asarray([0.4, 0.3, 0.2, 0.1], jnp.bfloat16)
     ids = [jnp.arange(4 * i, 4 * i + 4, dtype=jnp.int32) % experts for i in range(CALLS)]
-    tilings = [dict(rows=r, blocks_per_step=b, num_warps=w) for r, b, w in itertools.product(
-        [2, 4, 8], [16, 32], [4, 8])]
-    if quick:
-        tilings = tilings[:3]
+    tilings = [dict(rows=4, blocks_per_step=32, num_warps=4)] if quick else [
+        dict(rows=r, blocks_per_step=b, num_warps=w) for r, b, w in itertools.product([2, 4, 8], [16, 32], [4, 8])]
+    loops = [dict(prefetch=p, peel_tail=t) for p, t in itertools.product([False, True], [False, True])]
     cases = {
         "mlp1+swiglu": (lambda pe, **v: moe.expert_gemv(x, pe, *w1, pairs_per_x=4, swiglu_params=(7.0, 1.702), **v),
                         4 * 2 * features * features // 32 * 17),
@@ -237,12 +238,12 @@ def pipeline_sweep(key, experts, record, results, quick):
     }
     for name, (call, nbytes) in cases.items():
         base = np.asarray(call(ids[0]).astype(F32))
-        for v, prefetch in itertools.product(tilings, [False, True]):
-            row = {"matrix": name, **v, "prefetch": prefetch}
-            if name == "mlp2" and (prefetch or v["num_warps"] == 8):
+        for v, loop in itertools.product(tilings, loops):
+            row = {"matrix": name, **v, **loop}
+            if name == "mlp2" and (any(loop.values()) or v["num_warps"] == 8):
                 continue  # mlp2 per pair is the baseline only
             try:
-                fn = lambda pe, v=v, prefetch=prefetch: call(pe, prefetch=prefetch, **v)
+                fn = lambda pe, v=v, loop=loop: call(pe, **loop, **v)
                 out = np.asarray(fn(ids[0]).astype(F32))
                 row["max_rel_err_vs_default"] = float(np.max(np.abs(out - base)) / np.max(np.abs(base)))
                 us = kernel_us(fn, [(pe,) for pe in ids], "mxfp4_expert_gemv")

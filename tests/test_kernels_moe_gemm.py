@@ -114,6 +114,20 @@ def test_grouped_gemm_bf16_matches_reference(case):
     assert not np.any(got[~known])
 
 
+@pytest.mark.parametrize("swap_ab", [False, True])
+def test_grouped_gemm_prefetch_equals_plain_loop(swap_ab):
+    """Loads of step i + 1 issued before step i's dots: the same sums in the same order, so
+    bit-equal to the plain loop (3 blocks in steps of 2: a ragged last step)."""
+    tokens, k, num_experts, embed, hidden, pattern, tuning = CASES["odd_pairs_ragged_tiles"]
+    rng = np.random.default_rng(3)
+    w = random_experts(rng, num_experts, embed, hidden, jnp.bfloat16)
+    h = jnp.asarray(rng.normal(0, 2, (tokens, embed)), jnp.bfloat16)
+    experts = make_ids("unknown", rng, tokens, k, num_experts)
+    tuning = dict(tuning, swap_ab=swap_ab)
+    got = run_kernel(h, experts, w, prefetch=True, **tuning)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(run_kernel(h, experts, w, **tuning), np.float32))
+
+
 def test_grouped_gemm_fp32_is_tight():
     num_experts, embed, hidden = 4, 64, 64
     rng = np.random.default_rng(7)
@@ -203,6 +217,7 @@ def test_end_to_end_logits_prefill_and_decode_batch_with_gemm(tiny_model):
 @pytest.mark.parametrize("pairs,tuning", [
     (256, dict(block_m=16, block_n=64, blocks_per_step=2, num_warps=4, num_stages=3, swap_ab=True)),
     (32768, dict(block_m=128, block_n=128, blocks_per_step=4, num_warps=8, num_stages=3, swap_ab=False)),
+    (256, dict(block_m=16, block_n=32, blocks_per_step=4, num_warps=4, num_stages=4, swap_ab=False, prefetch=True)),
 ])
 def test_lowers_to_triton_at_real_shapes(num_experts, pairs, tuning):
     embed = hidden = 2880

@@ -92,7 +92,7 @@ def block_scale(scale_u8):
 # --------------------------------------------------------------------- grouped GEMV (Triton)
 def _gemv_kernel(expert_ref, weight_ref, x_ref, w_ref, s_ref, bias_ref, out_ref, *, rows: int,
                  blocks_per_step: int, num_blocks: int, pairs_per_x: int, pairs_per_program: int, use_ptx: bool,
-                 swiglu_params, elementwise_acc: bool, prefetch: bool):
+                 swiglu_params, elementwise_acc: bool, prefetch: bool, peel_tail: bool):
     """One program: `rows` outputs of `pairs_per_program` (token, expert) pairs, looping over
     the contraction in steps of `blocks_per_step` 32-element blocks. Per pair, the output is
     round(round(x @ W^T) + bias) (the reference's roundings: dot in fp32, round, add the bias
@@ -120,11 +120,11 @@ def _gemv_kernel(expert_ref, weight_ref, x_ref, w_ref, s_ref, bias_ref, out_ref,
     acc_shape = (rows, blocks_per_step, 16) if elementwise_acc else (rows,)
     half = blocks_per_step * 16
 
-    def load(i):
+    def load(i, ragged=False):
         """The step's x halves per pair and, per stream, its packed bytes and scales (masked
-        past the last block and for dead pairs: those load nothing)."""
+        for dead pairs, which load nothing, and in the ragged last step past the last block)."""
         start = i * blocks_per_step
-        in_range = start + jnp.arange(blocks_per_step) < num_blocks
+        in_range = start + jnp.arange(blocks_per_step) < num_blocks if ragged else jnp.ones(blocks_per_step, bool)
         x_mask = jnp.broadcast_to(in_range[:, None, None], (blocks_per_step, 16, 1)).reshape(half, 1)
         xs = []
         for j in range(pairs_per_program):
@@ -157,17 +157,24 @@ def _gemv_kernel(expert_ref, weight_ref, x_ref, w_ref, s_ref, bias_ref, out_ref,
                 new.append(acc + jnp.sum(jnp.sum(low * xe + high * xo, axis=2) * scale, axis=1))
         return tuple(new)
 
-    zeros = tuple(jnp.zeros(acc_shape, F32) for _ in streams)
-    if prefetch:
+    # peel_tail: the full steps run unmasked (a mask can cost vectorized loads) and the
+    # ragged last step after them; otherwise every step is masked.
+    main_steps = num_blocks // blocks_per_step if peel_tail else steps
+    accs = tuple(jnp.zeros(acc_shape, F32) for _ in streams)
+    if prefetch and main_steps:
         # Software pipelining by hand (Triton does not pipeline loads that feed elementwise
-        # code): the loads of step i + 1 are issued before step i's arithmetic.
+        # code): the loads of step i + 1 are issued before step i's arithmetic. Unmasked,
+        # the load after the last step repeats the last step's instead of leaving the array.
         def step(i, carry):
             accs, loaded = carry
-            return accumulate(accs, loaded), load(i + 1)
+            following = jnp.minimum(i + 1, main_steps - 1) if peel_tail else i + 1
+            return accumulate(accs, loaded), load(following, ragged=not peel_tail)
 
-        accs, _ = jax.lax.fori_loop(0, steps, step, (zeros, load(0)))
-    else:
-        accs = jax.lax.fori_loop(0, steps, lambda i, accs: accumulate(accs, load(i)), zeros)
+        accs, _ = jax.lax.fori_loop(0, main_steps, step, (accs, load(0, ragged=not peel_tail)))
+    elif main_steps:
+        accs = jax.lax.fori_loop(0, main_steps, lambda i, a: accumulate(a, load(i, ragged=not peel_tail)), accs)
+    if main_steps < steps:
+        accs = jax.lax.fori_loop(main_steps, steps, lambda i, a: accumulate(a, load(i, ragged=True)), accs)
     if elementwise_acc:
         accs = [jnp.sum(jnp.sum(a, axis=2), axis=1) for a in accs]
     dt = x_ref.dtype
@@ -187,10 +194,10 @@ def _gemv_kernel(expert_ref, weight_ref, x_ref, w_ref, s_ref, bias_ref, out_ref,
 
 @functools.partial(jax.jit, static_argnames=("pairs_per_x", "pairs_per_program", "swiglu_params", "rows",
                                              "blocks_per_step", "num_warps", "num_stages", "use_ptx",
-                                             "elementwise_acc", "prefetch", "interpret"))
+                                             "elementwise_acc", "prefetch", "peel_tail", "interpret"))
 def expert_gemv(x, pair_expert, w_bytes, w_scales, bias, pair_weight=None, *, pairs_per_x=1, pairs_per_program=1,
                 swiglu_params=None, rows=4, blocks_per_step=32, num_warps=4, num_stages=1, use_ptx=True,
-                elementwise_acc=False, prefetch=False, interpret=False):
+                elementwise_acc=False, prefetch=False, peel_tail=False, interpret=False):
     """Grouped GEMV over (token, expert) pairs, reading only pair_expert's packed FP4 rows.
 
     x [X, D] in the compute dtype; pair p uses row p // pairs_per_x of x and expert
@@ -218,7 +225,7 @@ def expert_gemv(x, pair_expert, w_bytes, w_scales, bias, pair_weight=None, *, pa
     kernel = functools.partial(_gemv_kernel, rows=rows, blocks_per_step=blocks_per_step, num_blocks=num_blocks,
                                pairs_per_x=pairs_per_x, pairs_per_program=pairs_per_program,
                                use_ptx=use_ptx and not interpret, swiglu_params=swiglu_params,
-                               elementwise_acc=elementwise_acc, prefetch=prefetch)
+                               elementwise_acc=elementwise_acc, prefetch=prefetch, peel_tail=peel_tail)
     if pair_weight is None:
         pair_weight = jnp.zeros((num_pairs,), x.dtype)
     anywhere = pl.BlockSpec(memory_space=pl.ANY)
