@@ -197,6 +197,9 @@ def measure_decode(model, batch: int, context: int, steps: int, wrap_timed=None)
             "first_call_s": compile_s}
 
 
+TRACE_TOP = 25  # kernels listed per trace (--trace-top)
+
+
 def summarize_trace(trace_dir: str, steps: int, top: int = 25) -> dict:
     """Device time per step by kernel name from a jax.profiler perfetto trace."""
     import gzip
@@ -234,7 +237,7 @@ def traced(measure, per: int, **kwargs) -> dict:
             finally:
                 jax.profiler.stop_trace()
         result = measure(wrap_timed=wrap, **kwargs)
-        result["trace"] = summarize_trace(trace_dir, per)
+        result["trace"] = summarize_trace(trace_dir, per, TRACE_TOP)
     return result
 
 
@@ -377,8 +380,11 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--profile-context", type=int, default=4096)
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--trace-top", type=int, default=25, help="kernels listed per trace")
     parser.add_argument("--ttft-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    global TRACE_TOP
+    TRACE_TOP = args.trace_top
     if args.ttft_child:
         ttft_child(args)
         return 0

@@ -343,7 +343,7 @@ def choose_kernels(model, kernels: str, several_devices: bool = False) -> dict:
     if kernels == "pallas" and jax.default_backend() == "tpu":  # only the MoE kernel has a TPU lowering
         chosen = {name: "pallas" if name == "moe" else "xla" for name in FASTEST}
     if several_devices:  # attention kernels are not partitioned over a mesh (yet): XLA there
-        chosen.update(decode_attention="xla", prefill_attention="xla", projection="xla")
+        chosen.update(decode_attention="xla", prefill_attention="xla", projection="xla", router="xla")
     set_kernels(model, **chosen)
     return kernels_in_use(model)
 

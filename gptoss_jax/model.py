@@ -216,11 +216,15 @@ class ExpertWeights(NamedTuple):
 # pairs); with only the GEMV on, it takes up to KERNEL_GEMV_MAX_PAIRS pairs.
 KERNEL_GEMM_MIN_PAIRS = 64
 KERNEL_GEMV_MAX_PAIRS = 512
+# The fused norm + router kernels run for up to this many tokens (each token's program
+# reads router rows on its own; beyond a few tokens XLA's GEMM reads them once).
+KERNEL_ROUTER_MAX_TOKENS = 16
 
 
 class MoE(nnx.Module):
     kernels = "xla"  # "pallas": the fused MXFP4 grouped GEMV (gptoss_jax.kernels.set_kernels)
     gemm_kernel = "xla"  # "pallas": the MXFP4 grouped GEMM for many pairs
+    router_kernel = "xla"  # "pallas": fused RMSNorm + router + top-k + softmax for few tokens
 
     def __init__(self, config: GptOssConfig, dtype, mesh=None):
         c = config
@@ -258,6 +262,14 @@ class MoE(nnx.Module):
         values, experts = jax.lax.top_k(logits, self.config.experts_per_token)
         return experts, jax.nn.softmax(values.astype(F32), axis=-1).astype(self.dtype)
 
+    def norm_route_kernel(self, x):
+        """self.norm + self.route for a few tokens x [n, embed] in two fused kernels
+        (kernels/router.py): (h, experts, weights)."""
+        from gptoss_jax.kernels.router import norm_route
+
+        return norm_route(x, self.norm.scale[...], self.router_w[...], self.router_b[...], eps=self.norm.eps,
+                          k=self.config.experts_per_token)
+
     def swiglu(self, u):
         """Clamped SwiGLU on interleaved gate/up columns, with the +1 on the linear branch."""
         c, dt = self.config, self.dtype
@@ -270,8 +282,11 @@ class MoE(nnx.Module):
 
     def __call__(self, x):
         b, t, d = x.shape
-        h = self.norm(x).reshape(b * t, d)
-        experts, weights = self.route(h)
+        if self.router_kernel == "pallas" and self.mesh is None and b * t <= KERNEL_ROUTER_MAX_TOKENS:
+            h, experts, weights = self.norm_route_kernel(x.reshape(b * t, d))
+        else:
+            h = self.norm(x).reshape(b * t, d)
+            experts, weights = self.route(h)
         if self.mesh is None:
             out = self.expert_mix(h, experts, weights, self.expert_weights())
         else:

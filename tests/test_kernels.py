@@ -178,9 +178,8 @@ def test_moe_kernel_saturates_swiglu_clamp(tiny_model):
 
 
 def test_end_to_end_decode_logits_with_kernels(tiny_model):
-    """Prefill (reference path: many tokens) then decode steps through the MoE and attention
-    kernels: logits
-    equal the reference path's within bf16 tolerance."""
+    """Prefill (reference path: many tokens) then decode steps through the MoE, router,
+    projection and attention kernels: logits equal the reference path's within bf16 tolerance."""
     tokens = jnp.asarray([[3, 17, 4000, 99, 123456, 7, 8]])
     positions = jnp.arange(tokens.shape[1])[None]
     caches = tiny_model.init_cache(1, 64)
@@ -188,12 +187,12 @@ def test_end_to_end_decode_logits_with_kernels(tiny_model):
     steps = [[11], [200000], [5]]
     reference, kernel = [], []
     for impl, out in (("xla", reference), ("pallas", kernel)):
-        set_kernels(tiny_model, moe=impl, attention=impl, moe_gemm=impl, projection=impl)
+        set_kernels(tiny_model, moe=impl, attention=impl, moe_gemm=impl, projection=impl, router=impl)
         c = caches
         for i, t in enumerate(steps):
             logits, c = tiny_model.extend(jnp.asarray([t]), jnp.asarray([[tokens.shape[1] + i]]), c)
             out.append(np.asarray(logits, np.float32))
-    set_kernels(tiny_model, moe="xla", attention="xla", moe_gemm="xla", projection="xla")
+    set_kernels(tiny_model, moe="xla", attention="xla", moe_gemm="xla", projection="xla", router="xla")
     for r, k in zip(reference, kernel):
         np.testing.assert_allclose(k, r, atol=0.05 * np.abs(r).max(), rtol=0)
         assert np.argmax(k) == np.argmax(r)
@@ -215,10 +214,10 @@ def test_set_kernels_defaults_and_partial_choices(tiny_model):
         assert kernels_in_use(set_kernels(tiny_model)) == FASTEST
         set_kernels(tiny_model, projection="xla")  # only the named kernel changes
         assert kernels_in_use(tiny_model) == {**FASTEST, "projection": "xla"}
-        set_kernels(tiny_model, "xla", "xla", moe_gemm="xla", projection="xla")
+        set_kernels(tiny_model, "xla", "xla", moe_gemm="xla", projection="xla", router="xla")
         assert set(kernels_in_use(tiny_model).values()) == {"xla"}
     finally:
-        set_kernels(tiny_model, "xla", "xla", moe_gemm="xla", projection="xla")
+        set_kernels(tiny_model, "xla", "xla", moe_gemm="xla", projection="xla", router="xla")
 
 
 @pytest.mark.parametrize("num_experts", [32, 128])  # gpt-oss-20b, 120b
