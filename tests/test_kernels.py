@@ -99,19 +99,20 @@ def test_expert_gemv_loop_variants_equal_plain_loop(swiglu, prefetch, peel_tail)
 
 def test_expert_gemv_sums_a_tokens_experts_and_skips_other_devices():
     """pairs_per_program=k: one fp32 row per token, sum_j weight_j * output_j in slot order;
-    expert id -1 (another device's expert) adds nothing even with a nonzero weight."""
+    expert ids outside [0, E) (another device's experts) add nothing even with a nonzero weight."""
     keys = jax.random.split(jax.random.key(12), 6)
     experts, k, tokens, d = 5, 4, 3, 96
     fp4 = random_fp4(keys[0], (experts, 64, d // 32))
     scales = random_scales(keys[1], (experts, 64, d // 32))
     bias = jax.random.normal(keys[2], (experts, 64)).astype(jnp.bfloat16)
     x = jax.random.normal(keys[3], (tokens * k, d)).astype(jnp.bfloat16)
-    ids = jnp.asarray([[0, 4, 2, 2], [1, -1, 3, 0], [-1, -1, -1, -1]], jnp.int32)
+    ids = jnp.asarray([[0, 4, 2, 2], [1, -1, 3, 5], [-1, 9, -1, -1]], jnp.int32)
     weights = jax.nn.softmax(jax.random.normal(keys[4], (tokens, k)), axis=-1).astype(jnp.bfloat16)
     got = moe_kernels.expert_gemv(x, ids.reshape(-1), moe_kernels.packed_bytes(fp4), scales, bias, weights.reshape(-1),
                                   pairs_per_program=k, rows=8, blocks_per_step=2, interpret=True)
-    y = reference_gemv(x, jnp.maximum(ids.reshape(-1), 0), fp4, scales, bias).reshape(tokens, k, -1)
-    y = jnp.where(ids[..., None] >= 0, y, 0)
+    known = (ids >= 0) & (ids < experts)
+    y = reference_gemv(x, jnp.where(known, ids, 0).reshape(-1), fp4, scales, bias).reshape(tokens, k, -1)
+    y = jnp.where(known[..., None], y, 0)
     want = jnp.einsum("nko,nk->no", y, weights, preferred_element_type=jnp.float32)
     assert got.shape == (tokens, 64) and got.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-2, atol=1e-2)

@@ -98,15 +98,17 @@ def _gemv_kernel(expert_ref, weight_ref, x_ref, w_ref, s_ref, bias_ref, out_ref,
     round(round(x @ W^T) + bias) (the reference's roundings: dot in fp32, round, add the bias
     in the compute dtype); with `swiglu_params` the program reads the interleaved gate and
     up rows of its `rows` outputs and applies the clamped SwiGLU. With several pairs per
-    program (a token's k experts) it writes their sum weighted by weight_ref in fp32, and
-    pairs whose expert id is negative (another device's expert) read nothing and add nothing."""
+    program (a token's k experts) it writes their sum weighted by weight_ref in fp32. Pairs
+    whose expert id is outside [0, E) (another device's expert) read no weights; they add
+    nothing to a sum, and their own rows (one pair per program) hold only a bias."""
     from jax.experimental.pallas import triton as plgpu
 
     program, row_block = pl.program_id(0), pl.program_id(1)
     pairs = [program * pairs_per_program + j for j in range(pairs_per_program)]
     experts = [expert_ref[p] for p in pairs]
-    live = [e >= 0 for e in experts]
-    experts = [jnp.maximum(e, 0) for e in experts]
+    num_experts = w_ref.shape[0]
+    live = [(e >= 0) & (e < num_experts) for e in experts]
+    experts = [jnp.clip(e, 0, num_experts - 1) for e in experts]
     # The refs come as [.., O/2, 2, ..] (w, scales, bias) and [X, D/2, 2] (x) views, so that
     # every-other-row and every-other-feature slices are plain indexing.
     # Each entry: (slice of the O/2 axis, slice of the pair axis) covering `rows` outputs.
@@ -205,8 +207,8 @@ def expert_gemv(x, pair_expert, w_bytes, w_scales, bias, pair_weight=None, *, pa
     bias [E, O]. Returns [P, O] = round(x @ W^T) + bias, or with swiglu_params=(limit, alpha)
     [P, O/2] = SwiGLU of the interleaved gate/up outputs.
     With pairs_per_program=k and pair_weight [P]: returns fp32 [P/k, O'], the sum over each
-    group of k consecutive pairs of pair_weight * (the pair's output); negative expert ids
-    add nothing."""
+    group of k consecutive pairs of pair_weight * (the pair's output); expert ids outside
+    [0, E) add nothing."""
     from jax.experimental.pallas import triton as plgpu
 
     d = x.shape[1]
@@ -288,9 +290,7 @@ def experts_mix_decode(h, experts, mlp1_bytes, mlp1_scales, mlp1_bias, mlp2_byte
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
     n, k = experts.shape
-    num_experts = mlp1_bytes.shape[0]
-    known = (experts >= 0) & (experts < num_experts)
-    pair_expert = jnp.where(known, experts, -1).reshape(-1)
+    pair_expert = experts.reshape(-1)  # ids outside [0, E) read nothing and add nothing
     a = expert_gemv(h, pair_expert, mlp1_bytes, mlp1_scales, mlp1_bias, pairs_per_x=k,
                     swiglu_params=(float(limit), float(alpha)), interpret=interpret, **(mlp1_tuning or {}))
     return expert_gemv(a, pair_expert, mlp2_bytes, mlp2_scales, mlp2_bias, weights.reshape(-1),
