@@ -135,29 +135,32 @@ class Attention(nnx.Module):
             k = self.project(h, self.wk, self.bk)
             v = self.project(h, self.wv, self.bv)
         cos, sin = rope_tables(c, positions, dt)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-
+        window = c.sliding_window if self.sliding else None
         if cache is not None and self.decode_attention_kernel == "pallas" and x.shape[1] == 1:  # kernels hook
             from gptoss_jax.kernels.attention import decode_attention
 
-            out = decode_attention(q, k, v, positions, cache.k, cache.v, cache.positions, self.sinks[...],
-                                   window=c.sliding_window if self.sliding else None)
+            # The kernel applies RoPE to q and k and writes the cache in place.
+            out, new_cache = decode_attention(q, k, v, positions, cache.k, cache.v, cache.positions, self.sinks[...],
+                                              (cos, sin), window=window, write_cache=True)
+            return self.output(out), LayerCache(*new_cache)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is None:
+            keys, values, key_positions = k, v, positions
         else:
-            if cache is None:
-                keys, values, key_positions = k, v, positions
-            else:
-                keys = jnp.concatenate([cache.k, k], axis=1)
-                values = jnp.concatenate([cache.v, v], axis=1)
-                key_positions = jnp.concatenate([cache.positions, positions], axis=1)
-            if self.prefill_attention_kernel == "pallas" and x.shape[1] > 1:  # kernels hook: prompt / multi-token steps
-                from gptoss_jax.kernels.flash import prefill_attention
+            keys = jnp.concatenate([cache.k, k], axis=1)
+            values = jnp.concatenate([cache.v, v], axis=1)
+            key_positions = jnp.concatenate([cache.positions, positions], axis=1)
+        if self.prefill_attention_kernel == "pallas" and x.shape[1] > 1:  # kernels hook: prompt / multi-token steps
+            from gptoss_jax.kernels.flash import prefill_attention
 
-                out = prefill_attention(q, keys, values, positions, key_positions, self.sinks[...],
-                                        window=c.sliding_window if self.sliding else None)
-            else:
-                out = self.attend(q, keys, values, positions, key_positions)
-        out = (_einsum("btnk,dnk->btd", out, self.wo[...], dt) + self.bo[...].astype(F32)).astype(dt)
-        return out, (None if cache is None else self.write_cache(cache, k, v, positions))
+            out = prefill_attention(q, keys, values, positions, key_positions, self.sinks[...], window=window)
+        else:
+            out = self.attend(q, keys, values, positions, key_positions)
+        return self.output(out), (None if cache is None else self.write_cache(cache, k, v, positions))
+
+    def output(self, out):
+        """The output projection of the heads [b, t, heads, head_dim] -> [b, t, embed] (spec 2.7)."""
+        return (_einsum("btnk,dnk->btd", out, self.wo[...], self.dtype) + self.bo[...].astype(F32)).astype(self.dtype)
 
     def attend(self, q, k, v, q_positions, k_positions):
         """Softmax attention with the learned sink as an extra logit per head (spec 2.3)."""

@@ -12,7 +12,7 @@ from flax import nnx
 
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.kernels.attention import decode_attention, default_splits
-from gptoss_jax.model import NO_POSITION, Attention, LayerCache
+from gptoss_jax.model import NO_POSITION, Attention, LayerCache, apply_rope, rope_tables
 
 # 8 query heads per kv head as in gpt-oss (so the kernel pads the group to 16 rows), small
 # head_dim and window for speed. Layer 0 slides, layer 1 attends fully.
@@ -90,6 +90,28 @@ def test_decode_attention_matches_reference(kind, splits, dtype):
     assert not np.any(np.asarray(got[-1], np.float32))  # padding attends nothing
 
 
+@pytest.mark.parametrize("kind,splits", [("sliding", None), ("full", 4)])
+def test_decode_attention_applies_rope_and_writes_the_cache(kind, splits):
+    """rope=(cos, sin) and write_cache=True: the output of apply_rope + attend on the cache
+    + new key, and the cache Attention.write_cache leaves (ring wrap, a position beyond the
+    full cache and a padding query write nothing)."""
+    layer, slots, query_positions = CASES[kind]
+    attn = random_attention(SMALL, layer, jnp.bfloat16)
+    q, k_new, v_new, positions, cache_k, cache_v, cache_positions = random_step(attn, query_positions, slots, seed=4)
+    cos, sin = rope_tables(SMALL, positions, jnp.bfloat16)
+    q_rope, k_rope = apply_rope(q, cos, sin), apply_rope(k_new, cos, sin)
+    want = reference(attn, q_rope, k_rope, v_new, positions, cache_k, cache_v, cache_positions)
+    want_cache = attn.write_cache(LayerCache(cache_k, cache_v, cache_positions), k_rope, v_new, positions)
+    got, got_cache = kernel(attn, q, k_new, v_new, positions, cache_k, cache_v, cache_positions, rope=(cos, sin),
+                            write_cache=True, splits=splits, block=16)
+    assert_close(got, want, DTYPES["bf16"][1])
+    np.testing.assert_allclose(np.asarray(got_cache[0], np.float32), np.asarray(want_cache.k, np.float32),
+                               rtol=1e-2, atol=1e-2)  # RoPE'd keys: at most a bf16 ulp apart
+    np.testing.assert_array_equal(np.asarray(got_cache[1]), np.asarray(want_cache.v))
+    np.testing.assert_array_equal(np.asarray(got_cache[2]), np.asarray(want_cache.positions))
+    assert not np.array_equal(np.asarray(got_cache[2]), np.asarray(cache_positions))  # something was written
+
+
 def test_decode_attention_window_128_edges():
     """The real window: queries 127, 128, 129 keys past the start of the ring, and a wrapped ring."""
     attn = random_attention(SMALL.replace(sliding_window=128), 0, jnp.bfloat16)
@@ -157,9 +179,14 @@ def test_decode_attention_lowers_to_triton_at_20b_shapes(window, slots, batch):
     s = jax.ShapeDtypeStruct
     args = (s((batch, 1, 64, 64), bf16), s((batch, 1, 8, 64), bf16), s((batch, 1, 8, 64), bf16), s((batch, 1), i32),
             s((batch, slots, 8, 64), bf16), s((batch, slots, 8, 64), bf16), s((batch, slots), i32), s((64,), bf16))
+    splits = default_splits(batch, 8, slots, 64, window)
     f = functools.partial(decode_attention, window=window, interpret=False)
     text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    splits = default_splits(batch, 8, slots, 64, window)
+    assert text.count("custom_call @__gpu$xla.gpu.triton") == (1 if splits == 1 else 2)
+    # as the model calls it: RoPE in the kernel, the cache written in place
+    rope = (s((batch, 1, 32), bf16),) * 2
+    f = functools.partial(decode_attention, window=window, write_cache=True, interpret=False)
+    text = jax.jit(f).trace(*args, rope).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("custom_call @__gpu$xla.gpu.triton") == (1 if splits == 1 else 2)
 
 
