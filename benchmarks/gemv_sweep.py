@@ -95,9 +95,16 @@ def main():
     parser.add_argument("--json")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--ncu", action="store_true", help="one call of the default tilings (run under ncu)")
+    parser.add_argument("--ptx-decode", choices=sorted(moe.PTX_DECODERS), help="kernels.moe.PTX_DECODE")
     parser.add_argument("--pipeline", action="store_true",
                         help="only the hand-pipelined (prefetch) and mlp2-sums-the-k-experts variants")
+    parser.add_argument("--loops", type=json.loads, help='--pipeline: GEMV loop options, e.g. [{}, {"fma": true}]')
     args = parser.parse_args()
+    if args.loops is not None:
+        global LOOPS
+        LOOPS = args.loops
+    if args.ptx_decode:
+        moe.PTX_DECODE = args.ptx_decode
     if args.ncu:
         raw = jnp.zeros((32, 5760, 90, 16), jnp.uint8) + 0x35
         scales = jnp.full((32, 5760, 90), 127, jnp.uint8)
@@ -214,6 +221,9 @@ def random_experts(key, experts, out_rows, features):
     return raw, scales, bias
 
 
+LOOPS = [{}, dict(fma=True), dict(prefetch=True), dict(peel_tail=True)]  # --loops
+
+
 def pipeline_sweep(key, experts, record, results, quick):
     """The two batch-1 GEMVs as the model calls them: mlp1 + SwiGLU over 4 pairs, and mlp2
     either per pair (then an XLA weighted sum) or summing the 4 experts in the kernel; each
@@ -228,7 +238,7 @@ def pipeline_sweep(key, experts, record, results, quick):
     ids = [jnp.arange(4 * i, 4 * i + 4, dtype=jnp.int32) % experts for i in range(CALLS)]
     tilings = [dict(rows=4, blocks_per_step=32, num_warps=4)] if quick else [
         dict(rows=r, blocks_per_step=b, num_warps=w) for r, b, w in itertools.product([2, 4, 8], [16, 32], [4, 8])]
-    loops = [dict(prefetch=p, peel_tail=t) for p, t in itertools.product([False, True], [False, True])]
+    loops = LOOPS
     cases = {
         "mlp1+swiglu": (lambda pe, **v: moe.expert_gemv(x, pe, *w1, pairs_per_x=4, swiglu_params=(7.0, 1.702), **v),
                         4 * 2 * features * features // 32 * 17),
@@ -236,8 +246,9 @@ def pipeline_sweep(key, experts, record, results, quick):
         "mlp2_sum4": (lambda pe, **v: moe.expert_gemv(a, pe, *w2, weights, pairs_per_program=4, **v),
                       4 * features * features // 32 * 17),
     }
+    # The same GEMVs with the integer nibble decode (no PTX): every variant must match it.
     for name, (call, nbytes) in cases.items():
-        base = np.asarray(call(ids[0]).astype(F32))
+        base = np.asarray(call(ids[0], use_ptx=False).astype(F32))
         for v, loop in itertools.product(tilings, loops):
             row = {"matrix": name, **v, **loop}
             if name == "mlp2" and (any(loop.values()) or v["num_warps"] == 8):
@@ -245,7 +256,7 @@ def pipeline_sweep(key, experts, record, results, quick):
             try:
                 fn = lambda pe, v=v, loop=loop: call(pe, **loop, **v)
                 out = np.asarray(fn(ids[0]).astype(F32))
-                row["max_rel_err_vs_default"] = float(np.max(np.abs(out - base)) / np.max(np.abs(base)))
+                row["max_rel_err_vs_integer_decode"] = float(np.max(np.abs(out - base)) / np.max(np.abs(base)))
                 us = kernel_us(fn, [(pe,) for pe in ids], "mxfp4_expert_gemv")
                 row.update(us=us, gb_per_s=nbytes / us / 1e3)
             except Exception as e:

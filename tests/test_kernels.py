@@ -222,7 +222,7 @@ def test_set_kernels_defaults_and_partial_choices(tiny_model):
 
 
 @pytest.mark.parametrize("num_experts", [32, 128])  # gpt-oss-20b, 120b
-@pytest.mark.parametrize("loop", [{}, dict(prefetch=True, peel_tail=True)])
+@pytest.mark.parametrize("loop", [{}, dict(prefetch=True, peel_tail=True), dict(fma=True)])
 def test_mix_decode_lowers_to_triton_at_real_shapes(num_experts, loop):
     """Both GEMVs of the batch-1 MoE (mlp1 + SwiGLU; mlp2 summing the 4 experts) lower to
     Triton at the real shapes, hand-pipelined or not (Pallas lowering errors show up here;

@@ -51,10 +51,36 @@ def decode_nibbles(byte):
     return _fp16_bits_to_f32(low), _fp16_bits_to_f32(high)
 
 
-# Same as decode_nibbles, four bytes per instance in PTX: prmt spreads bytes (b0, b1) and
-# (b2, b3) into the two 16-bit halves of a word, then shifts and masks build both fp16
-# halves at once. One asm per nibble (Pallas' inline asm takes one result).
-_PTX_TEMPLATE = """
+# Same as decode_nibbles, four bytes per instance in PTX (Pallas' inline asm takes one result
+# set, so one asm per nibble). Each fp16 above has a zero low byte and the high byte
+# s000e1e0m0 (s: the nibble's bit 3, e1e0m: bits 2..0), so the asm builds the four high
+# bytes at once with shifts and masks and places them with two byte permutes (prmt, byte
+# 4+ of the second operand being the constant 0). "halves" is the first version: it spreads
+# bytes into 16-bit halves first, then shifts and masks each pair (twice the instructions).
+_PTX_BYTES_LOW = """
+{
+.reg .b32 a, b;
+shl.b32 a, $2, 1;
+and.b32 a, a, 0x0E0E0E0E;
+shl.b32 b, $2, 4;
+and.b32 b, b, 0x80808080;
+or.b32 a, a, b;
+prmt.b32 $0, a, 0, 0x1404;
+prmt.b32 $1, a, 0, 0x3424;
+}
+"""
+_PTX_BYTES_HIGH = """
+{
+.reg .b32 a, b;
+shr.b32 a, $2, 3;
+and.b32 a, a, 0x0E0E0E0E;
+and.b32 b, $2, 0x80808080;
+or.b32 a, a, b;
+prmt.b32 $0, a, 0, 0x1404;
+prmt.b32 $1, a, 0, 0x3424;
+}
+"""
+_PTX_HALVES_TEMPLATE = """
 {{
 .reg .b32 t0, t1, a, b;
 prmt.b32 t0, $2, 0, 0x4140;
@@ -65,8 +91,9 @@ shl.b32 a, t1, {sign}; and.b32 a, a, 0x80008000;
 shl.b32 b, t1, {mag};  and.b32 b, b, 0x0E000E00; or.b32 $1, a, b;
 }}
 """
-_PTX_LOW = _PTX_TEMPLATE.format(sign=12, mag=9)
-_PTX_HIGH = _PTX_TEMPLATE.format(sign=8, mag=5)
+PTX_DECODERS = {"bytes": (_PTX_BYTES_LOW, _PTX_BYTES_HIGH),
+                "halves": (_PTX_HALVES_TEMPLATE.format(sign=12, mag=9), _PTX_HALVES_TEMPLATE.format(sign=8, mag=5))}
+PTX_DECODE = "bytes"
 
 
 def decode_nibbles_ptx(byte_u8):
@@ -79,7 +106,20 @@ def decode_nibbles_ptx(byte_u8):
                                              result_shape_dtypes=[shape])
         return out.astype(F32)
 
-    return run(_PTX_LOW), run(_PTX_HIGH)
+    low, high = PTX_DECODERS[PTX_DECODE]
+    return run(low), run(high)
+
+
+def _fma(a, b, c):
+    """a * b + c rounded once (PTX fma.rn.f32): XLA's Triton pipeline does not contract
+    a multiply and an add on its own. Exact wherever a * b is exact in fp32."""
+    from jax.experimental.pallas import triton as plgpu
+
+    shape = jnp.broadcast_shapes(a.shape, b.shape, c.shape)
+    args = [jnp.broadcast_to(t.astype(F32), shape) for t in (a, b, c)]
+    [out] = plgpu.elementwise_inline_asm("fma.rn.f32 $0, $1, $2, $3;", args=args, constraints="=r,r,r,r", pack=1,
+                                         result_shape_dtypes=[jax.ShapeDtypeStruct(shape, F32)])
+    return out
 
 
 def block_scale(scale_u8):
@@ -92,7 +132,7 @@ def block_scale(scale_u8):
 # --------------------------------------------------------------------- grouped GEMV (Triton)
 def _gemv_kernel(expert_ref, weight_ref, x_ref, w_ref, s_ref, bias_ref, out_ref, *, rows: int,
                  blocks_per_step: int, num_blocks: int, pairs_per_x: int, pairs_per_program: int, use_ptx: bool,
-                 swiglu_params, elementwise_acc: bool, prefetch: bool, peel_tail: bool):
+                 swiglu_params, elementwise_acc: bool, prefetch: bool, peel_tail: bool, fma: bool):
     """One program: `rows` outputs of `pairs_per_program` (token, expert) pairs, looping over
     the contraction in steps of `blocks_per_step` 32-element blocks. Per pair, the output is
     round(round(x @ W^T) + bias) (the reference's roundings: dot in fp32, round, add the bias
@@ -156,7 +196,8 @@ def _gemv_kernel(expert_ref, weight_ref, x_ref, w_ref, s_ref, bias_ref, out_ref,
             if elementwise_acc:
                 new.append(acc + (low * xe + high * xo) * scale[:, :, None])
             else:
-                new.append(acc + jnp.sum(jnp.sum(low * xe + high * xo, axis=2) * scale, axis=1))
+                pair_sums = _fma(high, xo, low * xe) if fma else low * xe + high * xo
+                new.append(acc + jnp.sum(jnp.sum(pair_sums, axis=2) * scale, axis=1))
         return tuple(new)
 
     # peel_tail: the full steps run unmasked (a mask can cost vectorized loads) and the
@@ -196,10 +237,10 @@ def _gemv_kernel(expert_ref, weight_ref, x_ref, w_ref, s_ref, bias_ref, out_ref,
 
 @functools.partial(jax.jit, static_argnames=("pairs_per_x", "pairs_per_program", "swiglu_params", "rows",
                                              "blocks_per_step", "num_warps", "num_stages", "use_ptx",
-                                             "elementwise_acc", "prefetch", "peel_tail", "interpret"))
+                                             "elementwise_acc", "prefetch", "peel_tail", "fma", "interpret"))
 def expert_gemv(x, pair_expert, w_bytes, w_scales, bias, pair_weight=None, *, pairs_per_x=1, pairs_per_program=1,
                 swiglu_params=None, rows=4, blocks_per_step=32, num_warps=4, num_stages=1, use_ptx=True,
-                elementwise_acc=False, prefetch=False, peel_tail=False, interpret=False):
+                elementwise_acc=False, prefetch=False, peel_tail=False, fma=False, interpret=False):
     """Grouped GEMV over (token, expert) pairs, reading only pair_expert's packed FP4 rows.
 
     x [X, D] in the compute dtype; pair p uses row p // pairs_per_x of x and expert
@@ -227,7 +268,8 @@ def expert_gemv(x, pair_expert, w_bytes, w_scales, bias, pair_weight=None, *, pa
     kernel = functools.partial(_gemv_kernel, rows=rows, blocks_per_step=blocks_per_step, num_blocks=num_blocks,
                                pairs_per_x=pairs_per_x, pairs_per_program=pairs_per_program,
                                use_ptx=use_ptx and not interpret, swiglu_params=swiglu_params,
-                               elementwise_acc=elementwise_acc, prefetch=prefetch, peel_tail=peel_tail)
+                               elementwise_acc=elementwise_acc, prefetch=prefetch, peel_tail=peel_tail,
+                               fma=fma and use_ptx and not interpret)
     if pair_weight is None:
         pair_weight = jnp.zeros((num_pairs,), x.dtype)
     anywhere = pl.BlockSpec(memory_space=pl.ANY)
