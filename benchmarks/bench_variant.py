@@ -3,7 +3,7 @@ part of CI). Everything after `--` goes to bench.py.
 
     python benchmarks/bench_variant.py --gemm-min-pairs 32 -- --kernels fastest --measure batch --batches 8,16
     python benchmarks/bench_variant.py --gemv contiguous_x=true -- --kernels fastest --measure decode --contexts 0
-    python benchmarks/bench_variant.py --gemm-decode prefetch=true -- --kernels fastest --measure batch --batches 64
+    python benchmarks/bench_variant.py --gemm-decode num_stages=3 -- --kernels fastest --measure batch --batches 64
     python benchmarks/bench_variant.py --per-pair-mlp2 -- --kernels fastest --measure decode --contexts 0
 """
 
@@ -40,12 +40,9 @@ def main(argv):
                         help="an entry of kernels.moe_gemm.DECODE_TUNING (the GEMM for decode batches)")
     parser.add_argument("--mix", action="append", default=[], metavar="KEY=VALUE",
                         help="an entry of kernels.moe.MIX_TUNING (the mlp2 GEMV that sums the k experts)")
-    parser.add_argument("--ptx-decode", choices=sorted(moe.PTX_DECODERS), help="kernels.moe.PTX_DECODE")
     parser.add_argument("--per-pair-mlp2", action="store_true",
                         help="batch-1 MoE as before the summing GEMV: mlp2 per pair, then an XLA weighted sum")
     args = parser.parse_args(own)
-    if args.ptx_decode:
-        moe.PTX_DECODE = args.ptx_decode
     if args.gemm_decode:
         moe_gemm.DECODE_TUNING.update({k: json.loads(v) for k, v in (item.split("=", 1) for item in args.gemm_decode)})
     if args.mix:

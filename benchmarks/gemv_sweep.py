@@ -3,7 +3,7 @@ GEMV and for a plain bf16 GEMV (the attention projections), timed by device kern
 from a jax.profiler trace (not part of CI; run on a GPU).
 
     python benchmarks/gemv_sweep.py --json sweep.json [--quick]
-    python benchmarks/gemv_sweep.py --pipeline --json pipeline.json   # loop variants and mlp2-sums-k; --quick: the default tiling
+    python benchmarks/gemv_sweep.py --pipeline --json pipeline.json   # loop options (--loops) and mlp2-sums-k; --quick: the default tiling
 
 Each timed call reads bytes no earlier call read (rotating experts / 8 weight copies), so
 L2 (50 MB on an H100) does not flatter the numbers. Prints us per call and GB/s.
@@ -95,23 +95,23 @@ def main():
     parser.add_argument("--json")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--ncu", action="store_true", help="one call of the default tilings (run under ncu)")
-    parser.add_argument("--ptx-decode", choices=sorted(moe.PTX_DECODERS), help="kernels.moe.PTX_DECODE")
     parser.add_argument("--pipeline", action="store_true",
-                        help="only the hand-pipelined (prefetch) and mlp2-sums-the-k-experts variants")
+                        help="the GEMVs as the model calls them (mlp2 per pair and summing the k experts), with --loops")
     parser.add_argument("--loops", type=json.loads, help='--pipeline: GEMV loop options, e.g. [{}, {"fma": true}]')
+    parser.add_argument("--tilings", type=json.loads, help='--pipeline: e.g. [{"rows": 8, "num_warps": 8}]')
+    parser.add_argument("--cases", help="--pipeline: comma-separated subset of mlp1+swiglu,mlp2,mlp2_sum4")
     args = parser.parse_args()
-    if args.loops is not None:
-        global LOOPS
-        LOOPS = args.loops
-    if args.ptx_decode:
-        moe.PTX_DECODE = args.ptx_decode
+    global LOOPS, TILINGS, CASES
+    LOOPS = LOOPS if args.loops is None else args.loops
+    TILINGS = args.tilings
+    CASES = None if args.cases is None else args.cases.split(",")
     if args.ncu:
         raw = jnp.zeros((32, 5760, 90, 16), jnp.uint8) + 0x35
         scales = jnp.full((32, 5760, 90), 127, jnp.uint8)
         bias = jnp.zeros((32, 5760), jnp.bfloat16)
         x = jnp.ones((1, 2880), jnp.bfloat16)
         pe = jnp.arange(4, dtype=jnp.int32)
-        for loop in ({}, dict(peel_tail=True), dict(peel_tail=True, prefetch=True)):  # in this order in ncu's report
+        for loop in ({}, dict(fma=False)):  # in this order in ncu's report
             jax.block_until_ready(moe.expert_gemv(x, pe, raw, scales, bias, pairs_per_x=4, swiglu_params=(7.0, 1.702),
                                                   **loop))
         w = jnp.ones((5120, 2880), jnp.bfloat16)
@@ -221,7 +221,9 @@ def random_experts(key, experts, out_rows, features):
     return raw, scales, bias
 
 
-LOOPS = [{}, dict(fma=True), dict(prefetch=True), dict(peel_tail=True)]  # --loops
+LOOPS = [{}, dict(fma=False)]  # --loops
+TILINGS = None  # --tilings
+CASES = None  # --cases
 
 
 def pipeline_sweep(key, experts, record, results, quick):
@@ -236,8 +238,8 @@ def pipeline_sweep(key, experts, record, results, quick):
     a = jax.random.normal(k4, (4, features), F32).astype(jnp.bfloat16)
     weights = jnp.asarray([0.4, 0.3, 0.2, 0.1], jnp.bfloat16)
     ids = [jnp.arange(4 * i, 4 * i + 4, dtype=jnp.int32) % experts for i in range(CALLS)]
-    tilings = [dict(rows=4, blocks_per_step=32, num_warps=4)] if quick else [
-        dict(rows=r, blocks_per_step=b, num_warps=w) for r, b, w in itertools.product([2, 4, 8], [16, 32], [4, 8])]
+    tilings = TILINGS or ([dict(rows=4, blocks_per_step=32, num_warps=4)] if quick else [
+        dict(rows=r, blocks_per_step=b, num_warps=w) for r, b, w in itertools.product([2, 4, 8], [16, 32], [4, 8])])
     loops = LOOPS
     cases = {
         "mlp1+swiglu": (lambda pe, **v: moe.expert_gemv(x, pe, *w1, pairs_per_x=4, swiglu_params=(7.0, 1.702), **v),
@@ -247,6 +249,7 @@ def pipeline_sweep(key, experts, record, results, quick):
                       4 * features * features // 32 * 17),
     }
     # The same GEMVs with the integer nibble decode (no PTX): every variant must match it.
+    cases = {name: case for name, case in cases.items() if CASES is None or name in CASES}
     for name, (call, nbytes) in cases.items():
         base = np.asarray(call(ids[0], use_ptx=False).astype(F32))
         for v, loop in itertools.product(tilings, loops):

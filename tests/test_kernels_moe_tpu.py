@@ -117,8 +117,13 @@ def test_expert_mix_dispatches_tpu_kernel_only_on_tpu(monkeypatch):
             return jnp.zeros((*experts.shape, h.shape[-1]), h.dtype)
         return fn
 
-    for name in ("experts_tpu", "experts_kernel", "experts_grouped"):
+    def record_gemv(self, h, experts, weights, w=None):  # the GPU GEMVs sum the k experts themselves
+        calls.append("experts_mix_kernel")
+        return jnp.zeros((h.shape[0], h.shape[-1]), jnp.float32)
+
+    for name in ("experts_tpu", "experts_grouped"):
         monkeypatch.setattr(model_lib.MoE, name, record(name))
+    monkeypatch.setattr(model_lib.MoE, "experts_mix_kernel", record_gemv)
     h, experts, weights = jnp.ones((2, 64), jnp.bfloat16), jnp.zeros((2, 4), jnp.int32), jnp.ones((2, 4), jnp.bfloat16)
     mlp.kernels = "pallas"
     monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
@@ -128,7 +133,7 @@ def test_expert_mix_dispatches_tpu_kernel_only_on_tpu(monkeypatch):
     mlp.kernels = "xla"
     monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
     mlp.expert_mix(h, experts, weights, mlp.expert_weights())
-    assert calls == ["experts_tpu", "experts_kernel", "experts_grouped"]
+    assert calls == ["experts_tpu", "experts_mix_kernel", "experts_grouped"]
 
 
 # --------------------------------------------------------------- Mosaic TPU lowering

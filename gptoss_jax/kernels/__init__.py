@@ -12,7 +12,7 @@ KERNELS = ("moe", "moe_gemm", "decode_attention", "prefill_attention", "projecti
 # What set_kernels(model) selects: each kernel that measured faster than XLA on an H100
 # (docs/performance.md).
 FASTEST = {"moe": "pallas", "moe_gemm": "pallas", "decode_attention": "pallas", "prefill_attention": "pallas",
-           "projection": "pallas", "router": "xla"}
+           "projection": "pallas", "router": "pallas"}
 
 
 def set_kernels(model, moe: str | None = None, attention: str | None = None, *, moe_gemm: str | None = None,

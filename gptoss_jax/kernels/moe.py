@@ -54,10 +54,9 @@ def decode_nibbles(byte):
 # Same as decode_nibbles, four bytes per instance in PTX (Pallas' inline asm takes one result
 # set, so one asm per nibble). Each fp16 above has a zero low byte and the high byte
 # s000e1e0m0 (s: the nibble's bit 3, e1e0m: bits 2..0), so the asm builds the four high
-# bytes at once with shifts and masks and places them with two byte permutes (prmt, byte
-# 4+ of the second operand being the constant 0). "halves" is the first version: it spreads
-# bytes into 16-bit halves first, then shifts and masks each pair (twice the instructions).
-_PTX_BYTES_LOW = """
+# bytes at once with shifts and masks and places them with two byte permutes (prmt; bytes
+# 4-7 of the pool are the constant operand 0).
+_PTX_LOW = """
 {
 .reg .b32 a, b;
 shl.b32 a, $2, 1;
@@ -69,7 +68,7 @@ prmt.b32 $0, a, 0, 0x1404;
 prmt.b32 $1, a, 0, 0x3424;
 }
 """
-_PTX_BYTES_HIGH = """
+_PTX_HIGH = """
 {
 .reg .b32 a, b;
 shr.b32 a, $2, 3;
@@ -80,20 +79,6 @@ prmt.b32 $0, a, 0, 0x1404;
 prmt.b32 $1, a, 0, 0x3424;
 }
 """
-_PTX_HALVES_TEMPLATE = """
-{{
-.reg .b32 t0, t1, a, b;
-prmt.b32 t0, $2, 0, 0x4140;
-prmt.b32 t1, $2, 0, 0x4342;
-shl.b32 a, t0, {sign}; and.b32 a, a, 0x80008000;
-shl.b32 b, t0, {mag};  and.b32 b, b, 0x0E000E00; or.b32 $0, a, b;
-shl.b32 a, t1, {sign}; and.b32 a, a, 0x80008000;
-shl.b32 b, t1, {mag};  and.b32 b, b, 0x0E000E00; or.b32 $1, a, b;
-}}
-"""
-PTX_DECODERS = {"bytes": (_PTX_BYTES_LOW, _PTX_BYTES_HIGH),
-                "halves": (_PTX_HALVES_TEMPLATE.format(sign=12, mag=9), _PTX_HALVES_TEMPLATE.format(sign=8, mag=5))}
-PTX_DECODE = "bytes"
 
 
 def decode_nibbles_ptx(byte_u8):
@@ -106,8 +91,7 @@ def decode_nibbles_ptx(byte_u8):
                                              result_shape_dtypes=[shape])
         return out.astype(F32)
 
-    low, high = PTX_DECODERS[PTX_DECODE]
-    return run(low), run(high)
+    return run(_PTX_LOW), run(_PTX_HIGH)
 
 
 def _fma(a, b, c):
@@ -132,7 +116,7 @@ def block_scale(scale_u8):
 # --------------------------------------------------------------------- grouped GEMV (Triton)
 def _gemv_kernel(expert_ref, weight_ref, x_ref, w_ref, s_ref, bias_ref, out_ref, *, rows: int,
                  blocks_per_step: int, num_blocks: int, pairs_per_x: int, pairs_per_program: int, use_ptx: bool,
-                 swiglu_params, elementwise_acc: bool, prefetch: bool, peel_tail: bool, fma: bool):
+                 swiglu_params, elementwise_acc: bool, fma: bool):
     """One program: `rows` outputs of `pairs_per_program` (token, expert) pairs, looping over
     the contraction in steps of `blocks_per_step` 32-element blocks. Per pair, the output is
     round(round(x @ W^T) + bias) (the reference's roundings: dot in fp32, round, add the bias
@@ -162,11 +146,11 @@ def _gemv_kernel(expert_ref, weight_ref, x_ref, w_ref, s_ref, bias_ref, out_ref,
     acc_shape = (rows, blocks_per_step, 16) if elementwise_acc else (rows,)
     half = blocks_per_step * 16
 
-    def load(i, ragged=False):
+    def load(i):
         """The step's x halves per pair and, per stream, its packed bytes and scales (masked
-        for dead pairs, which load nothing, and in the ragged last step past the last block)."""
+        past the last block and for dead pairs: those load nothing)."""
         start = i * blocks_per_step
-        in_range = start + jnp.arange(blocks_per_step) < num_blocks if ragged else jnp.ones(blocks_per_step, bool)
+        in_range = start + jnp.arange(blocks_per_step) < num_blocks
         x_mask = jnp.broadcast_to(in_range[:, None, None], (blocks_per_step, 16, 1)).reshape(half, 1)
         xs = []
         for j in range(pairs_per_program):
@@ -200,24 +184,8 @@ def _gemv_kernel(expert_ref, weight_ref, x_ref, w_ref, s_ref, bias_ref, out_ref,
                 new.append(acc + jnp.sum(jnp.sum(pair_sums, axis=2) * scale, axis=1))
         return tuple(new)
 
-    # peel_tail: the full steps run unmasked (a mask can cost vectorized loads) and the
-    # ragged last step after them; otherwise every step is masked.
-    main_steps = num_blocks // blocks_per_step if peel_tail else steps
-    accs = tuple(jnp.zeros(acc_shape, F32) for _ in streams)
-    if prefetch and main_steps:
-        # Software pipelining by hand (Triton does not pipeline loads that feed elementwise
-        # code): the loads of step i + 1 are issued before step i's arithmetic. Unmasked,
-        # the load after the last step repeats the last step's instead of leaving the array.
-        def step(i, carry):
-            accs, loaded = carry
-            following = jnp.minimum(i + 1, main_steps - 1) if peel_tail else i + 1
-            return accumulate(accs, loaded), load(following, ragged=not peel_tail)
-
-        accs, _ = jax.lax.fori_loop(0, main_steps, step, (accs, load(0, ragged=not peel_tail)))
-    elif main_steps:
-        accs = jax.lax.fori_loop(0, main_steps, lambda i, a: accumulate(a, load(i, ragged=not peel_tail)), accs)
-    if main_steps < steps:
-        accs = jax.lax.fori_loop(main_steps, steps, lambda i, a: accumulate(a, load(i, ragged=True)), accs)
+    zeros = tuple(jnp.zeros(acc_shape, F32) for _ in streams)
+    accs = jax.lax.fori_loop(0, steps, lambda i, accs: accumulate(accs, load(i)), zeros)
     if elementwise_acc:
         accs = [jnp.sum(jnp.sum(a, axis=2), axis=1) for a in accs]
     dt = x_ref.dtype
@@ -237,10 +205,10 @@ def _gemv_kernel(expert_ref, weight_ref, x_ref, w_ref, s_ref, bias_ref, out_ref,
 
 @functools.partial(jax.jit, static_argnames=("pairs_per_x", "pairs_per_program", "swiglu_params", "rows",
                                              "blocks_per_step", "num_warps", "num_stages", "use_ptx",
-                                             "elementwise_acc", "prefetch", "peel_tail", "fma", "interpret"))
+                                             "elementwise_acc", "fma", "interpret"))
 def expert_gemv(x, pair_expert, w_bytes, w_scales, bias, pair_weight=None, *, pairs_per_x=1, pairs_per_program=1,
                 swiglu_params=None, rows=4, blocks_per_step=32, num_warps=4, num_stages=1, use_ptx=True,
-                elementwise_acc=False, prefetch=False, peel_tail=False, fma=False, interpret=False):
+                elementwise_acc=False, fma=True, interpret=False):
     """Grouped GEMV over (token, expert) pairs, reading only pair_expert's packed FP4 rows.
 
     x [X, D] in the compute dtype; pair p uses row p // pairs_per_x of x and expert
@@ -268,8 +236,7 @@ def expert_gemv(x, pair_expert, w_bytes, w_scales, bias, pair_weight=None, *, pa
     kernel = functools.partial(_gemv_kernel, rows=rows, blocks_per_step=blocks_per_step, num_blocks=num_blocks,
                                pairs_per_x=pairs_per_x, pairs_per_program=pairs_per_program,
                                use_ptx=use_ptx and not interpret, swiglu_params=swiglu_params,
-                               elementwise_acc=elementwise_acc, prefetch=prefetch, peel_tail=peel_tail,
-                               fma=fma and use_ptx and not interpret)
+                               elementwise_acc=elementwise_acc, fma=fma and use_ptx and not interpret)
     if pair_weight is None:
         pair_weight = jnp.zeros((num_pairs,), x.dtype)
     anywhere = pl.BlockSpec(memory_space=pl.ANY)

@@ -85,7 +85,7 @@ def _dequantized(w_u8, s_u8, dtype, use_ptx: bool):
 
 def _gemm_kernel(expert_ref, start_ref, rows_ref, x_ref, w_ref, s_ref, bias_ref, out_ref, *, block_m: int,
                  block_n: int, blocks_per_step: int, num_blocks: int, col_blocks: int, use_ptx: bool,
-                 swap_ab: bool, swiglu_params, prefetch: bool):
+                 swap_ab: bool, swiglu_params):
     """Program (n, t): tile t (<= block_m pairs of one expert) x block_n output columns.
 
     x_ref [2, P, K/2] parity planes of the input; w_ref [E, R, G, K/32, 16] packed bytes,
@@ -148,17 +148,8 @@ def _gemm_kernel(expert_ref, start_ref, rows_ref, x_ref, w_ref, s_ref, bias_ref,
 
         steps = -(-num_blocks // blocks_per_step)
         acc_shape = (block_n, block_m) if swap_ab else (block_m, block_n)
-        accs = tuple(jnp.zeros(acc_shape, F32) for _ in groups)
-        if prefetch:
-            # Software pipelining by hand: step i + 1's loads are issued before step i's
-            # decode and dots (loads past the last block are masked off).
-            def step(i, carry):
-                accs, loaded = carry
-                return accumulate(accs, loaded), load(i + 1)
-
-            accs, _ = jax.lax.fori_loop(0, steps, step, (accs, load(0)))
-        else:
-            accs = jax.lax.fori_loop(0, steps, lambda i, a: accumulate(a, load(i)), accs)
+        zeros = tuple(jnp.zeros(acc_shape, F32) for _ in groups)
+        accs = jax.lax.fori_loop(0, steps, lambda i, accs: accumulate(accs, load(i)), zeros)
         if swap_ab:
             accs = tuple(acc.T for acc in accs)
         out_dtype = out_ref.dtype
@@ -174,10 +165,10 @@ def _gemm_kernel(expert_ref, start_ref, rows_ref, x_ref, w_ref, s_ref, bias_ref,
 
 
 @functools.partial(jax.jit, static_argnames=("swiglu_params", "block_m", "block_n", "blocks_per_step",
-                                             "num_warps", "num_stages", "use_ptx", "swap_ab", "prefetch", "interpret"))
+                                             "num_warps", "num_stages", "use_ptx", "swap_ab", "interpret"))
 def grouped_gemm(x_planes, schedule: TileSchedule, w_bytes, w_scales, bias, *, swiglu_params=None, block_m=64,
                  block_n=64, blocks_per_step=2, num_warps=4, num_stages=3, use_ptx=True, swap_ab=False,
-                 prefetch=False, interpret=False):
+                 interpret=False):
     """One projection over expert-sorted pairs.
 
     x_planes [2, P, K/2]: the pairs' inputs (sorted as `schedule.order`), even features in
@@ -204,7 +195,7 @@ def grouped_gemm(x_planes, schedule: TileSchedule, w_bytes, w_scales, bias, *, s
     col_blocks = -(-rows // block_n)
     kernel = functools.partial(_gemm_kernel, block_m=block_m, block_n=block_n, blocks_per_step=blocks_per_step,
                                num_blocks=num_blocks, col_blocks=col_blocks, use_ptx=use_ptx and not interpret,
-                               swap_ab=swap_ab, swiglu_params=swiglu_params, prefetch=prefetch)
+                               swap_ab=swap_ab, swiglu_params=swiglu_params)
     anywhere = pl.BlockSpec(memory_space=pl.ANY)
     num_tiles = schedule.tile_rows.shape[0]
     name = "mxfp4_grouped_gemm" if swiglu_params is None else "mxfp4_grouped_gemm_swiglu"
@@ -252,7 +243,7 @@ def experts_grouped_kernel(h, experts, mlp1_bytes, mlp1_scales, mlp1_bias, mlp2_
     """Same as MoE.experts_grouped: h [n, d] (compute dtype), experts [n, k] -> [n, k, d].
     Expert weights as packed views (kernels.moe.packed_bytes, uint8 or E8M0 scales).
     Pairs whose id is outside [0, E) give zeros. `tuning` (block_m, block_n,
-    blocks_per_step, num_warps, num_stages, use_ptx, swap_ab, prefetch; unset ones from `default_tuning`)
+    blocks_per_step, num_warps, num_stages, use_ptx, swap_ab; unset ones from `default_tuning`)
     applies to both kernels, `mlp1_tuning`/`mlp2_tuning` override it per projection
     (except block_m: one tile schedule). On the CPU the kernels run in Pallas interpret mode."""
     if interpret is None:
