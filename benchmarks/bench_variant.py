@@ -38,15 +38,11 @@ def main(argv):
                         help="a keyword default of kernels.moe.expert_gemv (value as JSON)")
     parser.add_argument("--gemm-decode", action="append", default=[], metavar="KEY=VALUE",
                         help="an entry of kernels.moe_gemm.DECODE_TUNING (the GEMM for decode batches)")
-    parser.add_argument("--mix", action="append", default=[], metavar="KEY=VALUE",
-                        help="an entry of kernels.moe.MIX_TUNING (the mlp2 GEMV that sums the k experts)")
     parser.add_argument("--per-pair-mlp2", action="store_true",
                         help="batch-1 MoE as before the summing GEMV: mlp2 per pair, then an XLA weighted sum")
     args = parser.parse_args(own)
     if args.gemm_decode:
         moe_gemm.DECODE_TUNING.update({k: json.loads(v) for k, v in (item.split("=", 1) for item in args.gemm_decode)})
-    if args.mix:
-        moe.MIX_TUNING.update({k: json.loads(v) for k, v in (item.split("=", 1) for item in args.mix)})
     if args.per_pair_mlp2:
         model_lib.MoE.experts_mix_kernel = per_pair_mix
     if args.gemm_min_pairs is not None:

@@ -238,7 +238,7 @@ def pipeline_sweep(key, experts, record, results, quick):
     a = jax.random.normal(k4, (4, features), F32).astype(jnp.bfloat16)
     weights = jnp.asarray([0.4, 0.3, 0.2, 0.1], jnp.bfloat16)
     ids = [jnp.arange(4 * i, 4 * i + 4, dtype=jnp.int32) % experts for i in range(CALLS)]
-    tilings = TILINGS or ([dict(rows=4, blocks_per_step=32, num_warps=4)] if quick else [
+    tilings = TILINGS or ([dict(rows=8, blocks_per_step=32, num_warps=4)] if quick else [
         dict(rows=r, blocks_per_step=b, num_warps=w) for r, b, w in itertools.product([2, 4, 8], [16, 32], [4, 8])])
     loops = LOOPS
     cases = {

@@ -207,7 +207,7 @@ def _gemv_kernel(expert_ref, weight_ref, x_ref, w_ref, s_ref, bias_ref, out_ref,
                                              "blocks_per_step", "num_warps", "num_stages", "use_ptx",
                                              "elementwise_acc", "fma", "interpret"))
 def expert_gemv(x, pair_expert, w_bytes, w_scales, bias, pair_weight=None, *, pairs_per_x=1, pairs_per_program=1,
-                swiglu_params=None, rows=4, blocks_per_step=32, num_warps=4, num_stages=1, use_ptx=True,
+                swiglu_params=None, rows=8, blocks_per_step=32, num_warps=4, num_stages=1, use_ptx=True,
                 elementwise_acc=False, fma=True, interpret=False):
     """Grouped GEMV over (token, expert) pairs, reading only pair_expert's packed FP4 rows.
 
@@ -303,8 +303,4 @@ def experts_mix_decode(h, experts, mlp1_bytes, mlp1_scales, mlp1_bias, mlp2_byte
     a = expert_gemv(h, pair_expert, mlp1_bytes, mlp1_scales, mlp1_bias, pairs_per_x=k,
                     swiglu_params=(float(limit), float(alpha)), interpret=interpret, **(mlp1_tuning or {}))
     return expert_gemv(a, pair_expert, mlp2_bytes, mlp2_scales, mlp2_bias, weights.reshape(-1),
-                       pairs_per_program=k, interpret=interpret, **{**MIX_TUNING, **(mlp2_tuning or {})})
-
-
-# The mlp2 tiling of experts_mix_decode (each program reads k experts' rows).
-MIX_TUNING = dict(rows=4)
+                       pairs_per_program=k, interpret=interpret, **(mlp2_tuning or {}))
