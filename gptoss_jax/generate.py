@@ -255,7 +255,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-compilation-cache", action="store_true")
     parser.add_argument("--kernels", choices=["auto", "pallas", "xla"], default="auto",
                         help="auto (default): the Pallas kernels (fused MXFP4 MoE, attention with sinks, "
-                             "fused projections) on a GPU, the XLA reference path elsewhere; on a mesh of "
+                             "fused projections and router) on a GPU, the XLA reference path elsewhere; on a mesh of "
                              "several devices only the MoE kernels, which run per device. pallas: the "
                              "kernels everywhere (on a TPU only the MoE kernel, not yet measured there; "
                              "on a CPU in Pallas interpret mode: slow). xla: none")
