@@ -283,24 +283,29 @@ class MoE(nnx.Module):
         glu = gate * jax.nn.sigmoid((gate.astype(F32) * c.swiglu_alpha).astype(dt))
         return glu * (up + jnp.asarray(1, dt))
 
-    def __call__(self, x):
+    def __call__(self, x, add_input: bool = False):
+        """The MoE block on x [b, t, embed]; with add_input, x + that (the residual
+        connection, which the batch-1 expert kernel adds itself)."""
         b, t, d = x.shape
         if self.router_kernel == "pallas" and self.mesh is None and b * t <= KERNEL_ROUTER_MAX_TOKENS:
             h, experts, weights = self.norm_route_kernel(x.reshape(b * t, d))
         else:
             h = self.norm(x).reshape(b * t, d)
             experts, weights = self.route(h)
+        residual = x.reshape(b * t, d) if add_input and self.mesh is None else None
         if self.mesh is None:
-            out = self.expert_mix(h, experts, weights, self.expert_weights())
+            out = self.expert_mix(h, experts, weights, self.expert_weights(), residual)
         else:
             out = sharded_expert_mix(self.mesh, self.expert_mix, h, experts, weights, self.expert_weights(),
                                      self.expert_axes())
-        return out.astype(self.dtype).reshape(b, t, d)
+        out = out.astype(self.dtype).reshape(b, t, d)
+        return x + out if add_input and residual is None else out
 
-    def expert_mix(self, h, experts, weights, w: ExpertWeights):
+    def expert_mix(self, h, experts, weights, w: ExpertWeights, residual=None):
         """sum_k weights[n, k] * expert_{experts[n, k]}(h[n]) [n, embed], in fp32: the
         per-device expert computation (a fused kernel may replace it). `w` may be one
-        device's share of the experts; ids outside [0, experts in w) add nothing."""
+        device's share of the experts; ids outside [0, experts in w) add nothing.
+        With residual [n, embed]: residual + that sum rounded to the compute dtype."""
         n, k = experts.shape
         num_experts = w.mlp1_fp4.shape[0]
         known = (experts >= 0) & (experts < num_experts)
@@ -308,7 +313,7 @@ class MoE(nnx.Module):
         if self.kernels == "pallas" and jax.default_backend() == "tpu":
             y = self.experts_tpu(h, experts, w)
         elif self.kernels == "pallas" and not gemm and n * k <= KERNEL_GEMV_MAX_PAIRS:
-            return self.experts_mix_kernel(h, experts, weights, w)  # sums the k experts itself
+            return self.experts_mix_kernel(h, experts, weights, w, residual)  # sums the k experts itself
         elif gemm:
             y = self.experts_grouped_kernel(h, experts, w)
         elif n * k < self.config.num_experts:  # by the whole model's experts: every mesh takes the same path
@@ -316,7 +321,8 @@ class MoE(nnx.Module):
         else:
             y = self.experts_grouped(h, experts, w)
         y = jnp.where(known[..., None], y, jnp.zeros_like(y))
-        return _einsum("nko,nk->no", y, weights, self.dtype)
+        mix = _einsum("nko,nk->no", y, weights, self.dtype)
+        return mix if residual is None else residual + mix.astype(self.dtype)
 
     def experts_gathered(self, h, experts, w: ExpertWeights | None = None):
         """Few tokens: dequantize only the routed experts' weights. Returns [n, k, embed]."""
@@ -335,12 +341,13 @@ class MoE(nnx.Module):
 
         return self._fused_experts(moe.experts_decode, h, experts, w)
 
-    def experts_mix_kernel(self, h, experts, weights, w: ExpertWeights | None = None):
-        """The fused MXFP4 grouped GEMVs with the weighted sum over the k experts done by the
-        second kernel (kernels/moe.py): same contract as expert_mix, fp32 [n, embed]."""
+    def experts_mix_kernel(self, h, experts, weights, w: ExpertWeights | None = None, residual=None):
+        """The fused MXFP4 grouped GEMVs with the weighted sum over the k experts (and the
+        residual) done by the second kernel (kernels/moe.py): same contract as expert_mix."""
         from gptoss_jax.kernels import moe
 
-        return self._fused_experts(functools.partial(moe.experts_mix_decode, weights=weights), h, experts, w)
+        mix = functools.partial(moe.experts_mix_decode, weights=weights, residual=residual)
+        return self._fused_experts(mix, h, experts, w)
 
     def experts_grouped_kernel(self, h, experts, w: ExpertWeights | None = None):
         """The grouped MXFP4 GEMM (kernels/moe_gemm.py): same contract as experts_grouped."""
@@ -400,7 +407,7 @@ class Block(nnx.Module):
     def __call__(self, x, positions, cache=None):
         a, cache = self.attn(x, positions, cache)
         x = x + a
-        return x + self.mlp(x), cache
+        return self.mlp(x, add_input=True), cache
 
 
 class GptOss(nnx.Module):

@@ -95,6 +95,17 @@ def test_expert_gemv_sums_a_tokens_experts_and_skips_other_devices():
     assert got.shape == (tokens, 64) and got.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-2, atol=1e-2)
     assert not np.any(np.asarray(got[2]))
+    # with the residual connection: residual + the sum rounded to bf16, rounded (x + MoE(x))
+    residual = jax.random.normal(keys[5], (tokens, 64)).astype(jnp.bfloat16)
+    with_residual = moe_kernels.expert_gemv(x, ids.reshape(-1), moe_kernels.packed_bytes(fp4), scales, bias,
+                                            weights.reshape(-1), residual, pairs_per_program=k, rows=8,
+                                            blocks_per_step=2, interpret=True)
+    assert with_residual.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(with_residual, np.float32),
+                                  np.asarray(residual + got.astype(jnp.bfloat16), np.float32))
+    with pytest.raises(ValueError, match="residual"):
+        moe_kernels.expert_gemv(x, ids.reshape(-1), moe_kernels.packed_bytes(fp4), scales, bias, weights.reshape(-1),
+                                residual[:2], pairs_per_program=k, interpret=True)
     with pytest.raises(ValueError, match="pair_weight"):
         moe_kernels.expert_gemv(x, ids.reshape(-1), moe_kernels.packed_bytes(fp4), scales, bias, pairs_per_program=k,
                                 interpret=True)
@@ -142,6 +153,19 @@ def test_moe_mix_kernel_equals_expert_mix_reference(tiny_model, tokens):
     want = mlp.expert_mix(h, foreign, weights, mlp.expert_weights())
     np.testing.assert_allclose(np.asarray(mlp.experts_mix_kernel(h, foreign, weights)), np.asarray(want),
                                rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_moe_adds_its_input_as_the_block_did(tiny_model, impl):
+    """MoE(x, add_input=True) is x + MoE(x) bit for bit, on the reference path and with the
+    batch-1 kernels (where the mlp2 GEMV adds the residual itself)."""
+    mlp = tiny_model.blocks[3].mlp
+    x = (3 * jax.random.normal(jax.random.key(5), (1, 1, tiny_model.config.hidden_size))).astype(jnp.bfloat16)
+    try:
+        set_kernels(tiny_model, moe=impl, router=impl)
+        np.testing.assert_array_equal(np.asarray(mlp(x, add_input=True), np.float32), np.asarray(x + mlp(x), np.float32))
+    finally:
+        set_kernels(tiny_model, moe="xla", router="xla")
 
 
 def test_moe_kernel_saturates_swiglu_clamp(tiny_model):
@@ -214,7 +238,8 @@ def test_mix_decode_lowers_to_triton_at_real_shapes(num_experts, loop):
             s((num_experts, 2 * hidden), jnp.bfloat16),
             s((num_experts, embed, hidden // 32, 16), jnp.uint8), s((num_experts, embed, hidden // 32), jnp.uint8),
             s((num_experts, embed), jnp.bfloat16))
+    residual = jnp.ones((1, embed), jnp.bfloat16) if loop["fma"] else None  # with and without the residual
     f = functools.partial(moe_kernels.experts_mix_decode, weights=jnp.full((1, 4), 0.25, jnp.bfloat16), limit=7.0,
-                          alpha=1.702, interpret=False, mlp1_tuning=loop, mlp2_tuning=loop)
+                          alpha=1.702, residual=residual, interpret=False, mlp1_tuning=loop, mlp2_tuning=loop)
     text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("xla.gpu.triton") == 2

@@ -156,7 +156,7 @@ def test_expert_mix_dispatches_gemm_from_threshold(tiny_model, monkeypatch):
     mlp = tiny_model.blocks[0].mlp
     calls = []
 
-    def record_gemv(self, h, experts, weights, w=None):  # the GEMVs sum the k experts themselves
+    def record_gemv(self, h, experts, weights, w=None, residual=None):  # the GEMVs sum the k experts themselves
         calls.append("experts_mix_kernel")
         return jnp.zeros((h.shape[0], h.shape[-1]), jnp.float32)
 

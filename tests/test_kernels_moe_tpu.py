@@ -117,7 +117,7 @@ def test_expert_mix_dispatches_tpu_kernel_only_on_tpu(monkeypatch):
             return jnp.zeros((*experts.shape, h.shape[-1]), h.dtype)
         return fn
 
-    def record_gemv(self, h, experts, weights, w=None):  # the GPU GEMVs sum the k experts themselves
+    def record_gemv(self, h, experts, weights, w=None, residual=None):  # the GPU GEMVs sum the k experts themselves
         calls.append("experts_mix_kernel")
         return jnp.zeros((h.shape[0], h.shape[-1]), jnp.float32)
 

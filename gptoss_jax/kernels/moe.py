@@ -114,15 +114,16 @@ def block_scale(scale_u8):
 
 
 # --------------------------------------------------------------------- grouped GEMV (Triton)
-def _gemv_kernel(expert_ref, weight_ref, x_ref, w_ref, s_ref, bias_ref, out_ref, *, rows: int,
+def _gemv_kernel(expert_ref, weight_ref, x_ref, w_ref, s_ref, bias_ref, residual_ref, out_ref, *, rows: int,
                  blocks_per_step: int, num_blocks: int, pairs_per_x: int, pairs_per_program: int, use_ptx: bool,
-                 swiglu_params, elementwise_acc: bool, fma: bool):
+                 swiglu_params, elementwise_acc: bool, fma: bool, add_residual: bool):
     """One program: `rows` outputs of `pairs_per_program` (token, expert) pairs, looping over
     the contraction in steps of `blocks_per_step` 32-element blocks. Per pair, the output is
     round(round(x @ W^T) + bias) (the reference's roundings: dot in fp32, round, add the bias
     in the compute dtype); with `swiglu_params` the program reads the interleaved gate and
     up rows of its `rows` outputs and applies the clamped SwiGLU. With several pairs per
-    program (a token's k experts) it writes their sum weighted by weight_ref in fp32. Pairs
+    program (a token's k experts) it writes their sum weighted by weight_ref in fp32, or with
+    add_residual the residual row plus that sum rounded to the residual's dtype. Pairs
     whose expert id is outside [0, E) (another device's expert) read no weights; they add
     nothing to a sum, and their own rows (one pair per program) hold only a bias."""
     from jax.experimental.pallas import triton as plgpu
@@ -200,13 +201,17 @@ def _gemv_kernel(expert_ref, weight_ref, x_ref, w_ref, s_ref, bias_ref, out_ref,
         total = jnp.zeros((rows,), F32)
         for j, y in enumerate(outs):
             total = total + jnp.where(live[j], weight_ref[pairs[j]].astype(F32) * y, 0.0)
-        out_ref[...] = total
+        if add_residual:  # as x + MoE(x) in the compute dtype: round the sum, add, round
+            residual = plgpu.load(residual_ref.at[program, pl.ds(row_block * rows, rows)]).astype(F32)
+            total = _round(total, out_ref.dtype) + residual
+        out_ref[...] = total.astype(out_ref.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("pairs_per_x", "pairs_per_program", "swiglu_params", "rows",
                                              "blocks_per_step", "num_warps", "num_stages", "use_ptx",
                                              "elementwise_acc", "fma", "interpret"))
-def expert_gemv(x, pair_expert, w_bytes, w_scales, bias, pair_weight=None, *, pairs_per_x=1, pairs_per_program=1,
+def expert_gemv(x, pair_expert, w_bytes, w_scales, bias, pair_weight=None, residual=None, *, pairs_per_x=1,
+                pairs_per_program=1,
                 swiglu_params=None, rows=8, blocks_per_step=32, num_warps=4, num_stages=1, use_ptx=True,
                 elementwise_acc=False, fma=True, interpret=False):
     """Grouped GEMV over (token, expert) pairs, reading only pair_expert's packed FP4 rows.
@@ -217,7 +222,8 @@ def expert_gemv(x, pair_expert, w_bytes, w_scales, bias, pair_weight=None, *, pa
     [P, O/2] = SwiGLU of the interleaved gate/up outputs.
     With pairs_per_program=k and pair_weight [P]: returns fp32 [P/k, O'], the sum over each
     group of k consecutive pairs of pair_weight * (the pair's output); expert ids outside
-    [0, E) add nothing."""
+    [0, E) add nothing. With residual [P/k, O'] as well: residual + that sum rounded to
+    residual's dtype, in residual's dtype."""
     from jax.experimental.pallas import triton as plgpu
 
     d = x.shape[1]
@@ -229,6 +235,10 @@ def expert_gemv(x, pair_expert, w_bytes, w_scales, bias, pair_weight=None, *, pa
         raise ValueError(f"expert_gemv: {num_pairs} pairs in groups of {pairs_per_program} need "
                          f"{'pair_weight' if pairs_per_program > 1 else 'no pair_weight'}")
     outputs = out_rows if swiglu_params is None else out_rows // 2
+    programs = num_pairs // pairs_per_program
+    if residual is not None and (pairs_per_program == 1 or residual.shape != (programs, outputs)):
+        raise ValueError(f"expert_gemv: a residual needs pairs_per_program > 1 and shape {(programs, outputs)}, "
+                         f"got pairs_per_program={pairs_per_program}, shape {residual.shape}")
     rows = max(2, min(rows, _next_pow2(outputs)))
     if outputs % rows:
         raise ValueError(f"expert_gemv: {outputs} outputs are not a multiple of the row tile {rows}")
@@ -236,16 +246,19 @@ def expert_gemv(x, pair_expert, w_bytes, w_scales, bias, pair_weight=None, *, pa
     kernel = functools.partial(_gemv_kernel, rows=rows, blocks_per_step=blocks_per_step, num_blocks=num_blocks,
                                pairs_per_x=pairs_per_x, pairs_per_program=pairs_per_program,
                                use_ptx=use_ptx and not interpret, swiglu_params=swiglu_params,
-                               elementwise_acc=elementwise_acc, fma=fma and use_ptx and not interpret)
+                               elementwise_acc=elementwise_acc, fma=fma and use_ptx and not interpret,
+                               add_residual=residual is not None)
     if pair_weight is None:
         pair_weight = jnp.zeros((num_pairs,), x.dtype)
+    out_dtype = x.dtype if pairs_per_program == 1 else F32 if residual is None else residual.dtype
+    if residual is None:
+        residual = jnp.zeros((1, 1), x.dtype)  # not read
     anywhere = pl.BlockSpec(memory_space=pl.ANY)
-    programs = num_pairs // pairs_per_program
     return pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((programs, outputs), x.dtype if pairs_per_program == 1 else F32),
+        out_shape=jax.ShapeDtypeStruct((programs, outputs), out_dtype),
         grid=(programs, outputs // rows),
-        in_specs=[anywhere] * 6,
+        in_specs=[anywhere] * 7,
         out_specs=pl.BlockSpec((None, rows), lambda p, r: (p, r)),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
@@ -253,7 +266,7 @@ def expert_gemv(x, pair_expert, w_bytes, w_scales, bias, pair_weight=None, *, pa
     )(pair_expert.astype(jnp.int32), pair_weight, x.reshape(x.shape[0], d // 2, 2),
       w_bytes.reshape(-1, out_rows // 2, 2, num_blocks, 16),
       jax.lax.bitcast_convert_type(w_scales, jnp.uint8).reshape(-1, out_rows // 2, 2, num_blocks),
-      bias.reshape(-1, out_rows // 2, 2))
+      bias.reshape(-1, out_rows // 2, 2), residual)
 
 
 # ------------------------------------------------------------------------- the MoE experts
@@ -290,17 +303,18 @@ def experts_decode(h, experts, mlp1_bytes, mlp1_scales, mlp1_bias, mlp2_bytes, m
 
 
 def experts_mix_decode(h, experts, mlp1_bytes, mlp1_scales, mlp1_bias, mlp2_bytes, mlp2_scales, mlp2_bias,
-                       *, weights, limit: float, alpha: float, interpret: bool | None = None, mlp1_tuning: dict | None = None,
-                       mlp2_tuning: dict | None = None):
+                       *, weights, limit: float, alpha: float, residual=None, interpret: bool | None = None,
+                       mlp1_tuning: dict | None = None, mlp2_tuning: dict | None = None):
     """Same as MoE.expert_mix for few tokens: h [n, d], experts [n, k] (ids outside [0, E):
     another device's experts, which add nothing), weights [n, k] -> fp32 [n, d], the
-    weighted sum of the token's expert outputs. The second kernel sums a token's k experts
-    itself, so no [n, k, d] intermediate is written."""
+    weighted sum of the token's expert outputs; with residual [n, d], residual + that sum in
+    the residual's dtype (the MoE block's residual connection). The second kernel sums a
+    token's k experts itself, so no [n, k, d] intermediate is written."""
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
     n, k = experts.shape
     pair_expert = experts.reshape(-1)  # ids outside [0, E) read nothing and add nothing
     a = expert_gemv(h, pair_expert, mlp1_bytes, mlp1_scales, mlp1_bias, pairs_per_x=k,
                     swiglu_params=(float(limit), float(alpha)), interpret=interpret, **(mlp1_tuning or {}))
-    return expert_gemv(a, pair_expert, mlp2_bytes, mlp2_scales, mlp2_bias, weights.reshape(-1),
+    return expert_gemv(a, pair_expert, mlp2_bytes, mlp2_scales, mlp2_bias, weights.reshape(-1), residual,
                        pairs_per_program=k, interpret=interpret, **(mlp2_tuning or {}))
