@@ -97,6 +97,8 @@ def main():
     parser.add_argument("--ncu", action="store_true", help="one call of the default tilings (run under ncu)")
     parser.add_argument("--pipeline", action="store_true",
                         help="the GEMVs as the model calls them (mlp2 per pair and summing the k experts), with --loops")
+    parser.add_argument("--projection", action="store_true",
+                        help="only the fused RMSNorm + q/k/v kernel (kernels/projection.py), with --tilings")
     parser.add_argument("--loops", type=json.loads, help='--pipeline: GEMV loop options, e.g. [{}, {"fma": true}]')
     parser.add_argument("--tilings", type=json.loads, help='--pipeline: e.g. [{"rows": 8, "num_warps": 8}]')
     parser.add_argument("--cases", help="--pipeline: comma-separated subset of mlp1+swiglu,mlp2,mlp2_sum4")
@@ -131,6 +133,8 @@ def main():
     experts = 32
     if args.pipeline:
         return pipeline_sweep(key, experts, record, report["results"], args.quick)
+    if args.projection:
+        return projection_sweep(key, record)
     # ---- fused MXFP4 expert GEMV, 4 pairs (batch 1, top-4)
     grid = [dict(rows=r, blocks_per_step=b, num_warps=w, num_stages=s)
             for (r, b), w, s in itertools.product(
@@ -219,6 +223,36 @@ def random_experts(key, experts, out_rows, features):
     scales = jax.random.randint(k2, (experts, out_rows, features // 32), 118, 134, jnp.int32).astype(jnp.uint8)
     bias = jax.random.normal(k3, (experts, out_rows), F32).astype(jnp.bfloat16)
     return raw, scales, bias
+
+
+def projection_sweep(key, record):
+    """norm_qkv at the gpt-oss-20b shape (64 + 8 + 8 heads of 64 over 2880 features), one
+    call per weight copy, per tiling of --tilings (rows, bk, num_warps, num_stages)."""
+    from gptoss_jax.kernels.projection import norm_qkv
+
+    heads = {"q": 64, "k": 8, "v": 8}
+    copies = []
+    for i in range(CALLS):
+        keys = jax.random.split(jax.random.fold_in(key, i), 6)
+        copies.append([(jax.random.normal(keys[2 * j], (n, 64, 2880), F32) * 0.02).astype(jnp.bfloat16)
+                       for j, n in enumerate(heads.values())])
+    x = jax.random.normal(key, (2880,), F32).astype(jnp.bfloat16)
+    gain = jnp.ones((2880,), jnp.bfloat16)
+    biases = [jnp.zeros((n, 64), jnp.bfloat16) for n in heads.values()]
+    nbytes = 80 * 64 * 2880 * 2
+    base = None
+    for v in TILINGS or [dict(rows=8, bk=256, num_warps=4, num_stages=1)]:
+        row = {"matrix": "norm_qkv", **v}
+        try:
+            fn = lambda wq, wk, wv, v=v: norm_qkv(x, gain, wq, biases[0], wk, biases[1], wv, biases[2], eps=1e-5, **v)
+            out = np.concatenate([np.asarray(a, np.float32).ravel() for a in fn(*copies[0])])
+            base = out if base is None else base
+            row["max_abs_diff_vs_first"] = float(np.max(np.abs(out - base)))
+            us = kernel_us(fn, copies, "norm_qkv")
+            row.update(us=us, gb_per_s=nbytes / us / 1e3)
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        record(row)
 
 
 LOOPS = [{}, dict(fma=False)]  # --loops
