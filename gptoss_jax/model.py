@@ -119,9 +119,11 @@ class Attention(nnx.Module):
         # A linear layer with bias rounds once, after the bias (spec 2.7).
         return (_einsum("btd,nkd->btnk", h, w[...], self.dtype) + b[...].astype(F32)).astype(self.dtype)
 
-    def __call__(self, x, positions, cache: LayerCache | None = None):
+    def __call__(self, x, positions, cache: LayerCache | None = None, add_input: bool = False):
         """x [b, t, embed]; positions [b, t] (NO_POSITION for padding). With a cache, the new
-        keys are attended together with the cached ones, then written into the cache."""
+        keys are attended together with the cached ones, then written into the cache.
+        Returns (output, cache); with add_input the output is x + the attention output (the
+        residual connection, which the one-token projection kernel adds itself)."""
         c, dt = self.config, self.dtype
         if self.projection_kernel == "pallas" and x.shape[:2] == (1, 1):  # kernels hook: one token
             from gptoss_jax.kernels.projection import norm_qkv
@@ -142,7 +144,7 @@ class Attention(nnx.Module):
             # The kernel applies RoPE to q and k and writes the cache in place.
             out, new_cache = decode_attention(q, k, v, positions, cache.k, cache.v, cache.positions, self.sinks[...],
                                               (cos, sin), window=window, write_cache=True)
-            return self.output(out), LayerCache(*new_cache)
+            return self.output(out, x if add_input else None), LayerCache(*new_cache)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
             keys, values, key_positions = k, v, positions
@@ -156,11 +158,19 @@ class Attention(nnx.Module):
             out = prefill_attention(q, keys, values, positions, key_positions, self.sinks[...], window=window)
         else:
             out = self.attend(q, keys, values, positions, key_positions)
-        return self.output(out), (None if cache is None else self.write_cache(cache, k, v, positions))
+        new_cache = None if cache is None else self.write_cache(cache, k, v, positions)
+        return self.output(out, x if add_input else None), new_cache
 
-    def output(self, out):
-        """The output projection of the heads [b, t, heads, head_dim] -> [b, t, embed] (spec 2.7)."""
-        return (_einsum("btnk,dnk->btd", out, self.wo[...], self.dtype) + self.bo[...].astype(F32)).astype(self.dtype)
+    def output(self, out, residual=None):
+        """The output projection of the heads [b, t, heads, head_dim] -> [b, t, embed] (spec 2.7),
+        plus `residual` [b, t, embed] when given."""
+        if residual is not None and self.projection_kernel == "pallas" and out.shape[:2] == (1, 1):  # kernels hook
+            from gptoss_jax.kernels.projection import output_residual
+
+            return output_residual(out[0, 0], self.wo[...], self.bo[...], residual[0, 0],
+                                   interpret=jax.default_backend() == "cpu")[None, None]
+        projected = (_einsum("btnk,dnk->btd", out, self.wo[...], self.dtype) + self.bo[...].astype(F32)).astype(self.dtype)
+        return projected if residual is None else residual + projected
 
     def attend(self, q, k, v, q_positions, k_positions):
         """Softmax attention with the learned sink as an extra logit per head (spec 2.3)."""
@@ -405,8 +415,7 @@ class Block(nnx.Module):
         self.mlp = MoE(config, dtype, mesh)
 
     def __call__(self, x, positions, cache=None):
-        a, cache = self.attn(x, positions, cache)
-        x = x + a
+        x, cache = self.attn(x, positions, cache, add_input=True)
         return self.mlp(x, add_input=True), cache
 
 

@@ -1,11 +1,14 @@
-"""The fused RMSNorm + q/k/v decode kernel against the model's XLA path (interpret mode)."""
+"""The fused one-token projection kernels (RMSNorm + q/k/v; output projection + residual)
+against the model's XLA path (interpret mode)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptoss_jax.kernels.projection import norm_qkv
+from gptoss_jax.config import GptOssConfig
+from gptoss_jax.kernels.projection import norm_qkv, output_residual
+from gptoss_jax.model import Attention, LayerCache
 from conftest import assert_mostly_bit_equal
 
 F32 = jnp.float32
@@ -54,4 +57,66 @@ def test_norm_qkv_lowers_to_triton_at_the_20b_shape():
     args = (s((2880,), bf), s((2880,), bf), s((64, 64, 2880), bf), s((64, 64), bf), s((8, 64, 2880), bf),
             s((8, 64), bf), s((8, 64, 2880), bf), s((8, 64), bf))
     lowered = jax.jit(lambda *a: norm_qkv(*a, eps=1e-5)).trace(*args).lower(lowering_platforms=("cuda",))
+    assert "xla.gpu.triton" in lowered.as_text()
+
+
+@pytest.mark.parametrize("dtype,heads,bk", [(jnp.float32, 3, 32), (jnp.bfloat16, 5, 64)])
+def test_output_residual_matches_reference(dtype, heads, bk):
+    """x + round(attn @ wo^T + bo): 3 or 5 heads of 16 (48 / 80 features, ragged chunks)."""
+    keys = jax.random.split(jax.random.key(heads), 4)
+    attn = (jax.random.normal(keys[0], (heads, 16), F32)).astype(dtype)
+    wo = (0.2 * jax.random.normal(keys[1], (40, heads, 16), F32)).astype(dtype)
+    bo = jax.random.normal(keys[2], (40,), F32).astype(dtype)
+    x = (4 * jax.random.normal(keys[3], (40,), F32)).astype(dtype)
+    got = output_residual(attn, wo, bo, x, rows=8, bk=bk, interpret=True)
+    projected = (jnp.einsum("nk,dnk->d", attn, wo, preferred_element_type=F32, precision=jax.lax.Precision.HIGHEST)
+                 + bo.astype(F32)).astype(dtype)
+    want = np.asarray(x + projected, np.float32)
+    got = np.asarray(got, np.float32)
+    assert got.shape == want.shape
+    if dtype == jnp.float32:
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    else:  # the projection's fp32 sum in another order: rare one-ulp differences, then the add
+        np.testing.assert_allclose(got, want, rtol=0, atol=2 ** -7 * np.max(np.abs(want)))
+        assert_mostly_bit_equal(got, want, 0.9)
+    with pytest.raises(ValueError, match="wo"):
+        output_residual(attn, wo[:, :2], bo, x, interpret=True)
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_attention_adds_its_input_with_and_without_the_kernels(layer):
+    """Attention(..., add_input=True) is x + the attention output: bit for bit on the XLA
+    path, within bf16 tolerance with the one-token kernels (projection + decode attention)."""
+    config = GptOssConfig.preset("tiny").replace(head_dim=32, num_hidden_layers=2)
+    attn = Attention(config, layer, jnp.bfloat16)
+    from flax import nnx
+
+    state = nnx.state(attn, nnx.Param)
+    leaves, tree = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(layer), len(leaves))
+    nnx.update(attn, jax.tree.unflatten(tree, [(0.3 * jax.random.normal(k, v.shape)).astype(jnp.bfloat16)
+                                                for k, v in zip(keys, leaves)]))
+    x = (2 * jax.random.normal(jax.random.key(7), (1, 1, config.hidden_size))).astype(jnp.bfloat16)
+    positions = jnp.asarray([[5]], jnp.int32)
+    slots = config.sliding_window if attn.sliding else 16
+    kv = (1, slots, config.num_key_value_heads, config.head_dim)
+    cache = LayerCache(jax.random.normal(jax.random.key(1), kv).astype(jnp.bfloat16),
+                       jax.random.normal(jax.random.key(2), kv).astype(jnp.bfloat16),
+                       jnp.where(jnp.arange(slots) < 5, jnp.arange(slots), -1)[None].astype(jnp.int32))
+    plain, _ = attn(x, positions, cache)
+    added, _ = attn(x, positions, cache, add_input=True)
+    np.testing.assert_array_equal(np.asarray(added, np.float32), np.asarray(x + plain, np.float32))
+    try:
+        attn.projection_kernel = attn.decode_attention_kernel = "pallas"
+        fused, _ = attn(x, positions, cache, add_input=True)
+    finally:
+        attn.projection_kernel = attn.decode_attention_kernel = "xla"
+    want = np.asarray(added, np.float32)
+    np.testing.assert_allclose(np.asarray(fused, np.float32), want, rtol=0, atol=0.03 * np.abs(want).max())
+
+
+def test_output_residual_lowers_to_triton_at_the_20b_shape():
+    s, bf = jax.ShapeDtypeStruct, jnp.bfloat16
+    args = (s((64, 64), bf), s((2880, 64, 64), bf), s((2880,), bf), s((2880,), bf))
+    lowered = jax.jit(lambda *a: output_residual(*a)).trace(*args).lower(lowering_platforms=("cuda",))
     assert "xla.gpu.triton" in lowered.as_text()

@@ -1,4 +1,5 @@
-"""Fused RMSNorm + q/k/v projection for one-token decode steps (Pallas Triton).
+"""Fused RMSNorm + q/k/v projection, and output projection + residual add, for one-token
+decode steps (Pallas Triton).
 
 One kernel replaces, per attention layer, the RMSNorm kernel and XLA's q/k/v GEMM, which
 for a single token runs at about half the memory bandwidth (docs/performance.md). Each
@@ -7,6 +8,9 @@ program recomputes the norm of the token (2880 values, cached in L1/L2) and prod
 2.2 for the norm: fp32, gain in fp32, one rounding; spec 2.7 for the projection).
 The norm's fp32 sum runs in another order than XLA's, so h can differ from the reference
 by one bf16 ulp in rare elements: the result matches within bf16 tolerance, not bit for bit.
+
+`output_residual` replaces XLA's output-projection GEMM and the residual add after it:
+x + round(attn @ Wo^T + bo), rounded as Attention.output and the block's bf16 add.
 """
 
 from __future__ import annotations
@@ -62,8 +66,8 @@ def _kernel(x_ref, scale_ref, wq_ref, bq_ref, wk_ref, bk_ref, wv_ref, bv_ref, q_
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "rows", "bk", "num_warps", "num_stages", "interpret"))
-def norm_qkv(x, norm_scale, wq, bq, wk, bk_, wv, bv, *, eps: float, rows: int = 8, bk: int = 256,
-             num_warps: int = 4, num_stages: int = 1, interpret: bool = False):
+def norm_qkv(x, norm_scale, wq, bq, wk, bk_, wv, bv, *, eps: float, rows: int = 8, bk: int = 512,
+             num_warps: int = 8, num_stages: int = 1, interpret: bool = False):
     """One token: x [D] (the residual stream, compute dtype), norm_scale [D], w* [heads,
     head_dim, D], b* [heads, head_dim] -> q, k, v [heads, head_dim] (compute dtype)."""
     from jax.experimental.pallas import triton as plgpu
@@ -86,3 +90,50 @@ def norm_qkv(x, norm_scale, wq, bq, wk, bk_, wv, bv, *, eps: float, rows: int = 
         name="norm_qkv_gemv",
     )(x, norm_scale, weights[0], bq.reshape(-1), weights[1], bk_.reshape(-1), weights[2], bv.reshape(-1))
     return q.reshape(wq.shape[:2]), k.reshape(wk.shape[:2]), v.reshape(wv.shape[:2])
+
+
+def _output_kernel(a_ref, w_ref, b_ref, x_ref, out_ref, *, rows: int, bk: int, features: int):
+    from jax.experimental.pallas import triton as plgpu
+
+    block = pl.program_id(0)
+    outputs = pl.ds(block * rows, rows)
+
+    def step(i, acc):
+        cols = i * bk + jnp.arange(bk)
+        inside = cols < features
+        a = plgpu.load(a_ref.at[pl.ds(i * bk, bk)], mask=inside, other=0).astype(F32)
+        w = plgpu.load(w_ref.at[outputs, pl.ds(i * bk, bk)], mask=inside[None, :], other=0)
+        return acc + jnp.sum(w.astype(F32) * a[None, :], axis=1)
+
+    acc = jax.lax.fori_loop(0, -(-features // bk), step, jnp.zeros((rows,), F32))
+    dt = out_ref.dtype
+    projected = (acc + b_ref[outputs].astype(F32)).astype(dt).astype(F32)  # one rounding, after the bias
+    out_ref[outputs] = (x_ref[outputs].astype(F32) + projected).astype(dt)  # the residual add, rounded
+
+
+@functools.partial(jax.jit, static_argnames=("rows", "bk", "num_warps", "num_stages", "interpret"))
+def output_residual(attn, wo, bo, x, *, rows: int = 8, bk: int = 512, num_warps: int = 8, num_stages: int = 1,
+                    interpret: bool = False):
+    """One token: attn [heads, head_dim] (the attention output), wo [D, heads, head_dim],
+    bo [D], x [D] (the residual stream) -> x + round(attn @ wo^T + bo), in x's dtype: the
+    output projection (spec 2.7) and the block's residual add in one kernel."""
+    from jax.experimental.pallas import triton as plgpu
+
+    outputs = wo.shape[0]
+    features = attn.size
+    if wo.shape[1:] != attn.shape or bo.shape != (outputs,) or x.shape != (outputs,):
+        raise ValueError(f"output_residual: attn {attn.shape} needs wo [D, {', '.join(map(str, attn.shape))}], "
+                         f"bo [D] and x [D]; got wo {wo.shape}, bo {bo.shape}, x {x.shape}")
+    if outputs % rows:
+        raise ValueError(f"output_residual: {outputs} outputs are not a multiple of the row tile {rows}")
+    anywhere = pl.BlockSpec(memory_space=pl.ANY)
+    return pl.pallas_call(
+        functools.partial(_output_kernel, rows=rows, bk=bk, features=features),
+        out_shape=jax.ShapeDtypeStruct((outputs,), x.dtype),
+        grid=(outputs // rows,),
+        in_specs=[anywhere] * 4,
+        out_specs=anywhere,
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="output_residual_gemv",
+    )(attn.reshape(features), wo.reshape(outputs, features), bo, x)
