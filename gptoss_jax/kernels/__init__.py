@@ -1,6 +1,7 @@
 """Pallas kernels for gpt-oss: fused MXFP4 MoE (grouped GEMV for decode, grouped GEMM for
-batches and prompts), sink-aware decode and prefill attention, the fused RMSNorm + q/k/v
-projection of one-token steps and the fused RMSNorm + router + top-k of decode steps. The XLA
+batches and prompts), sink-aware decode and prefill attention, the fused RMSNorm + q/k/v and
+output projection + residual of one-token steps and the fused RMSNorm + router + top-k of
+decode steps. The XLA
 reference path in gptoss_jax.model stays available and is the oracle for every kernel test. The kernels lower to Triton (GPUs); the MoE kernel
 also to Mosaic TPU (kernels/moe_tpu.py, checked in interpret mode and by lowering, not yet
 run on a TPU); on the CPU they run in Pallas interpret mode (tests only: slow)."""
@@ -20,8 +21,8 @@ def set_kernels(model, moe: str | None = None, attention: str | None = None, *, 
                 projection: str | None = None, router: str | None = None):
     """Selects, in place, "xla" (reference) or "pallas" for each kernel of the model: moe
     (grouped GEMV, few pairs), moe_gemm (grouped GEMM, many pairs), decode_attention,
-    prefill_attention, projection (RMSNorm + q/k/v of one token), router (RMSNorm + router
-    + top-k + softmax of a few tokens).
+    prefill_attention, projection (RMSNorm + q/k/v, and output projection + residual, of
+    one token), router (RMSNorm + router + top-k + softmax of a few tokens).
     `attention` sets both attention kernels; a kernel left unnamed gets FASTEST's choice
     when no kernel is named at all, and is left as it is otherwise. Returns the model."""
     chosen = {"moe": moe, "moe_gemm": moe_gemm, "decode_attention": decode_attention if decode_attention is not None else attention,
