@@ -1,10 +1,10 @@
 """Pallas kernels for gpt-oss: fused MXFP4 MoE (grouped GEMV for decode, grouped GEMM for
 batches and prompts), sink-aware decode and prefill attention, the fused RMSNorm + q/k/v and
 output projection + residual of one-token steps and the fused RMSNorm + router + top-k of
-decode steps. The XLA
-reference path in gptoss_jax.model stays available and is the oracle for every kernel test. The kernels lower to Triton (GPUs); the MoE kernel
-also to Mosaic TPU (kernels/moe_tpu.py, checked in interpret mode and by lowering, not yet
-run on a TPU); on the CPU they run in Pallas interpret mode (tests only: slow)."""
+decode steps. The XLA reference path in gptoss_jax.model stays available and is the oracle
+for every kernel test. The kernels lower to Triton (GPUs); the MoE kernel also to Mosaic TPU
+(kernels/moe_tpu.py, checked in interpret mode and by lowering, not yet run on a TPU); on the
+CPU they run in Pallas interpret mode (tests only: slow)."""
 
 from __future__ import annotations
 
