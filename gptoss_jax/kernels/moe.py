@@ -312,7 +312,7 @@ def experts_mix_decode(h, experts, mlp1_bytes, mlp1_scales, mlp1_bias, mlp2_byte
     token's k experts itself, so no [n, k, d] intermediate is written."""
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
-    n, k = experts.shape
+    k = experts.shape[1]
     pair_expert = experts.reshape(-1)  # ids outside [0, E) read nothing and add nothing
     a = expert_gemv(h, pair_expert, mlp1_bytes, mlp1_scales, mlp1_bias, pairs_per_x=k,
                     swiglu_params=(float(limit), float(alpha)), interpret=interpret, **(mlp1_tuning or {}))

@@ -27,11 +27,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from gptoss_jax.kernels.moe import _next_pow2
+
 F32 = jnp.float32
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 def _norm_logits_kernel(x_ref, scale_ref, w_ref, b_ref, h_ref, logits_ref, *, features: int, width: int,
