@@ -22,11 +22,14 @@ from gptoss_jax import model as model_lib  # noqa: E402
 from gptoss_jax.kernels import moe, moe_gemm  # noqa: E402
 
 
-def per_pair_mix(self, h, experts, weights, w):
+def per_pair_mix(self, h, experts, weights, w, residual=None):
+    """MoE.experts_mix_kernel's contract the earlier way: per-pair GEMV outputs, then XLA's
+    masked weighted sum (and the residual add)."""
     known = (experts >= 0) & (experts < w.mlp1_fp4.shape[0])
     y = self.experts_kernel(h, jnp.where(known, experts, 0), w)
     y = jnp.where(known[..., None], y, jnp.zeros_like(y))
-    return jnp.einsum("nko,nk->no", y, weights, preferred_element_type=jnp.float32)
+    mix = jnp.einsum("nko,nk->no", y, weights, preferred_element_type=jnp.float32)
+    return mix if residual is None else residual + mix.astype(residual.dtype)
 
 
 def main(argv):
