@@ -6,6 +6,9 @@
 Measures (each selectable with --measure):
   decode   batch-1 decode tokens/s at each --contexts (the cache is filled with random keys
            and values up to the context, then `generate`'s jitted decode loop runs --steps steps)
+  generate batch-1 decode tokens/s of `generate` itself, as the CLI runs it: --generate-tokens
+           tokens in chunks of --chunk steps, the host streaming the tokens between chunks
+           (timed from the first chunk's tokens to the last: no prefill, no compilation)
   batch    decode tokens/s at each --batches (context --batch-context)
   prefill  prefill tokens/s for each --prompts length (in --prefill-chunk pieces through extend)
   profile  where one batch-1 decode step's time goes: attention (sliding / full layer), MoE
@@ -47,7 +50,7 @@ from flax import nnx  # noqa: E402
 
 from gptoss_jax import mxfp4  # noqa: E402
 from gptoss_jax.config import GptOssConfig  # noqa: E402
-from gptoss_jax.generate import _decode_chunk  # noqa: E402
+from gptoss_jax.generate import DEFAULT_CHUNK, _decode_chunk, generate  # noqa: E402
 from gptoss_jax.kernels import FASTEST, KERNELS, kernels_in_use, set_kernels  # noqa: E402
 from gptoss_jax.loader import random_model  # noqa: E402
 from gptoss_jax.model import NO_POSITION, LayerCache  # noqa: E402
@@ -195,6 +198,26 @@ def measure_decode(model, batch: int, context: int, steps: int, wrap_timed=None)
     return {"batch": batch, "context": context, "steps": steps, "seconds": elapsed,
             "tokens_per_s": made / elapsed, "ms_per_step": 1e3 * elapsed / steps,
             "first_call_s": compile_s}
+
+
+def measure_generate(model, new_tokens: int, chunk: int) -> dict:
+    """Batch-1 decode tokens/s of `generate` (greedy, no stop tokens) after a 16-token prompt,
+    from the first chunk's tokens to the last."""
+    prompt = [list(range(1, 17))]
+    run = partial(generate, model, prompt, temperature=0, stop_tokens=[], chunk=chunk)
+    run(max_new_tokens=2 * chunk)  # compiles the prefill and the chunk
+    times, counts = [], []
+
+    def on_tokens(new):
+        times.append(time.perf_counter())
+        counts.append(len(new[0]))
+
+    run(max_new_tokens=new_tokens, on_tokens=on_tokens)
+    made, elapsed = sum(counts[1:]), times[-1] - times[0]
+    if made != new_tokens - counts[0]:
+        raise RuntimeError(f"generate made {sum(counts)} tokens, expected {new_tokens}")
+    return {"chunk": chunk, "tokens": made, "seconds": elapsed, "tokens_per_s": made / elapsed,
+            "ms_per_step": 1e3 * elapsed / made}
 
 
 TRACE_TOP = 25  # kernels listed per trace (--trace-top)
@@ -378,6 +401,8 @@ def main(argv=None) -> int:
     parser.add_argument("--prompts", default="2048,8192,32768")
     parser.add_argument("--prefill-chunk", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--generate-tokens", type=int, default=256)
+    parser.add_argument("--chunk", type=int, default=DEFAULT_CHUNK, help="generate's chunk (--measure generate)")
     parser.add_argument("--profile-context", type=int, default=4096)
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--trace-top", type=int, default=25, help="kernels listed per trace")
@@ -432,6 +457,9 @@ def main(argv=None) -> int:
             for context in parse_ints(args.contexts):
                 record(f"decode_b1_ctx{context}{tag}", lambda: dict(measure_decode(model, 1, context, args.steps),
                                                                    bytes_per_token=bytes_per_token(config, context)))
+        if "generate" in measures:
+            record(f"generate_b1_chunk{args.chunk}{tag}",
+                   lambda: measure_generate(model, args.generate_tokens, args.chunk))
         if "batch" in measures:
             for batch in parse_ints(args.batches):
                 record(f"decode_b{batch}_ctx{args.batch_context}{tag}",

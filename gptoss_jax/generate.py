@@ -122,13 +122,12 @@ def _decode_chunk(graphdef, state, caches, logits, position, count, done, step, 
         logits = jnp.where(feed[:, None], new_logits[:, 0].astype(jnp.float32), logits)
         return i + 1, caches, logits, position + feed, count, now_done, step + 1, out
 
-    def cond(carry):
-        i, done = carry[0], carry[5]
-        return (i < chunk) & ~jnp.all(done)
-
+    # A fixed trip count: XLA then queues the steps back to back, where a data-dependent
+    # exit (all sequences done) would copy the predicate to the host and wait for the device
+    # after every step. Steps after every sequence is done change nothing.
     out = jnp.full((batch, chunk), -1, jnp.int32)
     carry = (jnp.int32(0), caches, logits, position, count, done, step, out)
-    _, caches, logits, position, count, done, step, out = jax.lax.while_loop(cond, body, carry)
+    _, caches, logits, position, count, done, step, out = jax.lax.while_loop(lambda c: c[0] < chunk, body, carry)
     return caches, logits, position, count, done, step, out
 
 
@@ -194,6 +193,8 @@ def generate(
     limit = np.zeros(rows, np.int32)
     limit[:batch] = np.minimum(max_new_tokens, max_len - lengths[:batch])
 
+    if not np.any(limit > 0):  # every prompt already fills max_len
+        return results
     place = _placer(mesh)
     caches = _init_caches(model, rows, _round_up(max(max_len, padded), 64))
     graphdef, state = nnx.split(model)
@@ -206,18 +207,31 @@ def generate(
     key = jax.random.wrap_key_data(place(np.asarray(jax.random.key_data(jax.random.key(seed))), (None,)))
     kernel = partial(_decode_chunk, graphdef, state, chunk=chunk, greedy=temperature == 0,
                      top_k=min(top_k, config.vocab_size), use_top_p=top_p < 1)
-    limit = place(limit, ("batch",))
+    limit_arg = place(limit, ("batch",))
     temperature_arg = place(np.float32(temperature if temperature > 0 else 1.0), ())
     top_p_arg = place(np.float32(top_p), ())
 
-    while not bool(np.all(fetch(done, mesh))):
-        caches, logits, position, count, done, step, out = kernel(
-            caches, logits, position, count, done, step, limit, stops, key, temperature_arg, top_p_arg)
-        new = [[int(t) for t in row if t >= 0] for row in fetch(out, mesh)[:batch]]
+    def next_chunk(carry):
+        caches, logits, position, count, done, step, _ = carry
+        return kernel(caches, logits, position, count, done, step, limit_arg, stops, key, temperature_arg, top_p_arg)
+
+    # Chunk i + 1 is queued on the device before the host waits for chunk i's tokens, so
+    # the device never idles while the host dispatches, copies and streams tokens. No chunk
+    # is queued past the one in which every sequence reaches its limit; one queued after a
+    # stop token ended them all changes nothing.
+    chunks = -(-int(limit.max()) // chunk)
+    carry = next_chunk((caches, logits, position, count, done, step, None))
+    for i in range(chunks):
+        queued = next_chunk(carry) if i + 1 < chunks else None
+        done_now, out = fetch(carry[4], mesh), fetch(carry[6], mesh)
+        new = [[int(t) for t in row if t >= 0] for row in out[:batch]]
         for result, tokens_of_seq in zip(results, new):
             result.extend(tokens_of_seq)
         if on_tokens is not None:
             on_tokens(new)
+        if np.all(done_now):
+            break
+        carry = queued
     return results
 
 

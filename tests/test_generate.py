@@ -89,6 +89,44 @@ def test_stop_token_and_max_new_tokens(model):
     assert streamed == stopped
 
 
+def test_chunks_queued_ahead_but_not_past_the_limit(model, monkeypatch):
+    """generate queues chunk i + 1 before reading chunk i's tokens; it queues none past the
+    chunk in which every sequence reaches max_new_tokens, and one at most after a stop
+    token ends them all."""
+    import gptoss_jax.generate as generate_module
+
+    calls = []
+    real = generate_module._decode_chunk
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs["chunk"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(generate_module, "_decode_chunk", counting)
+    prompt = [prompt_of(4, 20)]
+    free = generate(model, prompt, max_new_tokens=12, temperature=0, stop_tokens=[], chunk=3)
+    assert calls == [3] * 4 and len(free[0]) == 12
+    calls.clear()
+    stopped = generate(model, prompt, max_new_tokens=12, temperature=0, stop_tokens=[free[0][1]], chunk=3)
+    assert stopped[0] == free[0][:2] and len(calls) == 2
+
+
+def test_decode_chunk_has_a_static_trip_count(model):
+    """A loop without a data-dependent exit: on a GPU, XLA then runs the steps without a
+    device-to-host copy and a wait after each one."""
+    import jax
+    from gptoss_jax.generate import _decode_chunk
+
+    graphdef, state = nnx.split(model)
+    caches = model.init_cache(1, 64)
+    zeros = jnp.zeros(1, jnp.int32)
+    compiled = _decode_chunk.lower(
+        graphdef, state, caches, jnp.zeros((1, model.config.vocab_size)), zeros, zeros, jnp.zeros(1, bool),
+        jnp.int32(0), zeros + 5, jnp.array([-1], jnp.int32), jax.random.key(0), jnp.float32(1), jnp.float32(1),
+        chunk=6, greedy=True, top_k=0, use_top_p=False).compile()
+    assert '"known_trip_count":{"n":"6"}' in compiled.as_text()
+
+
 def test_max_len_caps_generation(model):
     out = generate(model, [prompt_of(5, 1), prompt_of(3, 2)], max_new_tokens=10, max_len=8,
                    temperature=0, stop_tokens=[])
