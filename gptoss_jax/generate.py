@@ -66,6 +66,14 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+def _bucket(n: int, multiple: int) -> int:
+    """n rounded up to 2^k times 1, 1.25, 1.5 or 1.75, then to a multiple of `multiple`:
+    calls whose prompt lengths or cache lengths differ a little (the turns of a chat) share
+    compiled code, at the cost of at most ~25% padding."""
+    quarter_octave = 1 << max(0, n.bit_length() - 3)
+    return _round_up(_round_up(n, quarter_octave), multiple)
+
+
 # ------------------------------------------------------------------------------ sampling
 def sample(logits, key, temperature, top_p, *, greedy: bool, top_k: int, use_top_p: bool):
     """logits [b, vocab] -> token ids [b]. temperature and top_p are traced scalars."""
@@ -182,8 +190,8 @@ def generate(
     # round it up to a multiple of the axis.
     mesh = model.mesh
     rows = batch if mesh is None else _round_up(batch, mesh.shape.get(DATA, 1))
-    # Rounded shapes let nearby prompt lengths share compiled code; extra slots stay empty.
-    padded = _round_up(longest, 16)
+    # Bucketed shapes let nearby prompt lengths share compiled code; extra slots stay empty.
+    padded = _bucket(longest, 16)
     tokens = np.full((rows, padded), PAD_TOKEN, np.int32)
     positions = np.full((rows, padded), NO_POSITION, np.int32)
     for i, prompt in enumerate(prompts):
@@ -196,7 +204,7 @@ def generate(
     if not np.any(limit > 0):  # every prompt already fills max_len
         return results
     place = _placer(mesh)
-    caches = _init_caches(model, rows, _round_up(max(max_len, padded), 64))
+    caches = _init_caches(model, rows, _bucket(max(max_len, padded), 64))
     graphdef, state = nnx.split(model)
     logits, caches = _prefill(graphdef, state, place(tokens, ("batch", "seq")), place(positions, ("batch", "seq")),
                               caches, place(lengths - 1, ("batch",)))

@@ -275,6 +275,21 @@ def test_decode_loop_compiles_once_per_shape(model):
     assert _decode_chunk._cache_size() == 1  # later chunks reuse the first chunk's executable
 
 
+def test_nearby_prompt_and_cache_lengths_share_compiled_code(model):
+    """The turns of a chat differ a little in prompt length and hence in cache length:
+    shapes are bucketed (at most ~25% padding), so such calls reuse one prefill and one
+    decode executable."""
+    from gptoss_jax.generate import _bucket, _decode_chunk, _prefill
+
+    assert [_bucket(n, 16) for n in (1, 17, 130, 150, 161, 5000)] == [16, 32, 160, 160, 192, 5120]
+    _prefill.clear_cache()
+    _decode_chunk.clear_cache()
+    prompts = [prompt_of(130, 40), prompt_of(150, 41)]
+    out = [generate(model, [p], max_new_tokens=n, temperature=0, stop_tokens=[]) for p, n in zip(prompts, (40, 30))]
+    assert _prefill._cache_size() == 1 and _decode_chunk._cache_size() == 1
+    assert [len(o[0]) for o in out] == [40, 30]
+
+
 def test_kernel_choice_of_the_cli(model):
     """--kernels auto is the XLA path on this CPU; pallas selects the kernels that measured
     fastest; on a mesh of several devices the attention kernels stay XLA."""
