@@ -6,9 +6,11 @@
 Measures (each selectable with --measure):
   decode   batch-1 decode tokens/s at each --contexts (the cache is filled with random keys
            and values up to the context, then `generate`'s jitted decode loop runs --steps steps)
-  generate batch-1 decode tokens/s of `generate` itself, as the CLI runs it: --generate-tokens
-           tokens in chunks of --chunk steps, the host streaming the tokens between chunks
-           (timed from the first chunk's tokens to the last: no prefill, no compilation)
+  generate decode tokens/s of `generate` itself, as the CLI runs it, batch 1 after prompts of
+           each --generate-prompts length: --generate-tokens tokens in chunks of --chunk
+           steps, the host streaming the tokens between chunks (timed from the first chunk's
+           tokens to the last: no prefill, no compilation)
+  generate_batch  the same at each --batches, prompts of --batch-context tokens
   batch    decode tokens/s at each --batches (context --batch-context)
   prefill  prefill tokens/s for each --prompts length (in --prefill-chunk pieces through extend)
   profile  where one batch-1 decode step's time goes: attention (sliding / full layer), MoE
@@ -200,24 +202,26 @@ def measure_decode(model, batch: int, context: int, steps: int, wrap_timed=None)
             "first_call_s": compile_s}
 
 
-def measure_generate(model, new_tokens: int, chunk: int) -> dict:
-    """Batch-1 decode tokens/s of `generate` (greedy, no stop tokens) after a 16-token prompt,
-    from the first chunk's tokens to the last."""
-    prompt = [list(range(1, 17))]
-    run = partial(generate, model, prompt, temperature=0, stop_tokens=[], chunk=chunk)
+def measure_generate(model, batch: int, prompt: int, new_tokens: int, chunk: int) -> dict:
+    """Decode tokens/s of `generate` (greedy, no stop tokens) after `batch` random prompts of
+    `prompt` tokens, from the first chunk's tokens to the last (no prefill, no compiling)."""
+    rng = np.random.default_rng(0)
+    prompts = [[int(t) for t in rng.integers(0, 200000, prompt)] for _ in range(batch)]
+    run = partial(generate, model, prompts, temperature=0, stop_tokens=[], chunk=chunk,
+                  max_len=prompt + new_tokens)  # the same cache for the warm-up as for the timed call
     run(max_new_tokens=2 * chunk)  # compiles the prefill and the chunk
     times, counts = [], []
 
     def on_tokens(new):
         times.append(time.perf_counter())
-        counts.append(len(new[0]))
+        counts.append(sum(map(len, new)))
 
     run(max_new_tokens=new_tokens, on_tokens=on_tokens)
     made, elapsed = sum(counts[1:]), times[-1] - times[0]
-    if made != new_tokens - counts[0]:
-        raise RuntimeError(f"generate made {sum(counts)} tokens, expected {new_tokens}")
-    return {"chunk": chunk, "tokens": made, "seconds": elapsed, "tokens_per_s": made / elapsed,
-            "ms_per_step": 1e3 * elapsed / made}
+    if sum(counts) != batch * new_tokens:
+        raise RuntimeError(f"generate made {sum(counts)} tokens, expected {batch * new_tokens}")
+    return {"batch": batch, "prompt": prompt, "chunk": chunk, "tokens": made, "seconds": elapsed,
+            "tokens_per_s": made / elapsed, "ms_per_step": 1e3 * elapsed * batch / made}
 
 
 TRACE_TOP = 25  # kernels listed per trace (--trace-top)
@@ -402,6 +406,7 @@ def main(argv=None) -> int:
     parser.add_argument("--prefill-chunk", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--generate-tokens", type=int, default=256)
+    parser.add_argument("--generate-prompts", default="16")
     parser.add_argument("--chunk", type=int, default=DEFAULT_CHUNK, help="generate's chunk (--measure generate)")
     parser.add_argument("--profile-context", type=int, default=4096)
     parser.add_argument("--json", help="write the results here")
@@ -458,8 +463,13 @@ def main(argv=None) -> int:
                 record(f"decode_b1_ctx{context}{tag}", lambda: dict(measure_decode(model, 1, context, args.steps),
                                                                    bytes_per_token=bytes_per_token(config, context)))
         if "generate" in measures:
-            record(f"generate_b1_chunk{args.chunk}{tag}",
-                   lambda: measure_generate(model, args.generate_tokens, args.chunk))
+            for prompt in parse_ints(args.generate_prompts):
+                record(f"generate_b1_prompt{prompt}{tag}",
+                       lambda: measure_generate(model, 1, prompt, args.generate_tokens, args.chunk))
+        if "generate_batch" in measures:
+            for batch in parse_ints(args.batches):
+                record(f"generate_b{batch}_prompt{args.batch_context}{tag}",
+                       lambda: measure_generate(model, batch, args.batch_context, args.generate_tokens, args.chunk))
         if "batch" in measures:
             for batch in parse_ints(args.batches):
                 record(f"decode_b{batch}_ctx{args.batch_context}{tag}",
