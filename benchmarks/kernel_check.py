@@ -184,6 +184,8 @@ def main():
     parser.add_argument("--attention", action="store_true", help="time the decode attention kernel instead")
     parser.add_argument("--gemm", action="store_true", help="time the grouped GEMM (moe_gemm) instead")
     parser.add_argument("--pairs", type=int, nargs="*", default=[256, 32768], help="--gemm: pair counts")
+    parser.add_argument("--gemm-tunings", type=json.loads,
+                        help='--gemm: these tunings instead of the table, e.g. [{"block_m": 16, "swap_ab": true}]')
     args = parser.parse_args()
     report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -446,7 +448,7 @@ def gemm_section(args, report, save):
         ref = jax.jit(lambda h, e, w: mlp.experts_grouped(h, e, w))(h, experts, w).astype(jnp.float32)
         log({"section": "gemm", "pairs": pairs, "variant": "xla_experts_grouped",
              **rates(call_time(lambda h, e, w: mlp.experts_grouped(h, e, w), h, experts, w, reps=reps))})
-        for tuning in gemm_variants(pairs, args.quick):
+        for tuning in args.gemm_tunings or gemm_variants(pairs, args.quick):
             row = {"section": "gemm", "pairs": pairs, "variant": tuning}
             try:
                 run = jax.jit(lambda h, e, p, t=tuning: moe_gemm.experts_grouped_kernel(
