@@ -55,7 +55,8 @@ def test_block_scale_matches_e8m0():
     (64, 32, 8, 4, True),     # mlp1 shape: x per token, gate/up interleaved, SwiGLU fused
     (160, 16, 5, 1, True),    # 5 blocks, a single row tile
 ])
-def test_expert_gemv_matches_reference(features, rows, pairs, pairs_per_x, swiglu):
+@pytest.mark.parametrize("accumulate", [{}, dict(elementwise_acc=True)])
+def test_expert_gemv_matches_reference(features, rows, pairs, pairs_per_x, swiglu, accumulate):
     keys = jax.random.split(jax.random.key(features + rows + pairs), 5)
     experts = 6
     fp4 = random_fp4(keys[0], (experts, rows, features // 32))
@@ -67,7 +68,7 @@ def test_expert_gemv_matches_reference(features, rows, pairs, pairs_per_x, swigl
     params = (7.0, 1.702) if swiglu else None
     got = moe_kernels.expert_gemv(x, pair_expert, moe_kernels.packed_bytes(fp4), scales, bias,
                                   pairs_per_x=pairs_per_x, swiglu_params=params, rows=8, blocks_per_step=2,
-                                  interpret=True)
+                                  interpret=True, **accumulate)
     want = reference_gemv(x, pair_expert, fp4, scales, bias, pairs_per_x, params)
     assert got.shape == want.shape and got.dtype == want.dtype
     # Same products; only the fp32 summation order differs, so at most one bf16 rounding flip.
