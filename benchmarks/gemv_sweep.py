@@ -98,7 +98,9 @@ def main():
     parser.add_argument("--pipeline", action="store_true",
                         help="the GEMVs as the model calls them (mlp2 per pair and summing the k experts), with --loops")
     parser.add_argument("--projection", action="store_true",
-                        help="only the fused RMSNorm + q/k/v kernel (kernels/projection.py), with --tilings")
+                        help="only the one-token projection kernels (kernels/projection.py), with --tilings")
+    parser.add_argument("--router", action="store_true",
+                        help="only the router logits kernel (kernels/router.py), with --tilings")
     parser.add_argument("--loops", type=json.loads, help='--pipeline: GEMV loop options, e.g. [{}, {"fma": true}]')
     parser.add_argument("--tilings", type=json.loads, help='--pipeline: e.g. [{"rows": 8, "num_warps": 8}]')
     parser.add_argument("--cases", help="--pipeline: comma-separated subset of mlp1+swiglu,mlp2,mlp2_sum4")
@@ -135,6 +137,8 @@ def main():
         return pipeline_sweep(key, experts, record, report["results"], args.quick)
     if args.projection:
         return projection_sweep(key, record)
+    if args.router:
+        return router_sweep(key, record)
     # ---- fused MXFP4 expert GEMV, 4 pairs (batch 1, top-4)
     grid = [dict(rows=r, blocks_per_step=b, num_warps=w, num_stages=s)
             for (r, b), w, s in itertools.product(
@@ -226,32 +230,76 @@ def random_experts(key, experts, out_rows, features):
 
 
 def projection_sweep(key, record):
-    """norm_qkv at the gpt-oss-20b shape (64 + 8 + 8 heads of 64 over 2880 features), one
-    call per weight copy, per tiling of --tilings (rows, bk, num_warps, num_stages)."""
-    from gptoss_jax.kernels.projection import norm_qkv
+    """The one-token projection kernels at the gpt-oss-20b shape, one call per weight copy,
+    per entry of --tilings: {"kernel": "norm_qkv" (default) or "output_residual", and its
+    rows, bk, num_warps, num_stages}. norm_qkv: RMSNorm + q/k/v (64 + 8 + 8
+    heads of 64 over 2880 features); output_residual: 2880 outputs over 64 x 64 attention
+    values + the residual. Outputs are compared with the first entry of the same kernel."""
+    from gptoss_jax.kernels.projection import norm_qkv, output_residual
 
     heads = {"q": 64, "k": 8, "v": 8}
-    copies = []
+    qkv_copies, o_copies = [], []
     for i in range(CALLS):
-        keys = jax.random.split(jax.random.fold_in(key, i), 6)
-        copies.append([(jax.random.normal(keys[2 * j], (n, 64, 2880), F32) * 0.02).astype(jnp.bfloat16)
-                       for j, n in enumerate(heads.values())])
+        keys = jax.random.split(jax.random.fold_in(key, i), 7)
+        qkv_copies.append([(jax.random.normal(keys[j], (n, 64, 2880), F32) * 0.02).astype(jnp.bfloat16)
+                           for j, n in enumerate(heads.values())])
+        o_copies.append([(jax.random.normal(keys[6], (2880, 64, 64), F32) * 0.02).astype(jnp.bfloat16)])
     x = jax.random.normal(key, (2880,), F32).astype(jnp.bfloat16)
+    attn = jax.random.normal(jax.random.fold_in(key, 99), (64, 64), F32).astype(jnp.bfloat16)
     gain = jnp.ones((2880,), jnp.bfloat16)
     biases = [jnp.zeros((n, 64), jnp.bfloat16) for n in heads.values()]
-    nbytes = 80 * 64 * 2880 * 2
-    base = None
-    for v in TILINGS or [dict(rows=8, bk=256, num_warps=4, num_stages=1)]:
-        row = {"matrix": "norm_qkv", **v}
+    bo = jnp.zeros((2880,), jnp.bfloat16)
+    cases = {
+        "norm_qkv": (lambda v: lambda wq, wk, wv: norm_qkv(x, gain, wq, biases[0], wk, biases[1], wv, biases[2],
+                                                           eps=1e-5, **v), qkv_copies, 80 * 64 * 2880 * 2),
+        "output_residual": (lambda v: lambda wo: output_residual(attn, wo, bo, x, **v), o_copies, 2880 * 4096 * 2),
+    }
+    base = {}
+    for entry in TILINGS or [dict(rows=8, bk=512, num_warps=8, num_stages=1)]:
+        v = dict(entry)
+        kernel = v.pop("kernel", "norm_qkv")
+        make, copies, nbytes = cases[kernel]
+        row = {"matrix": kernel, **v}
         try:
-            fn = lambda wq, wk, wv, v=v: norm_qkv(x, gain, wq, biases[0], wk, biases[1], wv, biases[2], eps=1e-5, **v)
-            out = np.concatenate([np.asarray(a, np.float32).ravel() for a in fn(*copies[0])])
-            base = out if base is None else base
-            row["max_abs_diff_vs_first"] = float(np.max(np.abs(out - base)))
-            us = kernel_us(fn, copies, "norm_qkv")
+            fn = make(v)
+            got = fn(*copies[0])
+            out = np.concatenate([np.asarray(a, np.float32).ravel() for a in (got if isinstance(got, (tuple, list)) else [got])])
+            base.setdefault(kernel, out)
+            row["max_abs_diff_vs_first"] = float(np.max(np.abs(out - base[kernel])))
+            us = kernel_us(fn, copies, "norm_qkv" if kernel == "norm_qkv" else "output_residual")
             row.update(us=us, gb_per_s=nbytes / us / 1e3)
         except Exception as e:
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        record(row)
+
+
+def router_sweep(key, record):
+    """norm_router_logits at the 20b (32 experts) and 120b (128) router shapes, one call per
+    weight copy, per entry of --tilings ({"experts": 32 or 128, experts_per_program,
+    num_warps}); the top-k kernel once per shape for comparison."""
+    from gptoss_jax.kernels.router import norm_router_logits, top_k_softmax
+
+    x = jax.random.normal(key, (1, 2880), F32).astype(jnp.bfloat16)
+    gain = jnp.ones((2880,), jnp.bfloat16)
+    copies = {e: [((jax.random.normal(jax.random.fold_in(key, 10 * e + i), (e, 2880), F32) * 0.02).astype(jnp.bfloat16),
+                   jnp.zeros((e,), jnp.bfloat16)) for i in range(CALLS)] for e in (32, 128)}
+    for e in (32, 128):
+        logits = norm_router_logits(x, gain, *copies[e][0], eps=1e-5)[1]
+        us = kernel_us(lambda lg: top_k_softmax(lg, k=4), [(logits,)] * CALLS, "router_top_k")
+        record({"kernel": "router_top_k_softmax", "experts": e, "us": us})
+    base = {}
+    for entry in TILINGS or [dict(experts=32, experts_per_program=1, num_warps=4)]:
+        v = dict(entry)
+        e = v.pop("experts", 32)
+        row = {"kernel": "norm_router_logits", "experts": e, **v}
+        try:
+            fn = lambda w, b, v=v: norm_router_logits(x, gain, w, b, eps=1e-5, **v)
+            out = np.asarray(fn(*copies[e][0])[1], np.float32)
+            base.setdefault(e, out)
+            row["max_abs_diff_vs_first"] = float(np.max(np.abs(out - base[e])))
+            row["us"] = kernel_us(fn, copies[e], "norm_router_logits")
+        except Exception as err:
+            row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
         record(row)
 
 

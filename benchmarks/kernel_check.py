@@ -184,6 +184,9 @@ def main():
     parser.add_argument("--attention", action="store_true", help="time the decode attention kernel instead")
     parser.add_argument("--gemm", action="store_true", help="time the grouped GEMM (moe_gemm) instead")
     parser.add_argument("--pairs", type=int, nargs="*", default=[256, 32768], help="--gemm: pair counts")
+    parser.add_argument("--attention-variants", type=json.loads,
+                        help='--attention: these variants instead of the table, e.g. [{}, {"block": 128}]')
+    parser.add_argument("--attention-cases", help="--attention: comma-separated case names (default: all)")
     parser.add_argument("--gemm-tunings", type=json.loads,
                         help='--gemm: these tunings instead of the table, e.g. [{"block_m": 16, "swap_ab": true}]')
     args = parser.parse_args()
@@ -198,7 +201,8 @@ def main():
     if args.flash:
         return check_flash(args, report, save)
     if args.attention:
-        attention_check(report, save, quick=args.quick)
+        attention_check(report, save, quick=args.quick, variants=args.attention_variants,
+                        cases=None if args.attention_cases is None else args.attention_cases.split(","))
         return
     if args.gemm:
         gemm_section(args, report, save)
@@ -324,10 +328,13 @@ def attention_case(config, key, batch, slots, position, sliding):
     return attn, q, caches
 
 
-def attention_check(report, save, quick=False):
+def attention_check(report, save, quick=False, variants=None, cases=None):
     config = GptOssConfig.preset("gpt-oss-20b")
     key = jax.random.key(1)
-    for name, batch, slots, position, sliding in ATTENTION_CASES[:2] if quick else ATTENTION_CASES:
+    chosen = [c for c in ATTENTION_CASES if cases is None or c[0] in cases]
+    if cases is not None and len(chosen) != len(cases):
+        raise SystemExit(f"--attention-cases: unknown case in {cases}; known: {[c[0] for c in ATTENTION_CASES]}")
+    for name, batch, slots, position, sliding in chosen[:2] if quick else chosen:
         key, sub = jax.random.split(key)
         attn, q, caches = attention_case(config, sub, batch, slots, position, sliding)
         sinks = attn.sinks[...]
@@ -341,7 +348,7 @@ def attention_check(report, save, quick=False):
         ref = jax.jit(xla)(q, *caches[0]).astype(jnp.float32)
         base = {"case": name, "batch": batch, "slots": slots, "position": position, "copies": len(caches)}
         runs = [("xla_reference", xla)]
-        for v in attention_variants(batch, slots, sliding, quick):
+        for v in variants if variants is not None else attention_variants(batch, slots, sliding, quick):
             runs.append((v, functools.partial(attention.decode_attention, sinks=sinks,
                                               window=config.sliding_window if sliding else None, **v)))
         for variant, step in runs:

@@ -24,34 +24,37 @@ from jax.experimental import pallas as pl
 F32 = jnp.float32
 
 
+def _gemv_steps(load_step, rows: int, bk: int, steps: int):
+    """sum_k w[r, k] * x[k] in fp32 over `steps` steps of `bk` features; load_step(i) -> (w
+    [rows, bk] in its dtype, x [bk] fp32)."""
+    def step(i, acc):
+        w, x = load_step(i)
+        return acc + jnp.sum(w.astype(F32) * x[None, :], axis=1)
+
+    return jax.lax.fori_loop(0, steps, step, jnp.zeros((rows,), F32))
+
+
 def _kernel(x_ref, scale_ref, wq_ref, bq_ref, wk_ref, bk_ref, wv_ref, bv_ref, q_ref, k_ref, v_ref, *,
             rows: int, bk: int, features: int, eps: float, programs: tuple[int, int, int]):
     from jax.experimental.pallas import triton as plgpu
 
     pid = pl.program_id(0)
     steps = -(-features // bk)
-
-    def chunk(i):
-        cols = i * bk + jnp.arange(bk)
-        inside = cols < features
-        x = plgpu.load(x_ref.at[pl.ds(i * bk, bk)], mask=inside, other=0).astype(F32)
-        return x, inside
-
-    def sum_squares(i, acc):
-        x, _ = chunk(i)
-        return acc + x * x
-
-    inv_rms = jax.lax.rsqrt(jnp.sum(jax.lax.fori_loop(0, steps, sum_squares, jnp.zeros((bk,), F32))) / features + eps)
+    # The norm from one load of the whole token (one memory round trip, not one per step).
+    width = 1 << (features - 1).bit_length()
+    whole = plgpu.load(x_ref.at[pl.ds(0, width)], mask=jnp.arange(width) < features, other=0).astype(F32)
+    inv_rms = jax.lax.rsqrt(jnp.sum(whole * whole) / features + eps)
 
     def project(w_ref, b_ref, out_ref, block):
-        def step(i, acc):
-            x, inside = chunk(i)
+        def load_step(i):
+            inside = i * bk + jnp.arange(bk) < features
+            x = plgpu.load(x_ref.at[pl.ds(i * bk, bk)], mask=inside, other=0).astype(F32)
             gain = plgpu.load(scale_ref.at[pl.ds(i * bk, bk)], mask=inside, other=0).astype(F32)
             h = (x * inv_rms * gain).astype(out_ref.dtype).astype(F32)
             w = plgpu.load(w_ref.at[pl.ds(block * rows, rows), pl.ds(i * bk, bk)], mask=inside[None, :], other=0)
-            return acc + jnp.sum(w.astype(F32) * h[None, :], axis=1)
+            return w, h
 
-        acc = jax.lax.fori_loop(0, steps, step, jnp.zeros((rows,), F32))
+        acc = _gemv_steps(load_step, rows, bk, steps)
         bias = b_ref[pl.ds(block * rows, rows)].astype(F32)
         out = (acc + bias).astype(out_ref.dtype)  # one rounding, after the bias (spec 2.7)
         plgpu.store(out_ref.at[pl.ds(block * rows, rows)], out)
@@ -95,24 +98,22 @@ def norm_qkv(x, norm_scale, wq, bq, wk, bk_, wv, bv, *, eps: float, rows: int = 
 def _output_kernel(a_ref, w_ref, b_ref, x_ref, out_ref, *, rows: int, bk: int, features: int):
     from jax.experimental.pallas import triton as plgpu
 
-    block = pl.program_id(0)
-    outputs = pl.ds(block * rows, rows)
+    outputs = pl.ds(pl.program_id(0) * rows, rows)
 
-    def step(i, acc):
-        cols = i * bk + jnp.arange(bk)
-        inside = cols < features
+    def load_step(i):
+        inside = i * bk + jnp.arange(bk) < features
         a = plgpu.load(a_ref.at[pl.ds(i * bk, bk)], mask=inside, other=0).astype(F32)
         w = plgpu.load(w_ref.at[outputs, pl.ds(i * bk, bk)], mask=inside[None, :], other=0)
-        return acc + jnp.sum(w.astype(F32) * a[None, :], axis=1)
+        return w, a
 
-    acc = jax.lax.fori_loop(0, -(-features // bk), step, jnp.zeros((rows,), F32))
+    acc = _gemv_steps(load_step, rows, bk, -(-features // bk))
     dt = out_ref.dtype
     projected = (acc + b_ref[outputs].astype(F32)).astype(dt).astype(F32)  # one rounding, after the bias
     out_ref[outputs] = (x_ref[outputs].astype(F32) + projected).astype(dt)  # the residual add, rounded
 
 
 @functools.partial(jax.jit, static_argnames=("rows", "bk", "num_warps", "num_stages", "interpret"))
-def output_residual(attn, wo, bo, x, *, rows: int = 8, bk: int = 512, num_warps: int = 8, num_stages: int = 1,
+def output_residual(attn, wo, bo, x, *, rows: int = 8, bk: int = 1024, num_warps: int = 8, num_stages: int = 1,
                     interpret: bool = False):
     """One token: attn [heads, head_dim] (the attention output), wo [D, heads, head_dim],
     bo [D], x [D] (the residual stream) -> x + round(attn @ wo^T + bo), in x's dtype: the
