@@ -173,7 +173,7 @@ def _combine_kernel(m_ref, l_ref, acc_ref, out_ref):
                                              "interpret"))
 def decode_attention(q, k_new, v_new, positions, cache_k, cache_v, cache_positions, sinks, rope=None, *,
                      window: int | None, write_cache: bool = False, splits: int | None = None, block: int = 64,
-                     num_warps: int = 4, num_stages: int = 2, interpret: bool | None = None):
+                     num_warps: int = 4, num_stages: int = 3, interpret: bool | None = None):
     """q [b, 1, heads, hd], k_new/v_new [b, 1, kv, hd], positions [b, 1], cache_* as in
     model.LayerCache (before this step's write), sinks [heads].
     Returns [b, 1, heads, hd] in q's dtype, as Attention.attend on cache + new key.
