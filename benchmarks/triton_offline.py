@@ -107,7 +107,10 @@ def main():
         name, sep, value = item.partition("=")
         if not sep:
             parser.error(f"--set {item!r}: expected NAME=VALUE, e.g. rows=8")
-        kwargs[name] = ast.literal_eval(value)
+        try:
+            kwargs[name] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            parser.error(f"--set {item!r}: the value must be a Python literal, e.g. rows=8 or use_ptx=False")
     fn, call_args, warps = calls[args.kernel]
     warps = kwargs.get("num_warps", warps)
     stages = kwargs.get("num_stages", 1)

@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from gptoss_jax.kernels.moe import _next_pow2
+
 F32 = jnp.float32
 
 
@@ -41,7 +43,7 @@ def _kernel(x_ref, scale_ref, wq_ref, bq_ref, wk_ref, bk_ref, wv_ref, bv_ref, q_
     pid = pl.program_id(0)
     steps = -(-features // bk)
     # The norm from one load of the whole token (one memory round trip, not one per step).
-    width = 1 << (features - 1).bit_length()
+    width = _next_pow2(features)
     whole = plgpu.load(x_ref.at[pl.ds(0, width)], mask=jnp.arange(width) < features, other=0).astype(F32)
     inv_rms = jax.lax.rsqrt(jnp.sum(whole * whole) / features + eps)
 
