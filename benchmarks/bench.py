@@ -241,16 +241,21 @@ def summarize_trace(trace_dir: str, steps: int, top: int = 25) -> dict:
              if e.get("ph") == "M" and e.get("name") == "process_name"}
     device_pids = {pid for pid, name in names.items() if "GPU" in name or "TPU" in name or "device" in name.lower()}
     totals: dict[str, list] = {}
+    hlo_ops: dict[str, str] = {}  # kernel name -> the HLO instruction it ran for (XLA names it in args)
     for e in events:
         if e.get("ph") == "X" and e.get("pid") in device_pids and "dur" in e:
             entry = totals.setdefault(e["name"], [0.0, 0])
             entry[0] += e["dur"]
             entry[1] += 1
+            op = e.get("args", {}).get("hlo_op")
+            if op and e["name"] not in hlo_ops:
+                hlo_ops[e["name"]] = str(op)[:120]
     ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])
     busy = sum(v[0] for v in totals.values())
     return {"device_busy_ms_per_step": busy / 1e3 / steps, "kernels_per_step": sum(v[1] for v in totals.values()) / steps,
             "device_processes": sorted(names[p] for p in device_pids),
-            "top": [{"name": n[:120], "us_per_step": v[0] / steps, "calls_per_step": v[1] / steps} for n, v in ranked[:top]]}
+            "top": [{"name": n[:120], "us_per_step": v[0] / steps, "calls_per_step": v[1] / steps,
+                     **({"hlo_op": hlo_ops[n]} if n in hlo_ops else {})} for n, v in ranked[:top]]}
 
 
 def traced(measure, per: int, **kwargs) -> dict:

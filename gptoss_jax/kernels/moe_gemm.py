@@ -65,7 +65,10 @@ def tile_schedule(pair_expert, num_experts: int, block_m: int) -> TileSchedule:
     tiles = (sizes + block_m - 1) // block_m
     tiles_end = jnp.cumsum(tiles)
     t = jnp.arange(max_tiles(num_pairs, num_experts, block_m), dtype=jnp.int32)
-    expert = jnp.searchsorted(tiles_end, t, side="right").astype(jnp.int32)
+    # compare_all: one fused kernel. The default (a binary-search while loop) costs a GPU
+    # batch-64 decode step ~0.8 ms: ~6 kernels, 2 copies and a host-read predicate per
+    # iteration per layer (docs/performance.md entry 42).
+    expert = jnp.searchsorted(tiles_end, t, side="right", method="compare_all").astype(jnp.int32)
     real = expert < num_experts
     expert = jnp.minimum(expert, num_experts - 1)
     start = group_start[expert] + (t - (tiles_end[expert] - tiles[expert])) * block_m
