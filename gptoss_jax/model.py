@@ -229,9 +229,10 @@ class ExpertWeights(NamedTuple):
 # pairs); with only the GEMV on, it takes up to KERNEL_GEMV_MAX_PAIRS pairs.
 KERNEL_GEMM_MIN_PAIRS = 64
 KERNEL_GEMV_MAX_PAIRS = 512
-# The fused norm + router kernels run for up to this many tokens (each token's program
-# reads router rows on its own; beyond a few tokens XLA's GEMM reads them once).
-KERNEL_ROUTER_MAX_TOKENS = 16
+# The fused norm + router kernels run for up to this many tokens: each (token, router row)
+# program reads its row from L2, which at 64 tokens still beats XLA's norm, padded router GEMM
+# and sort-based top-k (docs/performance.md entry 44); prompts take XLA's GEMM.
+KERNEL_ROUTER_MAX_TOKENS = 64
 
 
 class MoE(nnx.Module):

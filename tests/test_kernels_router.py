@@ -80,13 +80,16 @@ def tiny_model():
     return load("tiny", dtype="bfloat16")
 
 
-@pytest.mark.parametrize("tokens", [1, 3])
+@pytest.mark.parametrize("tokens", [1, 3, 40])  # 40: a batch-64-like step, up to KERNEL_ROUTER_MAX_TOKENS
 def test_moe_layer_with_router_kernel_equals_reference(tiny_model, tokens):
     """A MoE layer's output with the router kernel on (and the expert kernels) equals the
     reference path within bf16 tolerance."""
     mlp = tiny_model.blocks[2].mlp
     x = (2 * jax.random.normal(jax.random.key(tokens), (1, tokens, tiny_model.config.hidden_size))).astype(jnp.bfloat16)
     want = np.asarray(mlp(x), F32)
+    from gptoss_jax.model import KERNEL_ROUTER_MAX_TOKENS
+
+    assert tokens <= KERNEL_ROUTER_MAX_TOKENS
     try:
         set_kernels(tiny_model, router="pallas")
         h, experts, weights = mlp.norm_route_kernel(x.reshape(tokens, -1))
