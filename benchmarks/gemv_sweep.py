@@ -101,6 +101,8 @@ def main():
                         help="only the one-token projection kernels (kernels/projection.py), with --tilings")
     parser.add_argument("--router", action="store_true",
                         help="only the router logits kernel (kernels/router.py), with --tilings")
+    parser.add_argument("--tokens", help="only projection.tokens_linear against XLA at these token counts, "
+                        "e.g. 8,64, with --tilings ({bn, bk, num_warps, num_stages})")
     parser.add_argument("--loops", type=json.loads, help='--pipeline: GEMV loop options, e.g. [{}, {"fma": true}]')
     parser.add_argument("--tilings", type=json.loads, help='--pipeline: e.g. [{"rows": 8, "num_warps": 8}]')
     parser.add_argument("--cases", help="--pipeline: comma-separated subset of mlp1+swiglu,mlp2,mlp2_sum4")
@@ -139,6 +141,8 @@ def main():
         return projection_sweep(key, record)
     if args.router:
         return router_sweep(key, record)
+    if args.tokens:
+        return tokens_sweep(key, record, [int(t) for t in args.tokens.split(",")])
     # ---- fused MXFP4 expert GEMV, 4 pairs (batch 1, top-4)
     grid = [dict(rows=r, blocks_per_step=b, num_warps=w, num_stages=s)
             for (r, b), w, s in itertools.product(
@@ -301,6 +305,67 @@ def router_sweep(key, record):
         except Exception as err:
             row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
         record(row)
+
+
+def tokens_sweep(key, record, token_counts):
+    """projection.tokens_linear at the 20b attention shapes (q/k/v in one kernel; the output
+    projection with the residual add), one call per weight copy, against the XLA einsums
+    with the same roundings (Attention.project / Attention.output + the residual add)."""
+    from gptoss_jax.kernels.projection import tokens_linear
+
+    bf16 = jnp.bfloat16
+    copies = []
+    for i in range(CALLS):
+        ks = jax.random.split(jax.random.fold_in(key, i), 4)
+        copies.append(([(jax.random.normal(ks[j], (rows, 2880), F32) * 0.02).astype(bf16)
+                        for j, rows in enumerate((4096, 512, 512))],
+                       (jax.random.normal(ks[3], (2880, 4096), F32) * 0.02).astype(bf16)))
+    qkv_b = [jnp.zeros((r,), bf16) for r in (4096, 512, 512)]
+    o_b = jnp.zeros((2880,), bf16)
+
+    def xla_qkv(h, wq, wk, wv):
+        return [(jnp.einsum("nd,od->no", h, w, preferred_element_type=F32) + b.astype(F32)).astype(bf16)
+                for w, b in zip((wq, wk, wv), qkv_b)]
+
+    def xla_out(a, x, wo):
+        proj = (jnp.einsum("nd,od->no", a, wo, preferred_element_type=F32) + o_b.astype(F32)).astype(bf16)
+        return x + proj
+
+    for n in token_counts:
+        h = jax.random.normal(jax.random.fold_in(key, 100 + n), (n, 2880), F32).astype(bf16)
+        a = jax.random.normal(jax.random.fold_in(key, 200 + n), (n, 4096), F32).astype(bf16)
+        qkv_calls = [(h, *ws) for ws, _ in copies]
+        o_calls = [(a, h, wo) for _, wo in copies]
+        want_qkv = np.concatenate([np.asarray(t, np.float32).ravel() for t in xla_qkv(*qkv_calls[0])])
+        want_o = np.asarray(xla_out(*o_calls[0]), np.float32)
+        for name, fn, calls in (("qkv", xla_qkv, qkv_calls), ("output_residual", xla_out, o_calls)):
+            run = jax.jit(lambda all_args, fn=fn: [fn(*c) for c in all_args])
+            jax.block_until_ready(run(calls))
+            with tempfile.TemporaryDirectory() as trace_dir:
+                jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+                jax.block_until_ready(run(calls))
+                jax.profiler.stop_trace()
+                summary = summarize_trace(trace_dir, CALLS, top=12)
+            record({"matrix": name, "tokens": n, "variant": "xla", "us_per_call": summary["device_busy_ms_per_step"] * 1e3,
+                    "kernels": [(t["name"], round(t["us_per_step"], 2)) for t in summary["top"]]})
+        for v in TILINGS or [dict(bn=32, bk=128, num_warps=4, num_stages=3)]:
+            for name in ("qkv", "output_residual"):
+                row = {"matrix": name, "tokens": n, "variant": "tokens_linear", **v}
+                try:
+                    if name == "qkv":
+                        fn = lambda h, wq, wk, wv, v=v: tokens_linear(h, (wq, wk, wv), qkv_b, **v)
+                        calls, want = qkv_calls, want_qkv
+                    else:
+                        fn = lambda a, x, wo, v=v: tokens_linear(a, (wo,), (o_b,), x, **v)[0]
+                        calls, want = o_calls, want_o
+                    got = fn(*calls[0])
+                    got = np.concatenate([np.asarray(t, np.float32).ravel() for t in (got if isinstance(got, tuple) else [got])])
+                    row["bit_equal_fraction"] = float(np.mean(got.ravel() == want.ravel()))
+                    row["max_abs_diff"] = float(np.max(np.abs(got.ravel() - want.ravel())))
+                    row["us_per_call"] = kernel_us(fn, calls, "tokens_linear")
+                except Exception as e:
+                    row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                record(row)
 
 
 LOOPS = [{}, dict(fma=False)]  # --loops

@@ -92,6 +92,13 @@ def apply_rope(x, cos, sin):
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
+# Projections of 2-64 tokens (batched decode steps, short prompts) run in one tensor-core
+# kernel: q/k/v at every such count, the output projection + residual add from 17 tokens,
+# where it measured faster than XLA's GEMM and add (docs/performance.md entry 45).
+KERNEL_PROJECTION_MAX_TOKENS = 64
+KERNEL_OUTPUT_MIN_TOKENS = 17
+
+
 class Attention(nnx.Module):
     # "xla" or "pallas" for each kernel (gptoss_jax.kernels.set_kernels)
     decode_attention_kernel = "xla"
@@ -125,12 +132,21 @@ class Attention(nnx.Module):
         Returns (output, cache); with add_input the output is x + the attention output (the
         residual connection, which the one-token projection kernel adds itself)."""
         c, dt = self.config, self.dtype
-        if self.projection_kernel == "pallas" and x.shape[:2] == (1, 1):  # kernels hook: one token
+        b, t, d = x.shape
+        if self.projection_kernel == "pallas" and (b, t) == (1, 1):  # kernels hook: one token
             from gptoss_jax.kernels.projection import norm_qkv
 
             q, k, v = (a[None, None] for a in norm_qkv(x[0, 0], self.norm.scale[...], self.wq[...], self.bq[...],
                                                        self.wk[...], self.bk[...], self.wv[...], self.bv[...],
                                                        eps=self.norm.eps, interpret=jax.default_backend() == "cpu"))
+        elif self._tokens_kernel(b * t, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim):
+            from gptoss_jax.kernels.projection import tokens_linear
+
+            weights = [getattr(self, name) for name in ("wq", "bq", "wk", "bk", "wv", "bv")]
+            q, k, v = tokens_linear(self.norm(x).reshape(b * t, d), [w[...].reshape(-1, d) for w in weights[0::2]],
+                                    [bias[...].reshape(-1) for bias in weights[1::2]],
+                                    interpret=jax.default_backend() == "cpu")
+            q, k, v = (a.reshape(b, t, -1, c.head_dim) for a in (q, k, v))
         else:
             h = self.norm(x)
             q = self.project(h, self.wq, self.bq)
@@ -169,8 +185,23 @@ class Attention(nnx.Module):
 
             return output_residual(out[0, 0], self.wo[...], self.bo[...], residual[0, 0],
                                    interpret=jax.default_backend() == "cpu")[None, None]
+        b, t, heads, hd = out.shape
+        if residual is not None and b * t >= KERNEL_OUTPUT_MIN_TOKENS and self._tokens_kernel(b * t, self.config.hidden_size):
+            from gptoss_jax.kernels.projection import tokens_linear
+
+            d = self.config.hidden_size
+            [added] = tokens_linear(out.reshape(b * t, heads * hd), [self.wo[...].reshape(d, -1)], [self.bo[...]],
+                                    residual.reshape(b * t, d), bk=256, interpret=jax.default_backend() == "cpu")
+            return added.reshape(b, t, d)
         projected = (_einsum("btnk,dnk->btd", out, self.wo[...], self.dtype) + self.bo[...].astype(F32)).astype(self.dtype)
         return projected if residual is None else residual + projected
+
+    def _tokens_kernel(self, tokens: int, *output_sizes: int) -> bool:
+        """Whether a projection of `tokens` tokens takes kernels/projection.tokens_linear."""
+        from gptoss_jax.kernels.projection import tokens_linear_fits
+
+        return (self.projection_kernel == "pallas" and 1 < tokens <= KERNEL_PROJECTION_MAX_TOKENS
+                and tokens_linear_fits(*output_sizes))
 
     def attend(self, q, k, v, q_positions, k_positions):
         """Softmax attention with the learned sink as an extra logit per head (spec 2.3)."""

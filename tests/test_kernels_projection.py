@@ -1,5 +1,5 @@
-"""The fused one-token projection kernels (RMSNorm + q/k/v; output projection + residual)
-against the model's XLA path (interpret mode)."""
+"""The projection kernels against the model's XLA path (interpret mode): the fused one-token
+kernels (RMSNorm + q/k/v; output projection + residual) and tokens_linear (2-64 tokens)."""
 
 import jax
 import jax.numpy as jnp
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from gptoss_jax.config import GptOssConfig
-from gptoss_jax.kernels.projection import norm_qkv, output_residual
-from gptoss_jax.model import Attention, LayerCache
+from gptoss_jax.kernels.projection import norm_qkv, output_residual, tokens_linear
+from gptoss_jax.model import Attention, LayerCache, KERNEL_OUTPUT_MIN_TOKENS, KERNEL_PROJECTION_MAX_TOKENS
 from conftest import assert_mostly_bit_equal
 
 F32 = jnp.float32
@@ -119,4 +119,83 @@ def test_output_residual_lowers_to_triton_at_the_20b_shape():
     s, bf = jax.ShapeDtypeStruct, jnp.bfloat16
     args = (s((64, 64), bf), s((2880, 64, 64), bf), s((2880,), bf), s((2880,), bf))
     lowered = jax.jit(lambda *a: output_residual(*a)).trace(*args).lower(lowering_platforms=("cuda",))
+    assert "xla.gpu.triton" in lowered.as_text()
+
+
+@pytest.mark.parametrize("dtype,tokens", [(jnp.float32, 3), (jnp.bfloat16, 2), (jnp.bfloat16, 20), (jnp.bfloat16, 64)])
+def test_tokens_linear_matches_reference(dtype, tokens):
+    """Several weights in one kernel (48 and 32 outputs: the 32-column tile drops to 16 for
+    48), 80 features in 32-wide chunks (a ragged last chunk), tokens padded to the 16-row
+    dot; and one weight with the residual add."""
+    keys = jax.random.split(jax.random.key(tokens), 7)
+    h = (2 * jax.random.normal(keys[0], (tokens, 80), F32)).astype(dtype)
+    ws = [(0.2 * jax.random.normal(keys[1 + i], (n, 80), F32)).astype(dtype) for i, n in enumerate((48, 32))]
+    bs = [jax.random.normal(keys[3 + i], (n,), F32).astype(dtype) for i, n in enumerate((48, 32))]
+    x = (4 * jax.random.normal(keys[5], (tokens, 48), F32)).astype(dtype)
+
+    def project(w, b):
+        return (jnp.einsum("nd,od->no", h, w, preferred_element_type=F32, precision=jax.lax.Precision.HIGHEST)
+                + b.astype(F32)).astype(dtype)
+
+    got = list(tokens_linear(h, ws, bs, bk=32, interpret=True))
+    got += tokens_linear(h, ws[:1], bs[:1], x, bk=32, interpret=True)
+    want = [project(w, b) for w, b in zip(ws, bs)] + [x + project(ws[0], bs[0])]
+    for g, w in zip(got, want):
+        g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+        assert g.shape == w.shape
+        if dtype == jnp.float32:
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+        else:  # fp32 sums in another order: an occasional one-ulp rounding difference
+            np.testing.assert_allclose(g, w, rtol=0, atol=2 ** -7 * np.max(np.abs(w)))
+            assert_mostly_bit_equal(g, w, 0.9)
+
+
+def test_tokens_linear_rejects_bad_shapes():
+    h, w, b = jnp.ones((4, 64), jnp.bfloat16), jnp.ones((32, 64), jnp.bfloat16), jnp.ones((32,), jnp.bfloat16)
+    with pytest.raises(ValueError, match="weights \\[N, 64\\]"):
+        tokens_linear(h, [w[:, :48]], [b], interpret=True)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        tokens_linear(h, [w[:24]], [b[:24]], interpret=True)
+    with pytest.raises(ValueError, match="a residual needs one weight"):
+        tokens_linear(h, [w, w], [b, b], jnp.ones((4, 32), jnp.bfloat16), interpret=True)
+
+
+@pytest.mark.parametrize("tokens", [2, KERNEL_OUTPUT_MIN_TOKENS + 3, KERNEL_PROJECTION_MAX_TOKENS])
+def test_attention_over_a_few_tokens_with_the_projection_kernel(tokens):
+    """A prompt chunk of 2-64 tokens through Attention with projection_kernel="pallas" (q/k/v
+    and, from KERNEL_OUTPUT_MIN_TOKENS, the output projection + residual in tokens_linear)
+    equals the XLA path within bf16 tolerance, and the kernel is really taken."""
+    from flax import nnx
+
+    from gptoss_jax.kernels import projection
+
+    config = GptOssConfig.preset("tiny").replace(head_dim=32, num_hidden_layers=1)
+    attn = Attention(config, 0, jnp.bfloat16)
+    state = nnx.state(attn, nnx.Param)
+    leaves, tree = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(tokens), len(leaves))
+    nnx.update(attn, jax.tree.unflatten(tree, [(0.3 * jax.random.normal(k, v.shape)).astype(jnp.bfloat16)
+                                                for k, v in zip(keys, leaves)]))
+    x = (2 * jax.random.normal(jax.random.key(7), (1, tokens, config.hidden_size))).astype(jnp.bfloat16)
+    positions = jnp.arange(tokens, dtype=jnp.int32)[None]
+    want, _ = attn(x, positions, add_input=True)
+    calls = []
+    original = projection.tokens_linear
+    try:
+        attn.projection_kernel = "pallas"
+        projection.tokens_linear = lambda *a, **k: calls.append(len(a[1])) or original(*a, **k)
+        got, _ = attn(x, positions, add_input=True)
+    finally:
+        projection.tokens_linear = original
+        attn.projection_kernel = "xla"
+    assert calls == ([3, 1] if tokens >= KERNEL_OUTPUT_MIN_TOKENS else [3])
+    want = np.asarray(want, np.float32)
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=0, atol=0.03 * np.abs(want).max())
+
+
+def test_tokens_linear_lowers_to_triton_at_the_20b_shape():
+    s, bf = jax.ShapeDtypeStruct, jnp.bfloat16
+    args = (s((64, 2880), bf), s((4096, 2880), bf), s((512, 2880), bf), s((512, 2880), bf))
+    biases = [jnp.zeros((n,), bf) for n in (4096, 512, 512)]
+    lowered = jax.jit(lambda h, *w: tokens_linear(h, w, biases)).trace(*args).lower(lowering_platforms=("cuda",))
     assert "xla.gpu.triton" in lowered.as_text()

@@ -140,3 +140,97 @@ def output_residual(attn, wo, bo, x, *, rows: int = 8, bk: int = 1024, num_warps
         interpret=interpret,
         name="output_residual_gemv",
     )(attn.reshape(features), wo.reshape(outputs, features), bo, x)
+
+
+# ------------------------------------------------------------------ a few tokens (2-64)
+def _tokens_kernel(*refs, count: int, programs: tuple[int, ...], tokens: int, m: int, bn: int, bk: int,
+                   features: int, precision, add_residual: bool):
+    """Program p: `bn` outputs of one of the `count` weights (programs[i] programs each),
+    for all tokens, on tensor cores: acc [m, bn] += h [m, bk] @ w[bn, bk]^T over the
+    features; then round(acc + bias), and with a residual round(residual + that)."""
+    from jax.experimental.pallas import triton as plgpu
+
+    h_ref, *refs = refs
+    weights, biases, outs = refs[:count], refs[count:2 * count], refs[-count:]
+    residual_ref = refs[2 * count] if add_residual else None
+    pid = pl.program_id(0)
+    real = jnp.arange(m) < tokens  # rows past the tokens (padding to the 16-row dot) read and write nothing
+    steps = -(-features // bk)
+
+    def project(w_ref, b_ref, out_ref, block):
+        cols = pl.ds(block * bn, bn)
+
+        def step(i, acc):
+            inside = i * bk + jnp.arange(bk) < features
+            h = plgpu.load(h_ref.at[pl.ds(0, m), pl.ds(i * bk, bk)], mask=real[:, None] & inside[None, :], other=0)
+            w = plgpu.load(w_ref.at[cols, pl.ds(i * bk, bk)], mask=inside[None, :], other=0)
+            return acc + plgpu.dot(h, w, trans_b=True, precision=precision)
+
+        acc = jax.lax.fori_loop(0, steps, step, jnp.zeros((m, bn), F32))
+        dt = out_ref.dtype
+        out = (acc + plgpu.load(b_ref.at[cols]).astype(F32)[None, :]).astype(dt)  # one rounding (spec 2.7)
+        if residual_ref is not None:  # the block's residual add, rounded
+            res = plgpu.load(residual_ref.at[pl.ds(0, m), cols], mask=real[:, None], other=0)
+            out = (res.astype(F32) + out.astype(F32)).astype(dt)
+        plgpu.store(out_ref.at[pl.ds(0, m), cols], out, mask=real[:, None])
+
+    first = 0
+    for w_ref, b_ref, out_ref, n in zip(weights, biases, outs, programs):
+        @pl.when((pid >= first) & (pid < first + n))
+        def _(w_ref=w_ref, b_ref=b_ref, out_ref=out_ref, first=first):
+            project(w_ref, b_ref, out_ref, pid - first)
+        first += n
+
+
+MIN_TILE = 16  # Triton's smallest dot operand dimension
+
+
+def tokens_linear_fits(*output_sizes: int) -> bool:
+    """Whether tokens_linear takes weights with these output counts (a multiple of 16)."""
+    return all(n % MIN_TILE == 0 for n in output_sizes)
+
+
+@functools.partial(jax.jit, static_argnames=("bn", "bk", "num_warps", "num_stages", "interpret"))
+def tokens_linear(h, weights, biases, residual=None, *, bn: int = 32, bk: int = 128, num_warps: int = 4,
+                  num_stages: int = 4, interpret: bool = False):
+    """A few tokens through one or more linear layers in one kernel: h [n, K] (compute
+    dtype), weights: tuple of [N_i, K], biases: tuple of [N_i] -> tuple of [n, N_i] =
+    round(h @ W_i^T + b_i), as Attention.project; with residual [n, N] (one weight only):
+    round(residual + that), as Attention.output plus the block's residual add. For 2-64
+    tokens (the batched decode steps), where XLA's split-K GEMM and its separate bias,
+    conversion and add kernels read the weights at about half the memory bandwidth.
+    bn: outputs per program, lowered to a power of 2 (>= 16) that divides every N_i."""
+    from jax.experimental.pallas import triton as plgpu
+
+    n, features = h.shape
+    weights, biases = tuple(weights), tuple(biases)
+    where = "tokens_linear"
+    for w, b in zip(weights, biases, strict=True):
+        if w.ndim != 2 or w.shape[1] != features or b.shape != (w.shape[0],):
+            raise ValueError(f"{where}: h [{n}, {features}] needs weights [N, {features}] and biases [N]; "
+                             f"got {w.shape} and {b.shape}")
+    if not tokens_linear_fits(*(w.shape[0] for w in weights)):
+        raise ValueError(f"{where}: output counts {[w.shape[0] for w in weights]} must be multiples of {MIN_TILE}")
+    while any(w.shape[0] % bn for w in weights) or bn & (bn - 1):
+        bn -= 1
+    bn = max(bn, MIN_TILE)
+    if residual is not None and (len(weights) != 1 or residual.shape != (n, weights[0].shape[0])):
+        raise ValueError(f"{where}: a residual needs one weight and shape {(n, weights[0].shape[0])}, "
+                         f"got {len(weights)} weights and shape {residual.shape}")
+    m = max(MIN_TILE, _next_pow2(n))  # rows past n are masked
+    programs = tuple(w.shape[0] // bn for w in weights)
+    precision = jax.lax.Precision.HIGHEST if h.dtype == F32 else jax.lax.Precision.DEFAULT
+    kernel = functools.partial(_tokens_kernel, count=len(weights), programs=programs, tokens=n, m=m, bn=bn, bk=bk,
+                               features=features, precision=precision, add_residual=residual is not None)
+    anywhere = pl.BlockSpec(memory_space=pl.ANY)
+    args = (h, *weights, *biases) + (() if residual is None else (residual,))
+    return tuple(pl.pallas_call(
+        kernel,
+        out_shape=[jax.ShapeDtypeStruct((n, w.shape[0]), h.dtype) for w in weights],
+        grid=(sum(programs),),
+        in_specs=[anywhere] * len(args),
+        out_specs=[anywhere] * len(weights),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="tokens_linear",
+    )(*args))
