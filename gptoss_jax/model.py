@@ -270,6 +270,9 @@ class MoE(nnx.Module):
     kernels = "xla"  # "pallas": the fused MXFP4 grouped GEMV (gptoss_jax.kernels.set_kernels)
     gemm_kernel = "xla"  # "pallas": the MXFP4 grouped GEMM for many pairs
     router_kernel = "xla"  # "pallas": fused RMSNorm + router + top-k + softmax for few tokens
+    # The grouped GEMM's bf16 decode, exact when every expert scale is <= 128: set by
+    # kernels.set_kernels after checking this layer's scales (moe_gemm.bf16_decode_exact).
+    gemm_bf16_decode = False
 
     def __init__(self, config: GptOssConfig, dtype, mesh=None):
         c = config
@@ -395,7 +398,8 @@ class MoE(nnx.Module):
         """The grouped MXFP4 GEMM (kernels/moe_gemm.py): same contract as experts_grouped."""
         from gptoss_jax.kernels import moe_gemm
 
-        return self._fused_experts(moe_gemm.experts_grouped_kernel, h, experts, w)
+        kernel = functools.partial(moe_gemm.experts_grouped_kernel, bf16_decode=self.gemm_bf16_decode)
+        return self._fused_experts(kernel, h, experts, w)
 
     def experts_tpu(self, h, experts, w: ExpertWeights | None = None):
         """The MXFP4 expert kernel for TPU (kernels/moe_tpu.py): same contract as experts_grouped."""

@@ -226,3 +226,29 @@ def test_lowers_to_triton_at_real_shapes(num_experts, pairs, tuning):
     f = functools.partial(moe_gemm.experts_grouped_kernel, limit=LIMIT, alpha=ALPHA, interpret=False, **tuning)
     text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("xla.gpu.triton") == 2  # mlp1 + SwiGLU, mlp2
+
+
+def test_bf16_decode_is_chosen_only_for_scales_it_decodes_exactly():
+    """set_kernels turns the GEMM's bf16 decode on per layer when every expert scale is <= 128
+    (2^(s-1) a finite bf16), and off for a layer holding a larger one."""
+    model = load("tiny", dtype="bfloat16")
+    set_kernels(model)
+    assert all(block.mlp.gemm_bf16_decode for block in model.blocks)  # the random scales sit near 2^-3
+    mlp = model.blocks[1].mlp
+    big = jax.lax.bitcast_convert_type(jnp.full((), moe_gemm.BF16_DECODE_MAX_SCALE + 1, jnp.uint8), mlp.mlp2_scales.dtype)
+    mlp.mlp2_scales[...] = mlp.mlp2_scales[...].at[0, 0, 0].set(big)
+    set_kernels(model)
+    assert [block.mlp.gemm_bf16_decode for block in model.blocks] == [True, False, True, True][:len(model.blocks)]
+    set_kernels(model, moe_gemm="xla")
+    assert not any(block.mlp.gemm_bf16_decode for block in model.blocks)
+
+
+def test_grouped_gemm_with_bf16_decode_lowers_to_triton_at_the_20b_shape():
+    s, bf = jax.ShapeDtypeStruct, jnp.bfloat16
+    schedule = moe_gemm.tile_schedule((jnp.arange(256) % 32).astype(jnp.int32), 32, 16)
+    f = functools.partial(moe_gemm.grouped_gemm, schedule=schedule, swiglu_params=(7.0, 1.702), block_m=16,
+                          bf16_decode=True)
+    text = jax.jit(lambda x, w, sc, b: f(x, w_bytes=w, w_scales=sc, bias=b)).trace(
+        s((2, 256, 1440), bf), s((32, 5760, 90, 16), jnp.uint8), s((32, 5760, 90), jnp.uint8),
+        s((32, 5760), bf)).lower(lowering_platforms=("cuda",)).as_text()
+    assert "xla.gpu.triton" in text and "mul.rn.bf16x2" in text  # the decode's PTX is in the kernel

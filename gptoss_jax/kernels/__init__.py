@@ -39,12 +39,26 @@ def set_kernels(model, moe: str | None = None, attention: str | None = None, *, 
             block.mlp.kernels = chosen["moe"]
         if chosen["moe_gemm"] is not None:
             block.mlp.gemm_kernel = chosen["moe_gemm"]
+            block.mlp.gemm_bf16_decode = chosen["moe_gemm"] == "pallas" and _bf16_decode_exact(block.mlp)
         if chosen["router"] is not None:
             block.mlp.router_kernel = chosen["router"]
         for name in ("decode_attention", "prefill_attention", "projection"):
             if chosen[name] is not None:
                 setattr(block.attn, f"{name}_kernel", chosen[name])
     return model
+
+
+def _bf16_decode_exact(mlp) -> bool:
+    """Whether the layer's expert scales allow the grouped GEMM's bf16 decode (all <= 128);
+    False when they are not concrete (set_kernels called under a trace)."""
+    import jax
+
+    from gptoss_jax.kernels import moe_gemm
+
+    try:
+        return moe_gemm.bf16_decode_exact(mlp.mlp1_scales[...], mlp.mlp2_scales[...])
+    except jax.errors.ConcretizationTypeError:
+        return False
 
 
 def kernels_in_use(model) -> dict:
