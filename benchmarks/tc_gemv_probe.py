@@ -7,7 +7,8 @@ as column 0 of a 16-column B operand (the other columns zero), the even and odd 
 each 32-value block as two dots over their packed bytes' low and high nibbles. Decode: the
 FP4 bits placed as a bf16 (value * 2^-126, the 0.5 code a bf16 subnormal) and multiplied by
 the block scale as the bf16 2^(s-1) (exact for scales 0..128), either with jnp integer ops
-(`ptx=False`) or one inline-PTX routine per 4 bytes (`ptx=True`). Offline (Triton 3.9,
+(`ptx=False`) or one inline-PTX routine per 4 bytes (`ptx=True`: the grouped GEMM's
+`moe_gemm._dequantized_bf16`, docs/performance.md entry 46). Offline (Triton 3.9,
 benchmarks/triton_offline.py's compile) the uint8 -> MMA-operand conversion happens before
 the decode, as hoped; this script checks the result against the dequantized reference on
 a GPU and times it against `moe.expert_gemv`:
@@ -19,8 +20,11 @@ from __future__ import annotations
 import functools
 import sys
 
-import jax, jax.numpy as jnp
+import jax
+import jax.numpy as jnp
 from jax.experimental import pallas as pl
+
+from gptoss_jax.kernels import moe_gemm
 
 F32 = jnp.float32
 U16 = jnp.uint16
@@ -38,60 +42,6 @@ def decode_bf16(w_u8, s_u8, half):
     sc = jax.lax.bitcast_convert_type((s_u8.astype(U16) + 126) << 7, jnp.bfloat16)
     sc = jnp.broadcast_to(sc[:, :, None], (rows, bps, 16))
     return (lo * sc).reshape(rows, half), (hi * sc).reshape(rows, half)
-
-
-_PTX_LO = """
-{
-.reg .b32 u, a, b;
-prmt.b32 u, $2, 0, 0x4140;
-shl.b32 a, u, 6;
-and.b32 a, a, 0x01C001C0;
-shl.b32 b, u, 12;
-and.b32 b, b, 0x80008000;
-or.b32 a, a, b;
-mul.rn.bf16x2 $0, a, $3;
-prmt.b32 u, $2, 0, 0x4342;
-shl.b32 a, u, 6;
-and.b32 a, a, 0x01C001C0;
-shl.b32 b, u, 12;
-and.b32 b, b, 0x80008000;
-or.b32 a, a, b;
-mul.rn.bf16x2 $1, a, $4;
-}
-"""
-_PTX_HI = """
-{
-.reg .b32 u, a, b;
-prmt.b32 u, $2, 0, 0x4140;
-shl.b32 a, u, 2;
-and.b32 a, a, 0x01C001C0;
-shl.b32 b, u, 8;
-and.b32 b, b, 0x80008000;
-or.b32 a, a, b;
-mul.rn.bf16x2 $0, a, $3;
-prmt.b32 u, $2, 0, 0x4342;
-shl.b32 a, u, 2;
-and.b32 a, a, 0x01C001C0;
-shl.b32 b, u, 8;
-and.b32 b, b, 0x80008000;
-or.b32 a, a, b;
-mul.rn.bf16x2 $1, a, $4;
-}
-"""
-
-
-def decode_ptx(w_u8, s_u8, half):
-    from jax.experimental.pallas import triton as plgpu
-    rows, bps, _ = w_u8.shape
-    sc = jax.lax.bitcast_convert_type((s_u8.astype(U16) + 126) << 7, jnp.bfloat16)
-    sc = jnp.broadcast_to(sc[:, :, None], (rows, bps, 16))
-    shape = jax.ShapeDtypeStruct(w_u8.shape, jnp.bfloat16)
-    outs = []
-    for asm in (_PTX_LO, _PTX_HI):
-        [o] = plgpu.elementwise_inline_asm(asm, args=[w_u8, sc], constraints="=r,=r,r,r,r", pack=4,
-                                           result_shape_dtypes=[shape])
-        outs.append(o.reshape(rows, half))
-    return outs
 
 
 def _kernel(expert_ref, x_ref, w_ref, s_ref, out_ref, *, rows, bps, num_blocks, cols, pairs_per_x, ptx):
@@ -113,7 +63,7 @@ def _kernel(expert_ref, x_ref, w_ref, s_ref, out_ref, *, rows, bps, num_blocks, 
         xm = jnp.broadcast_to(ok[:, None], (bps, 16)).reshape(half, 1)
         xe = plgpu.load(x_ref.at[xrow, pl.ds(start * 16, half), pl.ds(0, 1)], mask=xm, other=0)
         xo = plgpu.load(x_ref.at[xrow, pl.ds(start * 16, half), pl.ds(1, 1)], mask=xm, other=0)
-        lo, hi = decode_ptx(w, s, half) if ptx else decode_bf16(w, s, half)
+        lo, hi = moe_gemm._dequantized_bf16(w, s) if ptx else decode_bf16(w, s, half)
         be = jnp.where(col0, xe, jnp.zeros((), xe.dtype)).astype(jnp.bfloat16)
         bo = jnp.where(col0, xo, jnp.zeros((), xo.dtype)).astype(jnp.bfloat16)
         return acc + plgpu.dot(lo, be) + plgpu.dot(hi, bo)

@@ -22,6 +22,18 @@ def reference(x, scale, weights, eps):
              + b.astype(F32)).astype(x.dtype) for w, b in weights]
 
 
+def assert_matches(got, want, dtype):
+    """fp32: to 1e-5; bf16: fp32 sums in another order, so an occasional one-ulp rounding
+    difference, mostly bit-equal."""
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    assert got.shape == want.shape
+    if dtype == jnp.float32:
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    else:
+        np.testing.assert_allclose(got, want, rtol=0, atol=2 ** -7 * np.max(np.abs(want)))
+        assert_mostly_bit_equal(got, want, 0.9)
+
+
 @pytest.mark.parametrize("dtype,features,bk", [(jnp.float32, 80, 32), (jnp.bfloat16, 80, 32), (jnp.bfloat16, 96, 64)])
 def test_norm_qkv_matches_reference(dtype, features, bk):
     """80 features with 32-wide chunks: a ragged last chunk; 8 heads / 2 kv heads, head_dim 16."""
@@ -36,13 +48,7 @@ def test_norm_qkv_matches_reference(dtype, features, bk):
     got = norm_qkv(x, gain, *weights[0], *weights[1], *weights[2], eps=1e-5, rows=8, bk=bk, interpret=True)
     want = reference(x, gain, weights, 1e-5)
     for g, w in zip(got, want):
-        g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
-        assert g.shape == w.shape
-        if dtype == jnp.float32:
-            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
-        else:  # fp32 sums in another order: an occasional one-ulp rounding difference
-            assert np.max(np.abs(g - w)) <= 2 ** -7 * np.max(np.abs(w))
-            assert_mostly_bit_equal(g, w, 0.9)
+        assert_matches(g, w, dtype)
 
 
 def test_norm_qkv_rejects_a_row_tile_that_does_not_divide():
@@ -141,13 +147,7 @@ def test_tokens_linear_matches_reference(dtype, tokens):
     got += tokens_linear(h, ws[:1], bs[:1], x, bk=32, interpret=True)
     want = [project(w, b) for w, b in zip(ws, bs)] + [x + project(ws[0], bs[0])]
     for g, w in zip(got, want):
-        g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
-        assert g.shape == w.shape
-        if dtype == jnp.float32:
-            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
-        else:  # fp32 sums in another order: an occasional one-ulp rounding difference
-            np.testing.assert_allclose(g, w, rtol=0, atol=2 ** -7 * np.max(np.abs(w)))
-            assert_mostly_bit_equal(g, w, 0.9)
+        assert_matches(g, w, dtype)
 
 
 def test_tokens_linear_rejects_bad_shapes():

@@ -90,25 +90,20 @@ def _dequantized(w_u8, s_u8, dtype, use_ptx: bool):
 # (odd) nibbles: the nibble's bits placed as a bf16 (value * 2^-126; the 0.5 code is a bf16
 # subnormal, which bf16 arithmetic keeps) and multiplied by the scale as the bf16 2^(s-1):
 # exact for scales 0..128 (docs/performance.md entry 41). $2: 4 bytes; $3, $4: 4 scales.
-_PTX_BF16 = """
-{{
-.reg .b32 u, a, b;
-prmt.b32 u, $2, 0, 0x4140;
-shl.b32 a, u, {code};
+def _bf16_ptx(code_shift: int, sign_shift: int) -> str:
+    """The asm for one nibble of 4 bytes: bytes 0-1 then 2-3 spread to the two halves of a
+    register (prmt), the 3 magnitude bits and the sign shifted into place, times the scale."""
+    halves = [f"""prmt.b32 u, $2, 0, {spread};
+shl.b32 a, u, {code_shift};
 and.b32 a, a, 0x01C001C0;
-shl.b32 b, u, {sign};
+shl.b32 b, u, {sign_shift};
 and.b32 b, b, 0x80008000;
 or.b32 a, a, b;
-mul.rn.bf16x2 $0, a, $3;
-prmt.b32 u, $2, 0, 0x4342;
-shl.b32 a, u, {code};
-and.b32 a, a, 0x01C001C0;
-shl.b32 b, u, {sign};
-and.b32 b, b, 0x80008000;
-or.b32 a, a, b;
-mul.rn.bf16x2 $1, a, $4;
-}}
-"""
+mul.rn.bf16x2 ${out}, a, ${out + 3};""" for out, spread in ((0, "0x4140"), (1, "0x4342"))]
+    return "{\n.reg .b32 u, a, b;\n" + "\n".join(halves) + "\n}"
+
+
+_PTX_BF16_LOW, _PTX_BF16_HIGH = _bf16_ptx(6, 12), _bf16_ptx(2, 8)
 
 
 BF16_DECODE_MAX_SCALE = 128  # 2^(s-1) is a finite bf16 up to s = 128
@@ -130,8 +125,8 @@ def _dequantized_bf16(w_u8, s_u8):
     scale = jnp.broadcast_to(scale[:, :, None], w_u8.shape)
     shape = jax.ShapeDtypeStruct(w_u8.shape, jnp.bfloat16)
     outs = []
-    for code, sign in ((6, 12), (2, 8)):
-        [out] = plgpu.elementwise_inline_asm(_PTX_BF16.format(code=code, sign=sign), args=[w_u8, scale],
+    for asm in (_PTX_BF16_LOW, _PTX_BF16_HIGH):
+        [out] = plgpu.elementwise_inline_asm(asm, args=[w_u8, scale],
                                              constraints="=r,=r,r,r,r", pack=4, result_shape_dtypes=[shape])
         outs.append(out.reshape(rows, blocks * HALF_BLOCK))
     return tuple(outs)
