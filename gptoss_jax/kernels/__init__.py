@@ -1,10 +1,11 @@
 """Pallas kernels for gpt-oss: fused MXFP4 MoE (grouped GEMV for decode, grouped GEMM for
 batches and prompts), sink-aware decode and prefill attention, the fused RMSNorm + q/k/v and
-output projection + residual of one-token steps and the fused RMSNorm + router + top-k of
-decode steps. The XLA reference path in gptoss_jax.model stays available and is the oracle
-for every kernel test. The kernels lower to Triton (GPUs); the MoE kernel also to Mosaic TPU
-(kernels/moe_tpu.py, checked in interpret mode and by lowering, not yet run on a TPU); on the
-CPU they run in Pallas interpret mode (tests only: slow)."""
+output projection + residual of one-token steps (tensor-core projections for 2-64 tokens)
+and the fused RMSNorm + router + top-k of decode steps. The XLA reference path in
+gptoss_jax.model stays available and is the oracle for every kernel test. The kernels lower
+to Triton (GPUs); the MoE kernel also to Mosaic TPU (kernels/moe_tpu.py, checked in
+interpret mode and by lowering, not yet run on a TPU); on the CPU they run in Pallas
+interpret mode (tests only: slow)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,9 @@ def set_kernels(model, moe: str | None = None, attention: str | None = None, *, 
     """Selects, in place, "xla" (reference) or "pallas" for each kernel of the model: moe
     (grouped GEMV, few pairs), moe_gemm (grouped GEMM, many pairs), decode_attention,
     prefill_attention, projection (RMSNorm + q/k/v, and output projection + residual, of
-    one token), router (RMSNorm + router + top-k + softmax of a few tokens).
+    one token; the projections of 2-64 tokens on tensor cores), router (RMSNorm + router +
+    top-k + softmax of up to 64 tokens). With moe_gemm "pallas" it also checks each layer's
+    expert scales for the GEMM's bf16 decode (moe_gemm.bf16_decode_exact).
     `attention` sets both attention kernels; a kernel left unnamed gets FASTEST's choice
     when no kernel is named at all, and is left as it is otherwise. Returns the model."""
     chosen = {"moe": moe, "moe_gemm": moe_gemm, "decode_attention": decode_attention if decode_attention is not None else attention,
