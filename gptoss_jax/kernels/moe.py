@@ -116,8 +116,7 @@ def block_scale(scale_u8):
 # --------------------------------------------------------------------- grouped GEMV (Triton)
 def _gemv_kernel(expert_ref, weight_ref, x_ref, w_ref, s_ref, bias_ref, residual_ref, out_ref, *, rows: int,
                  blocks_per_step: int, num_blocks: int, pairs_per_x: int, pairs_per_program: int, use_ptx: bool,
-                 swiglu_params, elementwise_acc: bool, fma: bool, add_residual: bool, l2_prefetch: int = 0,
-                 loop_stages: int = 0, max_registers: int = 0):
+                 swiglu_params, elementwise_acc: bool, fma: bool, add_residual: bool):
     """One program: `rows` outputs of `pairs_per_program` (token, expert) pairs, looping over
     the contraction in steps of `blocks_per_step` 32-element blocks. Per pair, the output is
     round(round(x @ W^T) + bias) (the reference's roundings: dot in fp32, round, add the bias
@@ -129,19 +128,12 @@ def _gemv_kernel(expert_ref, weight_ref, x_ref, w_ref, s_ref, bias_ref, residual
     nothing to a sum, and their own rows (one pair per program) hold only a bias."""
     from jax.experimental.pallas import triton as plgpu
 
-    from gptoss_jax.kernels import triton_hints
-
-    if max_registers:
-        triton_hints.max_registers(max_registers)
     program, row_block = pl.program_id(0), pl.program_id(1)
     pairs = [program * pairs_per_program + j for j in range(pairs_per_program)]
     experts = [expert_ref[p] for p in pairs]
     num_experts = w_ref.shape[0]
     live = [(e >= 0) & (e < num_experts) for e in experts]
     experts = [jnp.clip(e, 0, num_experts - 1) for e in experts]
-    if l2_prefetch:
-        _prefetch_row_tiles(w_ref, s_ref, experts, row_block, rows * (1 if swiglu_params is None else 2),
-                            num_blocks, l2_prefetch)
     # The refs come as [.., O/2, 2, ..] (w, scales, bias) and [X, D/2, 2] (x) views, so that
     # every-other-row and every-other-feature slices are plain indexing.
     # Each entry: (slice of the O/2 axis, slice of the pair axis) covering `rows` outputs.
@@ -194,12 +186,7 @@ def _gemv_kernel(expert_ref, weight_ref, x_ref, w_ref, s_ref, bias_ref, residual
         return tuple(new)
 
     zeros = tuple(jnp.zeros(acc_shape, F32) for _ in streams)
-    def body(i, accs):
-        if loop_stages:
-            triton_hints.pipeline_loop(loop_stages)
-        return accumulate(accs, load(i))
-
-    accs = jax.lax.fori_loop(0, steps, body, zeros)
+    accs = jax.lax.fori_loop(0, steps, lambda i, accs: accumulate(accs, load(i)), zeros)
     if elementwise_acc:
         accs = [jnp.sum(jnp.sum(a, axis=2), axis=1) for a in accs]
     dt = x_ref.dtype
@@ -220,32 +207,13 @@ def _gemv_kernel(expert_ref, weight_ref, x_ref, w_ref, s_ref, bias_ref, residual
         out_ref[...] = total.astype(out_ref.dtype)
 
 
-def _prefetch_row_tiles(w_ref, s_ref, experts, row_block, tile_rows: int, num_blocks: int, threads: int):
-    """Ask for the program's whole weight tile (`tile_rows` consecutive rows of each expert
-    in `experts`, packed bytes and scales) in L2 at its start; `threads` threads share each
-    expert's bytes."""
-    from gptoss_jax.kernels.triton_hints import prefetch_rows
-
-    rows_per_expert = w_ref.shape[1] * w_ref.shape[2]
-    for expert in experts:
-        first_row = expert * rows_per_expert + row_block * tile_rows
-        tile_bytes = tile_rows * num_blocks * 16
-        chunks = threads if tile_bytes % (16 * threads) == 0 else 1
-        prefetch_rows(w_ref, first_row * num_blocks * 16, rows=chunks, row_bytes=tile_bytes // chunks,
-                      row_stride=tile_bytes // chunks)
-        if (tile_rows * num_blocks) % 16 == 0 and (rows_per_expert * num_blocks) % 16 == 0:
-            prefetch_rows(s_ref, first_row * num_blocks, row_bytes=tile_rows * num_blocks)
-
-
 @functools.partial(jax.jit, static_argnames=("pairs_per_x", "pairs_per_program", "swiglu_params", "rows",
                                              "blocks_per_step", "num_warps", "num_stages", "use_ptx",
-                                             "elementwise_acc", "fma", "l2_prefetch", "loop_stages",
-                                             "max_registers", "interpret"))
+                                             "elementwise_acc", "fma", "interpret"))
 def expert_gemv(x, pair_expert, w_bytes, w_scales, bias, pair_weight=None, residual=None, *, pairs_per_x=1,
                 pairs_per_program=1,
                 swiglu_params=None, rows=8, blocks_per_step=32, num_warps=4, num_stages=1, use_ptx=True,
-                elementwise_acc=False, fma=True, l2_prefetch=0, loop_stages=0, max_registers=0,
-                interpret=False):
+                elementwise_acc=False, fma=True, interpret=False):
     """Grouped GEMV over (token, expert) pairs, reading only pair_expert's packed FP4 rows.
 
     x [X, D] in the compute dtype; pair p uses row p // pairs_per_x of x and expert
@@ -279,9 +247,7 @@ def expert_gemv(x, pair_expert, w_bytes, w_scales, bias, pair_weight=None, resid
                                pairs_per_x=pairs_per_x, pairs_per_program=pairs_per_program,
                                use_ptx=use_ptx and not interpret, swiglu_params=swiglu_params,
                                elementwise_acc=elementwise_acc, fma=fma and use_ptx and not interpret,
-                               add_residual=residual is not None, l2_prefetch=0 if interpret else l2_prefetch,
-                               loop_stages=0 if interpret else loop_stages,
-                               max_registers=0 if interpret else max_registers)
+                               add_residual=residual is not None)
     if pair_weight is None:
         pair_weight = jnp.zeros((num_pairs,), x.dtype)
     out_dtype = x.dtype if pairs_per_program == 1 else F32 if residual is None else residual.dtype

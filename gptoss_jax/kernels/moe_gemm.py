@@ -134,8 +134,7 @@ def _dequantized_bf16(w_u8, s_u8):
 
 def _gemm_kernel(expert_ref, start_ref, rows_ref, x_ref, w_ref, s_ref, bias_ref, out_ref, *, block_m: int,
                  block_n: int, blocks_per_step: int, num_blocks: int, col_blocks: int, use_ptx: bool,
-                 swap_ab: bool, swiglu_params, bf16_decode: bool = False, l2_prefetch: bool = False,
-                 scales_by_block: bool = False):
+                 swap_ab: bool, swiglu_params, bf16_decode: bool = False):
     """Program (n, t): tile t (<= block_m pairs of one expert) x block_n output columns.
 
     x_ref [2, P, K/2] parity planes of the input; w_ref [E, R, G, K/32, 16] packed bytes,
@@ -158,8 +157,6 @@ def _gemm_kernel(expert_ref, start_ref, rows_ref, x_ref, w_ref, s_ref, bias_ref,
         plane, col0 = n // col_blocks, (n % col_blocks) * block_n
         groups = (jnp.int32(0),) if swiglu_params is None else (2 * plane, 2 * plane + 1)
         num_rows = w_ref.shape[1]
-        if l2_prefetch:
-            _prefetch_tile(w_ref, expert, col0, len(groups) * plane, len(groups), block_n)
         row_ok = jnp.arange(block_m) < tile_rows
         col_ok = col0 + jnp.arange(block_n) < num_rows
         rows, cols = pl.ds(row0, block_m), pl.ds(col0, block_n)
@@ -181,11 +178,8 @@ def _gemm_kernel(expert_ref, start_ref, rows_ref, x_ref, w_ref, s_ref, bias_ref,
             s_mask = col_ok[:, None] & block_ok[None, :]
             w_mask = jnp.broadcast_to(s_mask[:, :, None], (block_n, blocks_per_step, HALF_BLOCK))
             for group in groups:
-                if scales_by_block:  # s_ref [E, K/32, G, R]: the step's scales are contiguous per block
-                    scales = plgpu.load(s_ref.at[expert, blocks, group, cols], mask=s_mask.T, other=0).T
-                else:
-                    scales = plgpu.load(s_ref.at[expert, cols, group, blocks], mask=s_mask, other=0)
-                loaded += [plgpu.load(w_ref.at[expert, cols, group, blocks, :], mask=w_mask, other=0), scales]
+                loaded += [plgpu.load(w_ref.at[expert, cols, group, blocks, :], mask=w_mask, other=0),
+                           plgpu.load(s_ref.at[expert, cols, group, blocks], mask=s_mask, other=0)]
             return tuple(loaded)
 
         def accumulate(accs, loaded):
@@ -224,10 +218,10 @@ def _gemm_kernel(expert_ref, start_ref, rows_ref, x_ref, w_ref, s_ref, bias_ref,
 
 @functools.partial(jax.jit, static_argnames=("swiglu_params", "block_m", "block_n", "blocks_per_step",
                                              "num_warps", "num_stages", "use_ptx", "swap_ab", "bf16_decode",
-                                             "l2_prefetch", "interpret"))
+                                             "interpret"))
 def grouped_gemm(x_planes, schedule: TileSchedule, w_bytes, w_scales, bias, *, swiglu_params=None, block_m=64,
                  block_n=64, blocks_per_step=2, num_warps=4, num_stages=3, use_ptx=True, swap_ab=False,
-                 bf16_decode=False, l2_prefetch=False, interpret=False):
+                 bf16_decode=False, interpret=False):
     """One projection over expert-sorted pairs.
 
     x_planes [2, P, K/2]: the pairs' inputs (sorted as `schedule.order`), even features in
@@ -258,8 +252,7 @@ def grouped_gemm(x_planes, schedule: TileSchedule, w_bytes, w_scales, bias, *, s
     kernel = functools.partial(_gemm_kernel, block_m=block_m, block_n=block_n, blocks_per_step=blocks_per_step,
                                num_blocks=num_blocks, col_blocks=col_blocks, use_ptx=use_ptx and not interpret,
                                swap_ab=swap_ab, swiglu_params=swiglu_params,
-                               bf16_decode=bf16_decode and use_ptx and not interpret and x_planes.dtype == jnp.bfloat16,
-                               l2_prefetch=l2_prefetch and not interpret, scales_by_block=w_scales.shape[1] != out_rows)
+                               bf16_decode=bf16_decode and use_ptx and not interpret and x_planes.dtype == jnp.bfloat16)
     anywhere = pl.BlockSpec(memory_space=pl.ANY)
     num_tiles = schedule.tile_rows.shape[0]
     name = "mxfp4_grouped_gemm" if swiglu_params is None else "mxfp4_grouped_gemm_swiglu"
@@ -276,39 +269,8 @@ def grouped_gemm(x_planes, schedule: TileSchedule, w_bytes, w_scales, bias, *, s
         name=name,
     )(schedule.tile_expert, schedule.tile_start, schedule.tile_rows, x_planes,
       w_bytes.reshape(num_experts, rows, groups, num_blocks, HALF_BLOCK),
-      block_major_view(w_scales, groups) if w_scales.shape[1] != out_rows else
       jax.lax.bitcast_convert_type(w_scales, jnp.uint8).reshape(num_experts, rows, groups, num_blocks),
       bias.reshape(num_experts, rows, groups))
-
-
-def _prefetch_tile(w_ref, expert, col0, group0, num_groups: int, block_n: int):
-    """Ask for the tile's packed weight bytes (rows col0.. of `block_n`, row groups group0..
-    of `num_groups`) in L2 at the program's start, one range per row (one for all when the
-    rows are contiguous)."""
-    from gptoss_jax.kernels.triton_hints import prefetch_rows
-
-    _, num_rows, groups, num_blocks, half = w_ref.shape
-    row_bytes = num_blocks * half
-    first = ((expert * num_rows + col0) * groups + group0) * row_bytes
-    if num_groups == groups and num_rows % block_n == 0:
-        prefetch_rows(w_ref, first, row_bytes=block_n * groups * row_bytes)
-    elif num_rows % block_n == 0:
-        prefetch_rows(w_ref, first, rows=block_n, row_bytes=num_groups * row_bytes, row_stride=groups * row_bytes)
-
-
-def block_major_scales(w_scales, swiglu: bool):
-    """Scales [E, O, K/32] -> [E, K/32, O], within a block the rows of each row group (mlp1
-    with SwiGLU: o % 4) together: a step's scales are contiguous per block. grouped_gemm
-    takes either layout."""
-    num_experts, out_rows, num_blocks = w_scales.shape
-    groups = 4 if swiglu else 1
-    grouped = w_scales.reshape(num_experts, out_rows // groups, groups, num_blocks)
-    return jnp.transpose(grouped, (0, 3, 2, 1)).reshape(num_experts, num_blocks, out_rows)
-
-
-def block_major_view(scales, groups: int):
-    num_experts, num_blocks, out_rows = scales.shape
-    return jax.lax.bitcast_convert_type(scales, jnp.uint8).reshape(num_experts, num_blocks, groups, out_rows // groups)
 
 
 def parity_planes(x):
