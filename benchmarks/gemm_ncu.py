@@ -7,6 +7,7 @@ with the bf16 decode), to profile under Nsight Compute (needs a GPU; not part of
 docs/performance.md entry 49 reads its report.
 """
 
+import ast
 import sys
 
 import jax
@@ -24,7 +25,7 @@ def random_experts(key, rows, features, experts=32):
 
 
 def main():
-    extra = eval(sys.argv[1]) if len(sys.argv) > 1 else {}  # a dict literal of grouped_gemm tunings
+    extra = ast.literal_eval(sys.argv[1]) if len(sys.argv) > 1 else {}  # a dict literal of grouped_gemm tunings
     w1, w2 = random_experts(jax.random.key(1), 5760, 2880), random_experts(jax.random.key(2), 2880, 2880)
     h = jax.random.normal(jax.random.key(3), (64, 2880)).astype(jnp.bfloat16)
     ids = jax.lax.top_k(jax.random.normal(jax.random.key(4), (64, 32)), 4)[1]  # 4 distinct experts per token
