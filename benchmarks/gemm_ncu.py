@@ -9,24 +9,20 @@ docs/performance.md entry 49 reads its report.
 
 import ast
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
-from gptoss_jax.kernels import moe_gemm
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gemv_sweep import random_experts  # noqa: E402
 
-
-def random_experts(key, rows, features, experts=32):
-    """Packed FP4 bytes, scales in [118, 128) (the bf16 decode's exact range), bias."""
-    k1, k2, k3 = jax.random.split(key, 3)
-    return (jax.random.randint(k1, (experts, rows, features // 32, 16), 0, 256, jnp.int32).astype(jnp.uint8),
-            jax.random.randint(k2, (experts, rows, features // 32), 118, 128, jnp.int32).astype(jnp.uint8),
-            jax.random.normal(k3, (experts, rows)).astype(jnp.bfloat16))
+from gptoss_jax.kernels import moe_gemm  # noqa: E402
 
 
 def main():
     extra = ast.literal_eval(sys.argv[1]) if len(sys.argv) > 1 else {}  # a dict literal of grouped_gemm tunings
-    w1, w2 = random_experts(jax.random.key(1), 5760, 2880), random_experts(jax.random.key(2), 2880, 2880)
+    w1, w2 = random_experts(jax.random.key(1), 32, 5760, 2880), random_experts(jax.random.key(2), 32, 2880, 2880)
     h = jax.random.normal(jax.random.key(3), (64, 2880)).astype(jnp.bfloat16)
     ids = jax.lax.top_k(jax.random.normal(jax.random.key(4), (64, 32)), 4)[1]  # 4 distinct experts per token
     tuning = dict(moe_gemm.default_tuning(256, 32), bf16_decode=True, **extra)
