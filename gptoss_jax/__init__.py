@@ -1,6 +1,31 @@
 """gptoss-jax: OpenAI's gpt-oss models in JAX / Flax NNX, experts kept in MXFP4."""
 
 import importlib
+import importlib.abc
+import importlib.machinery
+import sys
+from pathlib import Path
+
+
+class _CheckoutSubpackages(importlib.abc.MetaPathFinder):
+    """In a source checkout configs/, sharding/ and converters/ sit beside this folder (an
+    installed wheel puts them inside it). They are found in this same checkout, before any
+    other finder looks: an editable install of another checkout maps them to its own
+    folders, and that copy would silently run beside this one's model."""
+
+    def __init__(self, root: Path):
+        self.root = str(root)
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname in SUBPACKAGES:
+            return importlib.machinery.PathFinder.find_spec(fullname, [self.root])
+        return None
+
+
+SUBPACKAGES = ("gptoss_jax.configs", "gptoss_jax.sharding", "gptoss_jax.converters")
+_here = Path(__file__).resolve().parent
+if not (_here / "sharding").is_dir() and (_here.parent / "sharding" / "__init__.py").is_file():
+    sys.meta_path.insert(0, _CheckoutSubpackages(_here.parent))
 
 from gptoss_jax.config import ConfigError, GptOssConfig
 from gptoss_jax.converters.safetensors_io import CheckpointError
