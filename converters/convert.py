@@ -15,7 +15,6 @@ group or the largest tensor, plus one piece.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import errno
 import json
 import logging
@@ -24,89 +23,34 @@ import re
 import shutil
 import sys
 import time
-import uuid
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gptoss_jax.config import ConfigError
 from gptoss_jax.converters import orbax_io
-from gptoss_jax.converters.layouts import (DENSE, E8M0_SCALES, HF, HF_SHARD_BYTES, Checkpoint,
-                                           part_byte_ranges, tensor_from_parts, tensor_specs, write_checkpoint)
+from gptoss_jax.converters.destination import ConversionError, atomic_directory, check_destination, check_free_space
+from gptoss_jax.converters.layouts import (
+    DENSE,
+    E8M0_SCALES,
+    HF,
+    HF_SHARD_BYTES,
+    Checkpoint,
+    part_byte_ranges,
+    tensor_from_parts,
+    tensor_specs,
+    write_checkpoint,
+)
 from gptoss_jax.converters.safetensors_io import CheckpointError
+from gptoss_jax.model import abstract_model
 
 # Files an HF download carries besides the weights; kept so `--to hf` returns them.
 HF_EXTRA_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                   "chat_template.jinja")
 MIN_PIECE_BYTES = 64 << 20  # smaller tensors go to one device whole
-SPACE_MARGIN = 64 << 20
-
-
-class ConversionError(ValueError):
-    """The conversion cannot go ahead (destination, disk space, a failed write)."""
-
-
-# --------------------------------------------------------------------------- destination
-def check_destination(src: Path, dst: Path, force: bool):
-    src, dst = src.resolve(), dst.resolve()
-    if dst == src or dst in src.parents or src in dst.parents:
-        raise ConversionError(f"{dst}: the destination must not be, contain or lie inside the source {src}")
-    if dst.exists() or dst.is_symlink():
-        if not force:
-            raise ConversionError(f"{dst}: already exists; pass --force to replace it or choose another DST")
-        if not dst.is_dir():
-            raise ConversionError(f"{dst}: exists and is not a directory; remove it or choose another DST")
-
-
-def check_free_space(dst: Path, needed: int):
-    parent = _existing_parent(dst)
-    free = shutil.disk_usage(parent).free
-    if free < needed + SPACE_MARGIN:
-        raise ConversionError(f"{dst}: needs {needed / 2**30:.2f} GiB but {parent} has {free / 2**30:.2f} GiB free; "
-                              f"free some space or choose another DST")
-
-
-def _existing_parent(path: Path) -> Path:
-    path = path.resolve()
-    while not path.exists():
-        path = path.parent
-    return path
-
-
-@contextlib.contextmanager
-def atomic_directory(dst: Path, *, force: bool = False):
-    """Yields an empty temporary sibling of `dst`; renames it to `dst` when the block ends
-    normally (replacing an existing `dst` only with `force`) and deletes it otherwise."""
-    dst = Path(dst).absolute()
-    if dst.exists() and not force:
-        raise ConversionError(f"{dst}: already exists; pass --force to replace it or choose another DST")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp = dst.with_name(f"{dst.name}.incomplete-{tag}")
-    tmp.mkdir()
-    try:
-        yield tmp
-        if dst.exists():
-            old = dst.with_name(f"{dst.name}.replaced-{tag}")
-            dst.rename(old)
-            tmp.rename(dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(dst)
-    except BaseException:
-        _remove_tree(tmp)
-        raise
-
-
-def _remove_tree(path: Path, settle: float = 1.0):
-    """Deletes `path`, and again if it reappears within `settle` seconds: after a failed
-    save, tensorstore may still finish a metadata write that it had already started."""
-    deadline = time.monotonic() + settle
-    while True:
-        shutil.rmtree(path, ignore_errors=True)
-        if time.monotonic() > deadline:
-            return
-        time.sleep(0.05)
 
 
 # ------------------------------------------------------------------------------ progress
@@ -182,8 +126,6 @@ def convert(src, dst, *, force: bool = False, dry_run: bool = False, progress: b
 
 
 def _write_converted(checkpoint: Checkpoint, tmp: Path, bar: Progress):
-    import jax
-
     devices = jax.devices("cpu")
     axes = _leaf_axes(checkpoint.config)
     writer = orbax_io.ParamsWriter(tmp / orbax_io.PARAMS)
@@ -225,10 +167,6 @@ def _write_error(tmp: Path, name: str | None, e: Exception) -> ConversionError:
 
 
 def _leaf_axes(config) -> dict[tuple, tuple[str, ...]]:
-    import jax.numpy as jnp
-
-    from gptoss_jax.loader import abstract_model
-
     _, leaves = abstract_model(config, jnp.bfloat16)
     return {path: var.get_metadata()["axes"] for path, var in leaves}
 
@@ -236,8 +174,6 @@ def _leaf_axes(config) -> dict[tuple, tuple[str, ...]]:
 def _to_cpu_devices(read, shape, dtype, devices):
     """A jax.Array of `shape` split along axis 0 over up to len(devices) CPU devices, read a
     piece at a time with `read(first byte, end byte)` so the host holds one piece at once."""
-    import jax
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
     nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
     pieces = 1
@@ -355,7 +291,6 @@ def build_parser() -> argparse.ArgumentParser:
 def _use_cpu_devices(count: int = 8):
     """The converter needs no accelerator: run JAX on `count` CPU devices, so tensors split
     into pieces. Only possible before JAX starts its backends; otherwise keep what is there."""
-    import jax
 
     try:
         jax.config.update("jax_num_cpu_devices", count)

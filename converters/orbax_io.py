@@ -28,10 +28,15 @@ from pathlib import Path
 import jax
 import ml_dtypes
 import numpy as np
+from flax import nnx
 
+from gptoss_jax import mxfp4
 from gptoss_jax.config import ConfigError, GptOssConfig
+from gptoss_jax.converters.destination import atomic_directory
 from gptoss_jax.converters.layouts import DENSE, E8M0_SCALES, FLOAT_DTYPES, FP4_VALUES, HF, tensor_specs
 from gptoss_jax.converters.safetensors_io import DTYPES, CheckpointError
+from gptoss_jax.sharding.rules import LOGICAL_TO_MESH
+from gptoss_jax.tokenizer import ENCODING_NAME, VOCABULARY_FILE, VOCABULARY_SHA256
 
 FORMAT = "gptoss-jax-orbax"
 FORMAT_VERSION = 1
@@ -70,8 +75,6 @@ def chunk_axes(logical_axes: tuple[str, ...], shape: tuple[int, ...], itemsize: 
     only its own chunks: the axes a mesh may shard (sharding/rules.py), in order, as long as
     a chunk stays at least `MIN_CHUNK_BYTES` (experts and attention heads qualify; vocabulary
     rows and MXFP4 blocks would make chunks of a few KiB)."""
-    from gptoss_jax.sharding.rules import LOGICAL_TO_MESH
-
     chunk = int(np.prod(shape, dtype=np.int64)) * itemsize
     axes = []
     for i, name in enumerate(logical_axes):
@@ -233,8 +236,6 @@ def _package_version() -> str:
 
 
 def write_marker(directory: Path, config: GptOssConfig, source: dict):
-    from gptoss_jax.tokenizer import ENCODING_NAME, VOCABULARY_FILE, VOCABULARY_SHA256
-
     marker = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -252,11 +253,6 @@ def write_marker(directory: Path, config: GptOssConfig, source: dict):
 def save_model(model, path: str | Path, *, force: bool = False) -> Path:
     """Saves a model (for example a fine-tuned one) in this format, atomically. Each process
     writes the shards it holds; FP4 parameters are packed back into MXFP4 bytes on the device."""
-    from flax import nnx
-
-    from gptoss_jax import mxfp4
-    from gptoss_jax.converters.convert import atomic_directory
-
     kinds = expected_leaves(model.config)
     with atomic_directory(Path(path), force=force) as tmp:
         writer = ParamsWriter(tmp / PARAMS)

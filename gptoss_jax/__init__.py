@@ -27,11 +27,11 @@ _here = Path(__file__).resolve().parent
 if not (_here / "sharding").is_dir() and (_here.parent / "sharding" / "__init__.py").is_file():
     sys.meta_path.insert(0, _CheckoutSubpackages(_here.parent))
 
-from gptoss_jax.config import ConfigError, GptOssConfig
-from gptoss_jax.converters.safetensors_io import CheckpointError
-from gptoss_jax.loader import load
-from gptoss_jax.model import GptOss
-from gptoss_jax.tokenizer import get_tokenizer
+from gptoss_jax.config import ConfigError, GptOssConfig  # noqa: E402 (after the finder)
+from gptoss_jax.converters.safetensors_io import CheckpointError  # noqa: E402 (after the finder)
+from gptoss_jax.loader import load  # noqa: E402 (after the finder)
+from gptoss_jax.model import GptOss  # noqa: E402 (after the finder)
+from gptoss_jax.tokenizer import get_tokenizer  # noqa: E402 (after the finder)
 
 __all__ = ["CheckpointError", "ConfigError", "GptOss", "GptOssConfig", "generate", "get_tokenizer", "load"]
 

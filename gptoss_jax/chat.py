@@ -11,9 +11,17 @@ import argparse
 import sys
 
 from gptoss_jax import chat_format
-from gptoss_jax.generate import (
-    COMPILATION_CACHE_NOTE, _decode, _HarmonyStream, add_model_arguments, add_sampling_arguments,
-    check_sampling_arguments, cli, generate, load_model)
+from gptoss_jax.cli import (
+    COMPILATION_CACHE_NOTE,
+    add_model_arguments,
+    add_sampling_arguments,
+    check_sampling_arguments,
+    cli,
+    load_model,
+)
+from gptoss_jax.engine import generate
+from gptoss_jax.streaming import HarmonyStream, decode_tokens
+from gptoss_jax.tokenizer import get_tokenizer
 
 COMMANDS = """commands: /reset (forget the conversation), /effort low|medium|high, /quit (or Ctrl-D)"""
 
@@ -49,7 +57,7 @@ class Chat:
         model's output is not harmony)."""
         self.messages.append(chat_format.user(text))
         prompt = chat_format.render_for_completion(self.conversation())
-        stream = _HarmonyStream(self.tokenizer, echo=self.echo, show_analysis=self.args.show_analysis)
+        stream = HarmonyStream(self.tokenizer, echo=self.echo, show_analysis=self.args.show_analysis)
         a = self.args
         tokens = generate(self.model, [prompt], max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                           top_p=a.top_p, top_k=a.top_k, seed=a.seed + self.turns, stop_tokens=None,
@@ -58,7 +66,7 @@ class Chat:
         if self.echo and stream.printed_anything:
             print(flush=True)
         if stream.not_harmony:
-            answer = _decode(self.tokenizer, tokens)
+            answer = decode_tokens(self.tokenizer, tokens)
             self.messages.append(chat_format.assistant(answer))
             return answer
         parsed = stream.parser.result()
@@ -89,8 +97,6 @@ class Chat:
 
 
 def run(args) -> int:
-    from gptoss_jax.tokenizer import get_tokenizer
-
     check_sampling_arguments(args)
     chat = Chat(load_model(args), get_tokenizer(), args)
     interactive = sys.stdin.isatty()

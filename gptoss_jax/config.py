@@ -10,9 +10,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from gptoss_jax.mxfp4 import BLOCK as MXFP4_BLOCK
+
 SLIDING = "sliding_attention"
 FULL = "full_attention"
-MXFP4_BLOCK = 32
 
 PRESETS = ("tiny", "gpt-oss-20b", "gpt-oss-120b")
 

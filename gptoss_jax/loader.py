@@ -19,8 +19,8 @@ from gptoss_jax import mxfp4
 from gptoss_jax.config import PRESETS, GptOssConfig
 from gptoss_jax.converters.layouts import DENSE, E8M0_SCALES, FP4_VALUES, Checkpoint, tensor_to_leaves
 from gptoss_jax.converters.orbax_io import ConvertedCheckpoint, is_converted
-from gptoss_jax.model import GptOss
-from gptoss_jax.sharding.mesh import check_mesh_fits_model
+from gptoss_jax.kernels.dispatch import XLA, Kernels
+from gptoss_jax.model import GptOss, abstract_model
 from gptoss_jax.sharding.placement import put_host_array
 from gptoss_jax.sharding.rules import named_sharding
 
@@ -38,39 +38,48 @@ def parse_dtype(dtype) -> jnp.dtype:
     return dtype
 
 
-def load(path, *, mesh=None, dtype="bfloat16", seed: int = 0) -> GptOss:
+def load(path, *, mesh=None, dtype="bfloat16", seed: int = 0, kernels: str | Kernels = "auto") -> GptOss:
     """A checkpoint directory (converted by `python -m gptoss_jax.convert`, or HF or original
     MXFP4 layout), or a preset name ("tiny", "gpt-oss-20b", "gpt-oss-120b") for random
-    weights drawn from `seed`."""
+    weights drawn from `seed`. `kernels`: "auto" (the kernels that measured faster than XLA
+    on the devices the model is placed on: none on a CPU), "pallas", "xla" (see
+    `Kernels.choose`) or a `Kernels` value."""
     dtype = parse_dtype(dtype)
+    if not isinstance(kernels, Kernels):
+        kernels = Kernels.auto(kernels, mesh=mesh)
     if isinstance(path, str) and path in PRESETS and not Path(path).exists():
-        return random_model(GptOssConfig.preset(path), mesh=mesh, dtype=dtype, seed=seed)
+        return random_model(GptOssConfig.preset(path), mesh=mesh, dtype=dtype, seed=seed, kernels=kernels)
     if is_converted(path):
-        return model_from_converted(ConvertedCheckpoint(path), mesh=mesh, dtype=dtype)
-    return model_from_checkpoint(Checkpoint(path), mesh=mesh, dtype=dtype)
-
-
-def abstract_model(config: GptOssConfig, dtype, mesh=None) -> tuple[nnx.GraphDef, list]:
-    """The module tree without memory: its graph and (path, Variable) leaves."""
-    if mesh is not None:
-        check_mesh_fits_model(config, mesh)
-    abstract = nnx.eval_shape(lambda: GptOss(config, dtype, mesh))
-    graphdef, state = nnx.split(abstract)
-    return graphdef, list(nnx.to_flat_state(state))
+        return model_from_converted(ConvertedCheckpoint(path), mesh=mesh, dtype=dtype, kernels=kernels)
+    return model_from_checkpoint(Checkpoint(path), mesh=mesh, dtype=dtype, kernels=kernels)
 
 
 def _assemble(graphdef, leaves, values: dict) -> GptOss:
     for path, var in leaves:
         var.set_value(values[path])
-    return nnx.merge(graphdef, nnx.from_flat_state(leaves))
+    model = nnx.merge(graphdef, nnx.from_flat_state(leaves))
+    model.update_weight_facts()
+    return model
+
+
+def shard_model(model: GptOss, mesh) -> GptOss:
+    """The same model (same values and kernels) with its parameters spread over `mesh` by the
+    rules table (None: gathered onto the default device). One process only: several
+    processes load with `gptoss_jax.load(..., mesh=mesh)`, which reads only each process's
+    shards."""
+    graphdef, leaves = abstract_model(model.config, model.dtype, mesh, model.kernels)
+    current = dict(nnx.to_flat_state(nnx.state(model)))
+    values = {path: jax.device_put(current[path][...], leaf_sharding(var, mesh)) for path, var in leaves}
+    return _assemble(graphdef, leaves, values)
 
 
 def leaf_sharding(var, mesh):
     return named_sharding(var.get_metadata()["axes"], var.shape, mesh)
 
 
-def model_from_checkpoint(checkpoint: Checkpoint, *, mesh=None, dtype=jnp.bfloat16) -> GptOss:
-    graphdef, leaves = abstract_model(checkpoint.config, dtype, mesh)
+def model_from_checkpoint(checkpoint: Checkpoint, *, mesh=None, dtype=jnp.bfloat16, kernels: Kernels = XLA
+                          ) -> GptOss:
+    graphdef, leaves = abstract_model(checkpoint.config, dtype, mesh, kernels)
     by_path = dict(leaves)
     values = {}
     for spec in checkpoint.specs:
@@ -87,11 +96,12 @@ def model_from_checkpoint(checkpoint: Checkpoint, *, mesh=None, dtype=jnp.bfloat
     return _assemble(graphdef, leaves, values)
 
 
-def model_from_converted(checkpoint: ConvertedCheckpoint, *, mesh=None, dtype=jnp.bfloat16) -> GptOss:
+def model_from_converted(checkpoint: ConvertedCheckpoint, *, mesh=None, dtype=jnp.bfloat16,
+                         kernels: Kernels = XLA) -> GptOss:
     """Restores a converted checkpoint straight into each parameter's sharding: every process
     reads only its shards, dense parameters are cast to `dtype` as they are read, and MXFP4
     bytes become FP4 by a bitcast on the devices."""
-    graphdef, leaves = abstract_model(checkpoint.config, dtype, mesh)
+    graphdef, leaves = abstract_model(checkpoint.config, dtype, mesh, kernels)
     targets = {}
     for path, var in leaves:
         stored = checkpoint.leaves[path]
@@ -115,9 +125,9 @@ def _put_dense(array: np.ndarray, sharding, dtype):
 
 # ------------------------------------------------------------------------ random weights
 def random_model(config: GptOssConfig, *, mesh=None, dtype=jnp.bfloat16, seed: int = 0,
-                 expert_scale_shift: int = 0) -> GptOss:
+                 expert_scale_shift: int = 0, kernels: Kernels = XLA) -> GptOss:
     """Random weights created directly on the devices, one parameter at a time."""
-    graphdef, leaves = abstract_model(config, dtype, mesh)
+    graphdef, leaves = abstract_model(config, dtype, mesh, kernels)
     values = {}
     for path, var in leaves:
         make = _random_leaf_fn(config, path[-1], var.shape, var.dtype, expert_scale_shift, leaf_sharding(var, mesh))

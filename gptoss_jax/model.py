@@ -22,10 +22,11 @@ from flax import nnx
 
 from gptoss_jax import mxfp4
 from gptoss_jax.config import GptOssConfig, yarn_correction_range
+from gptoss_jax.kernels import dispatch
+from gptoss_jax.kernels.common import F32, NO_POSITION
+from gptoss_jax.kernels.dispatch import XLA, Kernels
+from gptoss_jax.sharding.mesh import check_mesh_fits_model
 from gptoss_jax.sharding.moe import sharded_expert_mix
-
-F32 = jnp.float32
-NO_POSITION = -1  # marks padding tokens and empty cache slots
 
 
 def _param(shape, dtype, axes):
@@ -92,19 +93,7 @@ def apply_rope(x, cos, sin):
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-# Projections of 2-64 tokens (batched decode steps, short prompts) run in one tensor-core
-# kernel: q/k/v at every such count, the output projection + residual add from 17 tokens,
-# where it measured faster than XLA's GEMM and add (docs/performance.md entry 45).
-KERNEL_PROJECTION_MAX_TOKENS = 64
-KERNEL_OUTPUT_MIN_TOKENS = 17
-
-
 class Attention(nnx.Module):
-    # "xla" or "pallas" for each kernel (gptoss_jax.kernels.set_kernels)
-    decode_attention_kernel = "xla"
-    prefill_attention_kernel = "xla"
-    projection_kernel = "xla"
-
     def __init__(self, config: GptOssConfig, layer: int, dtype):
         c = config
         self.config = c
@@ -122,86 +111,53 @@ class Attention(nnx.Module):
         self.bo = _param((d,), dtype, ("embed",))
         self.sinks = _param((h,), dtype, ("q_heads",))
 
-    def project(self, h, w, b):
-        # A linear layer with bias rounds once, after the bias (spec 2.7).
-        return (_einsum("btd,nkd->btnk", h, w[...], self.dtype) + b[...].astype(F32)).astype(self.dtype)
+    @property
+    def window(self) -> int | None:
+        return self.config.sliding_window if self.sliding else None
 
-    def __call__(self, x, positions, cache: LayerCache | None = None, add_input: bool = False):
+    def __call__(self, x, positions, cache: LayerCache | None = None, *, kernels: Kernels = XLA,
+                 add_input: bool = False):
         """x [b, t, embed]; positions [b, t] (NO_POSITION for padding). With a cache, the new
         keys are attended together with the cached ones, then written into the cache.
         Returns (output, cache); with add_input the output is x + the attention output (the
         residual connection, which the one-token projection kernel adds itself)."""
-        c, dt = self.config, self.dtype
-        b, t, d = x.shape
-        if self.projection_kernel == "pallas" and (b, t) == (1, 1):  # kernels hook: one token
-            from gptoss_jax.kernels.projection import norm_qkv
+        qkv_params = tuple(getattr(self, name)[...] for name in ("wq", "bq", "wk", "bk", "wv", "bv"))
+        q, k, v = dispatch.run_norm_qkv(kernels, x, self.norm, qkv_params, reference=self.norm_qkv)
+        rope = rope_tables(self.config, positions, self.dtype)
+        out, new_cache = dispatch.run_cached_attention(
+            kernels, q, k, v, positions, cache, self.sinks[...], rope, self.window,
+            reference=functools.partial(self.rope_attend_write, kernels=kernels))
+        out = dispatch.run_output(kernels, out, self.wo[...], self.bo[...], x if add_input else None,
+                                  reference=self.output)
+        return out, new_cache
 
-            q, k, v = (a[None, None] for a in norm_qkv(x[0, 0], self.norm.scale[...], self.wq[...], self.bq[...],
-                                                       self.wk[...], self.bk[...], self.wv[...], self.bv[...],
-                                                       eps=self.norm.eps, interpret=jax.default_backend() == "cpu"))
-        elif self._tokens_kernel(b * t, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim):
-            from gptoss_jax.kernels.projection import tokens_linear
+    def norm_qkv(self, x):
+        h = self.norm(x)
+        return self.project(h, self.wq, self.bq), self.project(h, self.wk, self.bk), self.project(h, self.wv, self.bv)
 
-            weights = [getattr(self, name) for name in ("wq", "bq", "wk", "bk", "wv", "bv")]
-            q, k, v = tokens_linear(self.norm(x).reshape(b * t, d), [w[...].reshape(-1, d) for w in weights[0::2]],
-                                    [bias[...].reshape(-1) for bias in weights[1::2]],
-                                    interpret=jax.default_backend() == "cpu")
-            q, k, v = (a.reshape(b, t, -1, c.head_dim) for a in (q, k, v))
-        else:
-            h = self.norm(x)
-            q = self.project(h, self.wq, self.bq)
-            k = self.project(h, self.wk, self.bk)
-            v = self.project(h, self.wv, self.bv)
-        cos, sin = rope_tables(c, positions, dt)
-        window = c.sliding_window if self.sliding else None
-        if cache is not None and self.decode_attention_kernel == "pallas" and x.shape[1] == 1:  # kernels hook
-            from gptoss_jax.kernels.attention import decode_attention
+    def project(self, h, w, b):
+        # A linear layer with bias rounds once, after the bias (spec 2.7).
+        return (_einsum("btd,nkd->btnk", h, w[...], self.dtype) + b[...].astype(F32)).astype(self.dtype)
 
-            # The kernel applies RoPE to q and k and writes the cache in place.
-            out, new_cache = decode_attention(q, k, v, positions, cache.k, cache.v, cache.positions, self.sinks[...],
-                                              (cos, sin), window=window, write_cache=True)
-            return self.output(out, x if add_input else None), LayerCache(*new_cache)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    def rope_attend_write(self, q, k, v, positions, cache, rope, *, kernels: Kernels = XLA):
+        """RoPE on the new q and k, attention over the cache and the new keys, and the cache
+        with the new keys written (None without a cache)."""
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is None:
             keys, values, key_positions = k, v, positions
         else:
             keys = jnp.concatenate([cache.k, k], axis=1)
             values = jnp.concatenate([cache.v, v], axis=1)
             key_positions = jnp.concatenate([cache.positions, positions], axis=1)
-        if self.prefill_attention_kernel == "pallas" and x.shape[1] > 1:  # kernels hook: prompt / multi-token steps
-            from gptoss_jax.kernels.flash import prefill_attention
-
-            out = prefill_attention(q, keys, values, positions, key_positions, self.sinks[...], window=window)
-        else:
-            out = self.attend(q, keys, values, positions, key_positions)
-        new_cache = None if cache is None else self.write_cache(cache, k, v, positions)
-        return self.output(out, x if add_input else None), new_cache
+        out = dispatch.run_attend(kernels, q, keys, values, positions, key_positions, self.sinks[...], self.window,
+                                  reference=self.attend)
+        return out, (None if cache is None else self.write_cache(cache, k, v, positions))
 
     def output(self, out, residual=None):
         """The output projection of the heads [b, t, heads, head_dim] -> [b, t, embed] (spec 2.7),
         plus `residual` [b, t, embed] when given."""
-        if residual is not None and self.projection_kernel == "pallas" and out.shape[:2] == (1, 1):  # kernels hook
-            from gptoss_jax.kernels.projection import output_residual
-
-            return output_residual(out[0, 0], self.wo[...], self.bo[...], residual[0, 0],
-                                   interpret=jax.default_backend() == "cpu")[None, None]
-        b, t, heads, hd = out.shape
-        if residual is not None and b * t >= KERNEL_OUTPUT_MIN_TOKENS and self._tokens_kernel(b * t, self.config.hidden_size):
-            from gptoss_jax.kernels.projection import tokens_linear
-
-            d = self.config.hidden_size
-            [added] = tokens_linear(out.reshape(b * t, heads * hd), [self.wo[...].reshape(d, -1)], [self.bo[...]],
-                                    residual.reshape(b * t, d), bk=256, interpret=jax.default_backend() == "cpu")
-            return added.reshape(b, t, d)
         projected = (_einsum("btnk,dnk->btd", out, self.wo[...], self.dtype) + self.bo[...].astype(F32)).astype(self.dtype)
         return projected if residual is None else residual + projected
-
-    def _tokens_kernel(self, tokens: int, *output_sizes: int) -> bool:
-        """Whether a projection of `tokens` tokens takes kernels/projection.tokens_linear."""
-        from gptoss_jax.kernels.projection import tokens_linear_fits
-
-        return (self.projection_kernel == "pallas" and 1 < tokens <= KERNEL_PROJECTION_MAX_TOKENS
-                and tokens_linear_fits(*output_sizes))
 
     def attend(self, q, k, v, q_positions, k_positions):
         """Softmax attention with the learned sink as an extra logit per head (spec 2.3)."""
@@ -255,31 +211,17 @@ class ExpertWeights(NamedTuple):
     mlp2_bias: jax.Array  # [experts, embed]
 
 
-# With the kernels on: fewer (token, expert) pairs than KERNEL_GEMM_MIN_PAIRS run the grouped
-# GEMV (each pair reads its expert's weights), more the grouped GEMM (one read per tile of
-# pairs); with only the GEMV on, it takes up to KERNEL_GEMV_MAX_PAIRS pairs.
-KERNEL_GEMM_MIN_PAIRS = 64
-KERNEL_GEMV_MAX_PAIRS = 512
-# The fused norm + router kernels run for up to this many tokens: each (token, router row)
-# program reads its row from L2, which at 64 tokens still beats XLA's norm, padded router GEMM
-# and sort-based top-k (docs/performance.md entry 44); prompts take XLA's GEMM.
-KERNEL_ROUTER_MAX_TOKENS = 64
-
-
 class MoE(nnx.Module):
-    kernels = "xla"  # "pallas": the fused MXFP4 grouped GEMV (gptoss_jax.kernels.set_kernels)
-    gemm_kernel = "xla"  # "pallas": the MXFP4 grouped GEMM for many pairs
-    router_kernel = "xla"  # "pallas": fused RMSNorm + router + top-k + softmax for few tokens
-    # The grouped GEMM's bf16 decode, exact when every expert scale is <= 128: set by
-    # kernels.set_kernels after checking this layer's scales (moe_gemm.bf16_decode_exact).
-    gemm_bf16_decode = False
-
     def __init__(self, config: GptOssConfig, dtype, mesh=None):
         c = config
         self.config = c
         self.dtype = dtype
         # With a mesh, the experts are spread over it (gptoss_jax.sharding.moe).
         self.mesh = mesh
+        # Every E8M0 scale of the layer is at most 128 (true of trained weights), so the
+        # grouped GEMM kernel may decode FP4 straight to bf16. A fact about the weights' values:
+        # set by `update_weight_facts` when weights are loaded or replaced; False is always safe.
+        self.scales_fit_bf16 = False
         e, d, i = c.num_experts, c.hidden_size, c.intermediate_size
         block = mxfp4.BLOCK
         self.norm = RMSNorm(c, dtype)
@@ -297,11 +239,21 @@ class MoE(nnx.Module):
                                      axes=("experts", "embed", "expert_mlp_blocks"))
         self.mlp2_bias = _param((e, d), dtype, ("experts", "embed"))
 
+    def update_weight_facts(self) -> None:
+        """Recomputes `scales_fit_bf16` from the layer's (concrete) expert scales."""
+        self.scales_fit_bf16 = mxfp4.scales_at_most(mxfp4.BF16_DECODE_MAX_SCALE, self.mlp1_scales[...],
+                                                    self.mlp2_scales[...])
+
     def expert_weights(self) -> ExpertWeights:
         return ExpertWeights(*(getattr(self, name)[...] for name in ExpertWeights._fields))
 
     def expert_axes(self) -> ExpertWeights:
         return ExpertWeights(*(getattr(self, name).get_metadata()["axes"] for name in ExpertWeights._fields))
+
+    def norm_route(self, x):
+        """RMSNorm, then the top-k experts per token and their weights (spec 2.5)."""
+        h = self.norm(x)
+        return (h, *self.route(h))
 
     def route(self, h):
         """Top-k experts per token and their weights: softmax over the k logits (spec 2.5)."""
@@ -309,14 +261,6 @@ class MoE(nnx.Module):
                   + self.router_b[...].astype(F32)).astype(self.dtype)
         values, experts = jax.lax.top_k(logits, self.config.experts_per_token)
         return experts, jax.nn.softmax(values.astype(F32), axis=-1).astype(self.dtype)
-
-    def norm_route_kernel(self, x):
-        """self.norm + self.route for a few tokens x [n, embed] in two fused kernels
-        (kernels/router.py): (h, experts, weights)."""
-        from gptoss_jax.kernels.router import norm_route
-
-        return norm_route(x, self.norm.scale[...], self.router_w[...], self.router_b[...], eps=self.norm.eps,
-                          k=self.config.experts_per_token)
 
     def swiglu(self, u):
         """Clamped SwiGLU on interleaved gate/up columns, with the +1 on the linear branch."""
@@ -328,39 +272,39 @@ class MoE(nnx.Module):
         glu = gate * jax.nn.sigmoid((gate.astype(F32) * c.swiglu_alpha).astype(dt))
         return glu * (up + jnp.asarray(1, dt))
 
-    def __call__(self, x, add_input: bool = False):
+    def __call__(self, x, *, kernels: Kernels = XLA, add_input: bool = False):
         """The MoE block on x [b, t, embed]; with add_input, x + that (the residual
         connection, which the batch-1 expert kernel adds itself)."""
         b, t, d = x.shape
-        if self.router_kernel == "pallas" and self.mesh is None and b * t <= KERNEL_ROUTER_MAX_TOKENS:
-            h, experts, weights = self.norm_route_kernel(x.reshape(b * t, d))
-        else:
-            h = self.norm(x).reshape(b * t, d)
-            experts, weights = self.route(h)
+        h, experts, weights = dispatch.run_norm_route(kernels, x.reshape(b * t, d), self.norm, self.router_w[...],
+                                                      self.router_b[...], k=self.config.experts_per_token,
+                                                      reference=self.norm_route)
         residual = x.reshape(b * t, d) if add_input and self.mesh is None else None
+        mix = functools.partial(self.expert_mix, kernels=kernels)
         if self.mesh is None:
-            out = self.expert_mix(h, experts, weights, self.expert_weights(), residual)
+            out = mix(h, experts, weights, self.expert_weights(), residual)
         else:
-            out = sharded_expert_mix(self.mesh, self.expert_mix, h, experts, weights, self.expert_weights(),
-                                     self.expert_axes())
+            out = sharded_expert_mix(self.mesh, mix, h, experts, weights, self.expert_weights(), self.expert_axes())
         out = out.astype(self.dtype).reshape(b, t, d)
         return x + out if add_input and residual is None else out
 
-    def expert_mix(self, h, experts, weights, w: ExpertWeights, residual=None):
+    def expert_mix(self, h, experts, weights, w: ExpertWeights, residual=None, *, kernels: Kernels = XLA):
         """sum_k weights[n, k] * expert_{experts[n, k]}(h[n]) [n, embed], in fp32: the
-        per-device expert computation (a fused kernel may replace it). `w` may be one
-        device's share of the experts; ids outside [0, experts in w) add nothing.
-        With residual [n, embed]: residual + that sum rounded to the compute dtype."""
+        per-device expert computation. `w` may be one device's share of the experts; ids
+        outside [0, experts in w) add nothing. With residual [n, embed]: residual + that sum
+        rounded to the compute dtype."""
+        c = self.config
+        return dispatch.run_expert_mix(kernels, h, experts, weights, w, residual,
+                                       swiglu=(c.swiglu_limit, c.swiglu_alpha), scales_fit_bf16=self.scales_fit_bf16,
+                                       reference=self.weighted_sum)
+
+    def weighted_sum(self, h, experts, weights, w: ExpertWeights, residual=None, outputs=None):
+        """expert_mix from the expert outputs [n, k, embed] that `outputs(h, experts, w)`
+        gives (None: the XLA reference, gathered for few pairs, grouped for many)."""
         n, k = experts.shape
-        num_experts = w.mlp1_fp4.shape[0]
-        known = (experts >= 0) & (experts < num_experts)
-        gemm = self.gemm_kernel == "pallas" and n * k >= KERNEL_GEMM_MIN_PAIRS
-        if self.kernels == "pallas" and jax.default_backend() == "tpu":
-            y = self.experts_tpu(h, experts, w)
-        elif self.kernels == "pallas" and not gemm and n * k <= KERNEL_GEMV_MAX_PAIRS:
-            return self.experts_mix_kernel(h, experts, weights, w, residual)  # sums the k experts itself
-        elif gemm:
-            y = self.experts_grouped_kernel(h, experts, w)
+        known = (experts >= 0) & (experts < w.mlp1_fp4.shape[0])
+        if outputs is not None:
+            y = outputs(h, experts, w)
         elif n * k < self.config.num_experts:  # by the whole model's experts: every mesh takes the same path
             y = self.experts_gathered(h, jnp.where(known, experts, 0), w)
         else:
@@ -379,44 +323,6 @@ class MoE(nnx.Module):
         w2 = mxfp4.dequantize(w.mlp2_fp4[experts], w.mlp2_scales[experts], dt)
         y = _einsum("nki,nkoi->nko", a, w2, dt).astype(dt)
         return y + w.mlp2_bias[experts]
-
-    def experts_kernel(self, h, experts, w: ExpertWeights | None = None):
-        """The fused MXFP4 grouped GEMV (kernels/moe.py): same contract as experts_gathered."""
-        from gptoss_jax.kernels import moe
-
-        return self._fused_experts(moe.experts_decode, h, experts, w)
-
-    def experts_mix_kernel(self, h, experts, weights, w: ExpertWeights | None = None, residual=None):
-        """The fused MXFP4 grouped GEMVs with the weighted sum over the k experts (and the
-        residual) done by the second kernel (kernels/moe.py): same contract as expert_mix."""
-        from gptoss_jax.kernels import moe
-
-        mix = functools.partial(moe.experts_mix_decode, weights=weights, residual=residual)
-        return self._fused_experts(mix, h, experts, w)
-
-    def experts_grouped_kernel(self, h, experts, w: ExpertWeights | None = None):
-        """The grouped MXFP4 GEMM (kernels/moe_gemm.py): same contract as experts_grouped."""
-        from gptoss_jax.kernels import moe_gemm
-
-        kernel = functools.partial(moe_gemm.experts_grouped_kernel, bf16_decode=self.gemm_bf16_decode)
-        return self._fused_experts(kernel, h, experts, w)
-
-    def experts_tpu(self, h, experts, w: ExpertWeights | None = None):
-        """The MXFP4 expert kernel for TPU (kernels/moe_tpu.py): same contract as experts_grouped."""
-        from gptoss_jax.kernels import moe_tpu
-
-        return self._fused_experts(moe_tpu.experts_tpu, h, experts, w)
-
-    def _fused_experts(self, kernel, h, experts, w: ExpertWeights | None):
-        """Calls a fused expert kernel with the packed views of the experts (uint8 bytes and
-        scales as the checkpoint stores them) and the SwiGLU constants."""
-        from gptoss_jax.kernels.moe import packed_bytes
-
-        w = self.expert_weights() if w is None else w
-        c = self.config
-        return kernel(h, experts, packed_bytes(w.mlp1_fp4), w.mlp1_scales, w.mlp1_bias,
-                      packed_bytes(w.mlp2_fp4), w.mlp2_scales, w.mlp2_bias,
-                      limit=c.swiglu_limit, alpha=c.swiglu_alpha)
 
     def experts_grouped(self, h, experts, w: ExpertWeights | None = None):
         """Many tokens: sort the (token, expert) pairs by expert and run one grouped GEMM per
@@ -450,19 +356,21 @@ class Block(nnx.Module):
         self.attn = Attention(config, layer, dtype)
         self.mlp = MoE(config, dtype, mesh)
 
-    def __call__(self, x, positions, cache=None):
-        x, cache = self.attn(x, positions, cache, add_input=True)
-        return self.mlp(x, add_input=True), cache
+    def __call__(self, x, positions, cache=None, *, kernels: Kernels = XLA):
+        x, cache = self.attn(x, positions, cache, kernels=kernels, add_input=True)
+        return self.mlp(x, kernels=kernels, add_input=True), cache
 
 
 class GptOss(nnx.Module):
     """`model(tokens)` -> logits [batch, seq, vocab] for the whole causal sequence.
-    `mesh`: the jax.sharding.Mesh its parameters are spread over (None: one device)."""
+    `mesh`: the jax.sharding.Mesh its parameters are spread over (None: one device).
+    `kernels`: which kernels run (gptoss_jax.kernels.Kernels; default the XLA path)."""
 
-    def __init__(self, config: GptOssConfig, dtype=jnp.bfloat16, mesh=None):
+    def __init__(self, config: GptOssConfig, dtype=jnp.bfloat16, mesh=None, kernels: Kernels = XLA):
         self.config = config
         self.dtype = jnp.dtype(dtype)
         self.mesh = mesh
+        self.kernels = kernels
         c = config
         self.embedding = _param((c.vocab_size, c.hidden_size), dtype, ("vocab", "embed"))
         self.blocks = nnx.List([Block(c, i, dtype, mesh) for i in range(c.num_hidden_layers)])
@@ -481,6 +389,19 @@ class GptOss(nnx.Module):
         Returns (logits [b, t, vocab], updated caches)."""
         return self.forward(jnp.asarray(tokens, jnp.int32), positions, caches)
 
+    def with_kernels(self, kernels: Kernels) -> GptOss:
+        """The same model (the same parameter arrays) running `kernels`."""
+        graphdef, state = nnx.split(self)
+        model = nnx.merge(graphdef, state)
+        model.kernels = kernels
+        return model
+
+    def update_weight_facts(self) -> None:
+        """Recomputes what the kernels may assume about the weights' values (MoE.scales_fit_bf16):
+        the loader calls it; call it after replacing weights."""
+        for block in self.blocks:
+            block.mlp.update_weight_facts()
+
     def init_cache(self, batch: int, max_len: int) -> list[LayerCache]:
         c = self.config
         caches = []
@@ -495,8 +416,17 @@ class GptOss(nnx.Module):
         x = self.embedding[...][tokens]
         new_caches = []
         for layer, block in enumerate(self.blocks):
-            x, cache = block(x, positions, None if caches is None else caches[layer])
+            x, cache = block(x, positions, None if caches is None else caches[layer], kernels=self.kernels)
             new_caches.append(cache)
         h = self.norm(x)
         logits = _einsum("btd,vd->btv", h, self.unembedding[...], self.dtype).astype(self.dtype)
         return logits, (None if caches is None else new_caches)
+
+
+def abstract_model(config: GptOssConfig, dtype, mesh=None, kernels: Kernels = XLA) -> tuple[nnx.GraphDef, list]:
+    """The module tree without memory: its graph and (path, Variable) leaves."""
+    if mesh is not None:
+        check_mesh_fits_model(config, mesh)
+    abstract = nnx.eval_shape(lambda: GptOss(config, dtype, mesh, kernels))
+    graphdef, state = nnx.split(abstract)
+    return graphdef, list(nnx.to_flat_state(state))

@@ -18,6 +18,9 @@ E8M0 = jnp.float8_e8m0fnu
 BLOCK = 32
 BYTES_PER_BLOCK = BLOCK // 2
 NAN_SCALE = 255  # E8M0 reserves 0xFF for NaN
+# Up to this scale 2^(scale - 1) is a finite bf16, so the grouped GEMM kernel may decode FP4
+# straight to bf16 (every trained checkpoint's scales sit far below).
+BF16_DECODE_MAX_SCALE = 128
 
 # Per 3-bit magnitude code: the binary exponent and the mantissa bit of the FP4 value
 # (0.5, 1, 1.5, 2, 3, 4, 6 = 1.m * 2^e). Code 0 is zero.
@@ -79,6 +82,11 @@ def dequantize(fp4, scales, dtype=jnp.bfloat16):
     else:
         out = jax.lax.bitcast_convert_type(bits, jnp.float32).astype(dtype)
     return out.reshape(*fp4.shape[:-2], fp4.shape[-2] * fp4.shape[-1])
+
+
+def scales_at_most(limit: int, *scales) -> bool:
+    """Whether every E8M0 scale in the (concrete) arrays is at most `limit`."""
+    return all(int(jnp.max(e8m0_to_scales(s))) <= limit for s in scales)
 
 
 def fp4_nbytes(array) -> int:

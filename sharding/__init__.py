@@ -2,9 +2,7 @@
 (rules.py), mesh specs and start-up (mesh.py), placement (placement.py), the expert-parallel
 MoE (moe.py) and per-device bytes (memory.py). docs/sharding.md describes the whole."""
 
-from gptoss_jax.sharding.memory import bytes_per_device, planned_bytes_per_device
+from gptoss_jax.sharding.memory import bytes_per_device
 from gptoss_jax.sharding.mesh import MeshError, MeshSpec, check_mesh_fits_model, make_mesh, parse_mesh_spec
-from gptoss_jax.sharding.placement import shard_model
 
-__all__ = ["MeshError", "MeshSpec", "bytes_per_device", "check_mesh_fits_model", "make_mesh", "parse_mesh_spec",
-           "planned_bytes_per_device", "shard_model"]
+__all__ = ["MeshError", "MeshSpec", "bytes_per_device", "check_mesh_fits_model", "make_mesh", "parse_mesh_spec"]

@@ -8,16 +8,11 @@ a byte. These helpers count the packed size, so the numbers say what the model n
 from __future__ import annotations
 
 import collections
-import math
 
 import jax
 import ml_dtypes
 import numpy as np
 from flax import nnx
-from jax.sharding import AbstractMesh
-
-from gptoss_jax.sharding.mesh import MESH_AXES, MeshSpec
-from gptoss_jax.sharding.rules import partition_spec
 
 FP4 = np.dtype(ml_dtypes.float4_e2m1fn)
 EXPERT_LEAVES = ("mlp1_fp4", "mlp1_scales", "mlp1_bias", "mlp2_fp4", "mlp2_scales", "mlp2_bias")
@@ -29,7 +24,7 @@ def packed_bytes(dtype, size: int) -> float:
     return size * np.dtype(dtype).itemsize
 
 
-def _is_expert(path) -> bool:
+def is_expert(path) -> bool:
     return str(path[-1]) in EXPERT_LEAVES
 
 
@@ -37,33 +32,12 @@ def bytes_per_device(model, *, experts_only: bool = False) -> dict[jax.Device, f
     """Bytes of the model's parameters on each of this process's devices."""
     totals: dict[jax.Device, float] = collections.defaultdict(float)
     for path, value in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        if experts_only and not _is_expert(path):
+        if experts_only and not is_expert(path):
             continue
         array = value[...]
         for shard in array.addressable_shards:
             totals[shard.device] += packed_bytes(array.dtype, shard.data.size)
     return dict(totals)
-
-
-def planned_bytes_per_device(config, spec: MeshSpec | str, dtype="bfloat16") -> dict[str, float]:
-    """What each device will hold for `config` on a mesh, from shapes alone (no devices
-    needed): {"total", "experts", "other"} bytes per device and "model" for the whole model."""
-    from gptoss_jax.loader import abstract_model, parse_dtype
-    from gptoss_jax.sharding.mesh import parse_mesh_spec
-
-    spec = parse_mesh_spec(spec) if isinstance(spec, str) else spec
-    mesh = AbstractMesh(spec.shape, MESH_AXES)
-    _, leaves = abstract_model(config, parse_dtype(dtype))
-    out = {"total": 0.0, "experts": 0.0, "other": 0.0, "model": 0.0}
-    for path, var in leaves:
-        pspec = partition_spec(var.get_metadata()["axes"], var.shape, mesh)
-        split = math.prod(mesh.shape[a] for a in pspec if a is not None)
-        size = math.prod(var.shape)
-        local = packed_bytes(var.dtype, size // split)
-        out["total"] += local
-        out["experts" if _is_expert(path) else "other"] += local
-        out["model"] += packed_bytes(var.dtype, size)
-    return out
 
 
 def format_bytes(n: float) -> str:

@@ -18,10 +18,10 @@ import re
 import jax
 from jax.sharding import AxisType, Mesh
 
+from gptoss_jax.mxfp4 import BLOCK as MXFP4_BLOCK
 from gptoss_jax.sharding.rules import DATA, EXPERT, MODEL
 
 MESH_AXES = (DATA, EXPERT, MODEL)
-MXFP4_BLOCK = 32
 HOST_DEVICE_FLAG = "xla_force_host_platform_device_count"
 
 

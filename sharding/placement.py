@@ -6,7 +6,6 @@ import functools
 
 import jax
 import numpy as np
-from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gptoss_jax.sharding.rules import named_sharding
@@ -24,20 +23,6 @@ def put(array, axes: tuple[str | None, ...], mesh: Mesh) -> jax.Array:
     """A host array laid out on the mesh by the logical `axes` of its dimensions."""
     array = np.asarray(array)
     return put_host_array(array, named_sharding(axes, array.shape, mesh))
-
-
-def shard_model(model, mesh: Mesh | None):
-    """The same model (same values) with its parameters spread over `mesh` by the rules
-    table (None: gathered onto the default device). One process only: several processes
-    load with `gptoss_jax.load(..., mesh=mesh)`, which reads only each process's shards."""
-    from gptoss_jax.loader import abstract_model
-
-    graphdef, leaves = abstract_model(model.config, model.dtype, mesh)
-    values = dict(nnx.to_flat_state(nnx.state(model)))
-    for path, var in leaves:
-        sharding = named_sharding(var.get_metadata()["axes"], var.shape, mesh)
-        var.set_value(jax.device_put(values[path][...], sharding))
-    return nnx.merge(graphdef, nnx.from_flat_state(leaves))
 
 
 @functools.lru_cache(maxsize=None)

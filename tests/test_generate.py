@@ -93,16 +93,16 @@ def test_chunks_queued_ahead_but_not_past_the_limit(model, monkeypatch):
     """generate queues chunk i + 1 before reading chunk i's tokens; it queues none past the
     chunk in which every sequence reaches max_new_tokens, and one at most after a stop
     token ends them all."""
-    import gptoss_jax.generate as generate_module
+    from gptoss_jax import engine
 
     calls = []
-    real = generate_module._decode_chunk
+    real = engine.decode_chunk
 
     def counting(*args, **kwargs):
         calls.append(kwargs["chunk"])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(generate_module, "_decode_chunk", counting)
+    monkeypatch.setattr(engine, "decode_chunk", counting)
     prompt = [prompt_of(4, 20)]
     free = generate(model, prompt, max_new_tokens=12, temperature=0, stop_tokens=[], chunk=3)
     assert calls == [3] * 4 and len(free[0]) == 12
@@ -115,12 +115,13 @@ def test_decode_chunk_has_a_static_trip_count(model):
     """A loop without a data-dependent exit: on a GPU, XLA then runs the steps without a
     device-to-host copy and a wait after each one."""
     import jax
-    from gptoss_jax.generate import _decode_chunk
+
+    from gptoss_jax.engine import decode_chunk
 
     graphdef, state = nnx.split(model)
     caches = model.init_cache(1, 64)
     zeros = jnp.zeros(1, jnp.int32)
-    compiled = _decode_chunk.lower(
+    compiled = decode_chunk.lower(
         graphdef, state, caches, jnp.zeros((1, model.config.vocab_size)), zeros, zeros, jnp.zeros(1, bool),
         jnp.int32(0), zeros + 5, jnp.array([-1], jnp.int32), jax.random.key(0), jnp.float32(1), jnp.float32(1),
         chunk=6, greedy=True, top_k=0, use_top_p=False).compile()
@@ -218,10 +219,10 @@ def test_cli_bad_input(args, message, tmp_path):
 
 
 def harmony_stream(tokens, show_analysis=False):
-    from gptoss_jax.generate import _HarmonyStream
+    from gptoss_jax.streaming import HarmonyStream
     from gptoss_jax.tokenizer import get_tokenizer
 
-    stream = _HarmonyStream(get_tokenizer(), echo=True, show_analysis=show_analysis)
+    stream = HarmonyStream(get_tokenizer(), echo=True, show_analysis=show_analysis)
     for i in range(0, len(tokens), 3):  # in chunks, as the decode loop delivers them
         stream.feed(tokens[i:i + 3])
     return stream
@@ -268,56 +269,37 @@ def test_cli_mesh_4x2_provisions_host_devices_and_matches_one_device():
 
 
 def test_decode_loop_compiles_once_per_shape(model):
-    from gptoss_jax.generate import _decode_chunk
+    from gptoss_jax.engine import decode_chunk
 
-    _decode_chunk.clear_cache()
+    decode_chunk.clear_cache()
     generate(model, [[3, 1, 4, 1, 5]], max_new_tokens=12, temperature=0, stop_tokens=[], chunk=3)
-    assert _decode_chunk._cache_size() == 1  # later chunks reuse the first chunk's executable
+    assert decode_chunk._cache_size() == 1  # later chunks reuse the first chunk's executable
 
 
 def test_nearby_prompt_and_cache_lengths_share_compiled_code(model):
     """The turns of a chat differ a little in prompt length and hence in cache length:
     shapes are bucketed (at most ~25% padding), so such calls reuse one prefill and one
     decode executable."""
-    from gptoss_jax.generate import _bucket, _decode_chunk, _prefill
+    from gptoss_jax.engine import bucket, decode_chunk, prefill
 
-    assert [_bucket(n, 16) for n in (1, 17, 130, 150, 161, 5000)] == [16, 32, 160, 160, 192, 5120]
-    _prefill.clear_cache()
-    _decode_chunk.clear_cache()
+    assert [bucket(n, 16) for n in (1, 17, 130, 150, 161, 5000)] == [16, 32, 160, 160, 192, 5120]
+    prefill.clear_cache()
+    decode_chunk.clear_cache()
     prompts = [prompt_of(130, 40), prompt_of(150, 41)]
     out = [generate(model, [p], max_new_tokens=n, temperature=0, stop_tokens=[]) for p, n in zip(prompts, (40, 30))]
-    assert _prefill._cache_size() == 1 and _decode_chunk._cache_size() == 1
+    assert prefill._cache_size() == 1 and decode_chunk._cache_size() == 1
     assert [len(o[0]) for o in out] == [40, 30]
 
 
-def test_kernel_choice_of_the_cli(model):
-    """--kernels auto is the XLA path on this CPU; pallas selects the kernels that measured
-    fastest; on a mesh of several devices the attention kernels stay XLA."""
-    from gptoss_jax.generate import choose_kernels
-    from gptoss_jax.kernels import FASTEST, kernels_in_use
+@pytest.mark.parametrize("argv", [["--kernels", "pallas"], ["--kernels", "auto"], ["--kernels", "pallas", "--mesh", "4x2"]])
+def test_cli_and_library_choose_the_same_kernels(argv):
+    """The CLI loads through gptoss_jax.load: its --kernels choice is Kernels.auto for the
+    devices the model is placed on (here host devices; on a mesh only the expert kernels)."""
+    from gptoss_jax.cli import load_model
+    from gptoss_jax.generate import build_parser
+    from gptoss_jax.kernels import Kernels
 
-    try:
-        assert set(choose_kernels(model, "auto").values()) == {"xla"}
-        assert choose_kernels(model, "pallas") == FASTEST
-        on_mesh = choose_kernels(model, "pallas", several_devices=True)
-        assert on_mesh["moe"] == "pallas"
-        assert on_mesh["decode_attention"] == on_mesh["projection"] == on_mesh["router"] == "xla"
-    finally:
-        choose_kernels(model, "xla")
-    assert set(kernels_in_use(model).values()) == {"xla"}
-
-
-def test_kernel_choice_on_a_tpu_is_the_moe_kernel_only(model, monkeypatch):
-    """The attention and projection kernels lower to Triton only: on a TPU, --kernels pallas
-    selects the MoE kernel (its Mosaic TPU lowering) and auto stays on the XLA path."""
-    import jax
-
-    from gptoss_jax.generate import choose_kernels
-
-    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
-    try:
-        chosen = choose_kernels(model, "pallas")
-        assert chosen["moe"] == "pallas" and {v for k, v in chosen.items() if k != "moe"} == {"xla"}
-        assert set(choose_kernels(model, "auto").values()) == {"xla"}
-    finally:
-        choose_kernels(model, "xla")
+    model = load_model(build_parser().parse_args(argv))
+    assert model.kernels == Kernels.auto(argv[1], mesh=model.mesh)
+    if "--mesh" in argv:
+        assert model.kernels.names() == ("moe_gemv", "moe_gemm")

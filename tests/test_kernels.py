@@ -5,12 +5,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import assert_mostly_bit_equal
 
 from gptoss_jax import mxfp4
-from gptoss_jax.kernels import set_kernels
+from gptoss_jax.kernels import Kernels, kernels_in_use, set_kernels
 from gptoss_jax.kernels import moe as moe_kernels
+from gptoss_jax.kernels.common import swiglu_pair
+from gptoss_jax.kernels.dispatch import packed_experts
 from gptoss_jax.loader import load
-from conftest import assert_mostly_bit_equal
+
+GEMV = Kernels(moe_gemv=True, interpret=True)
+ALL = Kernels.choose("pallas", "cpu")
 
 
 def random_fp4(key, shape_blocks):
@@ -30,7 +35,7 @@ def reference_gemv(x, pair_expert, fp4, scales, bias, pairs_per_x=1, swiglu_para
     u = u.astype(x.dtype) + bias[pair_expert]
     if swiglu_params is None:
         return u
-    return moe_kernels.swiglu_pair(u[:, 0::2], u[:, 1::2], *swiglu_params, x.dtype)
+    return swiglu_pair(u[:, 0::2], u[:, 1::2], *swiglu_params, x.dtype)
 
 
 def test_decode_nibbles_is_exact_for_every_byte():
@@ -127,13 +132,23 @@ def tiny_model():
     return load("tiny", dtype="bfloat16")
 
 
+def gemv_expert_outputs(mlp, h, experts):
+    """[n, k, embed] expert outputs of the two grouped GEMVs (as MoE.experts_gathered)."""
+    w1, s1, b1, w2, s2, b2 = packed_experts(mlp.expert_weights())
+    pair_expert = experts.reshape(-1)
+    c = mlp.config
+    a = moe_kernels.expert_gemv(h, pair_expert, w1, s1, b1, pairs_per_x=experts.shape[1],
+                                swiglu_params=(c.swiglu_limit, c.swiglu_alpha), interpret=True)
+    return moe_kernels.expert_gemv(a, pair_expert, w2, s2, b2, interpret=True).reshape(*experts.shape, -1)
+
+
 @pytest.mark.parametrize("tokens", [1, 5])
 def test_moe_experts_kernel_equals_gathered_reference(tiny_model, tokens):
     mlp = tiny_model.blocks[1].mlp
     h = jax.random.normal(jax.random.key(tokens), (tokens, tiny_model.config.hidden_size)).astype(jnp.bfloat16)
     experts, _ = mlp.route(h)
     want = mlp.experts_gathered(h, experts)
-    got = mlp.experts_kernel(h, experts)
+    got = gemv_expert_outputs(mlp, h, experts)
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=1e-2, atol=1e-2)
 
 
@@ -146,27 +161,24 @@ def test_moe_mix_kernel_equals_expert_mix_reference(tiny_model, tokens):
     h = jax.random.normal(jax.random.key(tokens), (tokens, tiny_model.config.hidden_size)).astype(jnp.bfloat16)
     experts, weights = mlp.route(h)
     want = mlp.expert_mix(h, experts, weights, mlp.expert_weights())
-    got = mlp.experts_mix_kernel(h, experts, weights)
+    got = mlp.expert_mix(h, experts, weights, mlp.expert_weights(), kernels=GEMV)
     assert got.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-2, atol=1e-2)
     assert_mostly_bit_equal(got.astype(jnp.bfloat16), want.astype(jnp.bfloat16), 0.95)
     foreign = experts.at[:, 1].set(mlp.config.num_experts + 3)
     want = mlp.expert_mix(h, foreign, weights, mlp.expert_weights())
-    np.testing.assert_allclose(np.asarray(mlp.experts_mix_kernel(h, foreign, weights)), np.asarray(want),
-                               rtol=1e-2, atol=1e-2)
+    got = mlp.expert_mix(h, foreign, weights, mlp.expert_weights(), kernels=GEMV)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-2, atol=1e-2)
 
 
-@pytest.mark.parametrize("impl", ["xla", "pallas"])
-def test_moe_adds_its_input_as_the_block_did(tiny_model, impl):
+@pytest.mark.parametrize("kernels", [Kernels.xla(), Kernels(moe_gemv=True, router=True, interpret=True)])
+def test_moe_adds_its_input_as_the_block_did(tiny_model, kernels):
     """MoE(x, add_input=True) is x + MoE(x) bit for bit, on the reference path and with the
     batch-1 kernels (where the mlp2 GEMV adds the residual itself)."""
     mlp = tiny_model.blocks[3].mlp
     x = (3 * jax.random.normal(jax.random.key(5), (1, 1, tiny_model.config.hidden_size))).astype(jnp.bfloat16)
-    try:
-        set_kernels(tiny_model, moe=impl, router=impl)
-        np.testing.assert_array_equal(np.asarray(mlp(x, add_input=True), np.float32), np.asarray(x + mlp(x), np.float32))
-    finally:
-        set_kernels(tiny_model, moe="xla", router="xla")
+    added = mlp(x, kernels=kernels, add_input=True)
+    np.testing.assert_array_equal(np.asarray(added, np.float32), np.asarray(x + mlp(x, kernels=kernels), np.float32))
 
 
 def test_moe_kernel_saturates_swiglu_clamp(tiny_model):
@@ -177,7 +189,7 @@ def test_moe_kernel_saturates_swiglu_clamp(tiny_model):
     w1 = mxfp4.dequantize(mlp.mlp1_fp4[...][experts], mlp.mlp1_scales[...][experts], jnp.float32)
     assert float(jnp.max(jnp.abs(jnp.einsum("nd,nkod->nko", h.astype(jnp.float32), w1)))) > 2 * 7.0
     want = mlp.experts_gathered(h, experts)
-    got = mlp.experts_kernel(h, experts)
+    got = gemv_expert_outputs(mlp, h, experts)
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=1e-2, atol=2e-2)
 
 
@@ -190,38 +202,43 @@ def test_end_to_end_decode_logits_with_kernels(tiny_model):
     _, caches = tiny_model.extend(tokens, positions, caches)
     steps = [[11], [200000], [5]]
     reference, kernel = [], []
-    for impl, out in (("xla", reference), ("pallas", kernel)):
-        set_kernels(tiny_model, moe=impl, attention=impl, moe_gemm=impl, projection=impl, router=impl)
+    for model, out in ((tiny_model, reference), (tiny_model.with_kernels(ALL), kernel)):
         c = caches
         for i, t in enumerate(steps):
-            logits, c = tiny_model.extend(jnp.asarray([t]), jnp.asarray([[tokens.shape[1] + i]]), c)
+            logits, c = model.extend(jnp.asarray([t]), jnp.asarray([[tokens.shape[1] + i]]), c)
             out.append(np.asarray(logits, np.float32))
-    set_kernels(tiny_model, moe="xla", attention="xla", moe_gemm="xla", projection="xla", router="xla")
     for r, k in zip(reference, kernel):
         np.testing.assert_allclose(k, r, atol=0.05 * np.abs(r).max(), rtol=0)
         assert np.argmax(k) == np.argmax(r)
 
 
+def test_with_kernels_shares_the_parameters_and_leaves_the_model_alone(tiny_model):
+    other = tiny_model.with_kernels(ALL)
+    assert other.kernels == ALL and tiny_model.kernels == Kernels.xla()
+    assert other.embedding[...] is tiny_model.embedding[...]
+
+
 def test_set_kernels_rejects_unknown_implementation(tiny_model):
+    model = tiny_model.with_kernels(Kernels.xla())
     with pytest.raises(ValueError, match="moe must be one of"):
-        set_kernels(tiny_model, "cuda")
+        set_kernels(model, "cuda")
     with pytest.raises(ValueError, match="attention must be one of"):
-        set_kernels(tiny_model, attention="flash")
+        set_kernels(model, attention="flash")
     with pytest.raises(ValueError, match="projection must be one of"):
-        set_kernels(tiny_model, projection="triton")
+        set_kernels(model, projection="triton")
 
 
 def test_set_kernels_defaults_and_partial_choices(tiny_model):
-    from gptoss_jax.kernels import FASTEST, kernels_in_use
-
-    try:
-        assert kernels_in_use(set_kernels(tiny_model)) == FASTEST
-        set_kernels(tiny_model, projection="xla")  # only the named kernel changes
-        assert kernels_in_use(tiny_model) == {**FASTEST, "projection": "xla"}
-        set_kernels(tiny_model, "xla", "xla", moe_gemm="xla", projection="xla", router="xla")
-        assert set(kernels_in_use(tiny_model).values()) == {"xla"}
-    finally:
-        set_kernels(tiny_model, "xla", "xla", moe_gemm="xla", projection="xla", router="xla")
+    """The compatible wrapper: no name sets every kernel for the model's devices; a name
+    changes only that kernel."""
+    model = tiny_model.with_kernels(Kernels.xla())
+    assert set_kernels(model).kernels == Kernels.auto("pallas")
+    everything = kernels_in_use(model)
+    assert set(everything.values()) == {"pallas"}
+    set_kernels(model, projection="xla")
+    assert kernels_in_use(model) == {**everything, "projection": "xla"}
+    set_kernels(model, "xla", "xla", moe_gemm="xla", projection="xla", router="xla")
+    assert model.kernels == Kernels(interpret=True) and set(kernels_in_use(model).values()) == {"xla"}
 
 
 @pytest.mark.parametrize("num_experts", [32, 128])  # gpt-oss-20b, 120b

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from gptoss_jax.config import GptOssConfig
-from gptoss_jax.kernels import set_kernels
+from gptoss_jax.kernels import Kernels
 from gptoss_jax.kernels.flash import key_block_schedule, prefill_attention
 from gptoss_jax.loader import random_model
 from gptoss_jax.model import NO_POSITION, Attention
@@ -146,15 +146,14 @@ def test_end_to_end_prefill_logits_with_kernel(dtype, tolerance):
     tokens = jax.random.randint(jax.random.key(1), (2, 40), 0, model.config.vocab_size, jnp.int32)
     positions = jnp.stack([jnp.arange(40), jnp.where(jnp.arange(40) < 29, jnp.arange(40), NO_POSITION)])
     results = {}
-    for impl in ("xla", "pallas"):
-        set_kernels(model, moe="xla", attention=impl)
-        graphdef, state = nnx.split(model)
+    for impl, kernels in (("xla", Kernels.xla()), ("pallas", Kernels(decode_attention=True, prefill_attention=True,
+                                                                      interpret=True))):
+        graphdef, state = nnx.split(model.with_kernels(kernels))
         extend = jax.jit(lambda state, *args: nnx.merge(graphdef, state).extend(*args))
         caches = model.init_cache(2, 64)
         first, caches = extend(state, tokens[:, :24], positions[:, :24], caches)
         second, _ = extend(state, tokens[:, 24:], positions[:, 24:], caches)
         results[impl] = np.concatenate([np.asarray(first, np.float32), np.asarray(second, np.float32)], axis=1)
-    set_kernels(model, moe="xla", attention="xla")
     reference, kernel = results["xla"], results["pallas"]
     valid = np.asarray(positions) != NO_POSITION
     close = np.abs(kernel[valid] - reference[valid]) <= tolerance * np.abs(reference).max()
@@ -186,9 +185,10 @@ def test_rejects_bad_shapes_and_tiles():
     k = jnp.zeros((1, 6, 3, 16), BF16)
     pos = jnp.zeros((1, 4), jnp.int32)
     with pytest.raises(ValueError, match="kv_heads must divide heads"):
-        prefill_attention(q, k, k, pos, jnp.zeros((1, 6), jnp.int32), jnp.zeros(8, BF16), window=None)
+        prefill_attention(q, k, k, pos, jnp.zeros((1, 6), jnp.int32), jnp.zeros(8, BF16), window=None, interpret=True)
     k = jnp.zeros((1, 6, 2, 16), BF16)
     with pytest.raises(ValueError, match="k_positions"):
-        prefill_attention(q, k, k, pos, jnp.zeros((1, 5), jnp.int32), jnp.zeros(8, BF16), window=None)
+        prefill_attention(q, k, k, pos, jnp.zeros((1, 5), jnp.int32), jnp.zeros(8, BF16), window=None, interpret=True)
     with pytest.raises(ValueError, match="block_k must be a power of 2"):
-        prefill_attention(q, k, k, pos, jnp.zeros((1, 6), jnp.int32), jnp.zeros(8, BF16), window=None, block_k=48)
+        prefill_attention(q, k, k, pos, jnp.zeros((1, 6), jnp.int32), jnp.zeros(8, BF16), window=None, block_k=48,
+                          interpret=True)

@@ -11,7 +11,8 @@ import pytest
 from gptoss_jax import model as model_lib
 from gptoss_jax import mxfp4
 from gptoss_jax.kernels import moe as moe_kernels
-from gptoss_jax.kernels import moe_gemm, set_kernels
+from gptoss_jax.kernels import Kernels, moe_gemm
+from gptoss_jax.kernels.common import swiglu_pair
 from gptoss_jax.loader import load
 from conftest import assert_mostly_bit_equal
 
@@ -45,7 +46,7 @@ def reference(h, experts, w, dtype):
     e = jnp.where(known, experts, 0)
     w1 = mxfp4.dequantize(w.mlp1_fp4, w.mlp1_scales, jnp.float32)[e]
     u = jnp.einsum("nd,nkod->nko", h.astype(jnp.float32), w1, precision="highest").astype(dtype) + w.mlp1_bias[e]
-    a = moe_kernels.swiglu_pair(u[..., 0::2], u[..., 1::2], LIMIT, ALPHA, dtype)
+    a = swiglu_pair(u[..., 0::2], u[..., 1::2], LIMIT, ALPHA, dtype)
     w2 = mxfp4.dequantize(w.mlp2_fp4, w.mlp2_scales, jnp.float32)[e]
     y = jnp.einsum("nki,nkoi->nko", a.astype(jnp.float32), w2, precision="highest").astype(dtype) + w.mlp2_bias[e]
     return jnp.where(known[..., None], y, 0)
@@ -156,34 +157,8 @@ def test_moe_grouped_kernel_equals_grouped_reference(tiny_model):
     h = jnp.asarray(np.random.default_rng(3).normal(0, 1, (16, tiny_model.config.hidden_size)), jnp.bfloat16)
     experts, _ = mlp.route(h)
     want = mlp.experts_grouped(h, experts)
-    got = mlp.experts_grouped_kernel(h, experts)
+    got = run_kernel(h, experts, mlp.expert_weights())
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=1e-2, atol=1e-2)
-
-
-def test_expert_mix_dispatches_gemm_from_threshold(tiny_model, monkeypatch):
-    mlp = tiny_model.blocks[0].mlp
-    calls = []
-
-    def record_gemv(self, h, experts, weights, w=None, residual=None):  # the GEMVs sum the k experts themselves
-        calls.append("experts_mix_kernel")
-        return jnp.zeros((h.shape[0], h.shape[-1]), jnp.float32)
-
-    def record_gemm(self, h, experts, w=None):
-        calls.append("experts_grouped_kernel")
-        return jnp.zeros((*experts.shape, h.shape[-1]), h.dtype)
-
-    monkeypatch.setattr(type(mlp), "experts_mix_kernel", record_gemv)
-    monkeypatch.setattr(type(mlp), "experts_grouped_kernel", record_gemm)
-    set_kernels(tiny_model, moe="pallas", moe_gemm="pallas")
-    try:
-        k = tiny_model.config.experts_per_token
-        for tokens in (model_lib.KERNEL_GEMM_MIN_PAIRS // k - 1, model_lib.KERNEL_GEMM_MIN_PAIRS // k, 2048):
-            mlp(jnp.ones((1, tokens, tiny_model.config.hidden_size), jnp.bfloat16))
-        set_kernels(tiny_model, moe_gemm="xla")  # the GEMV alone takes up to KERNEL_GEMV_MAX_PAIRS pairs
-        mlp(jnp.ones((1, model_lib.KERNEL_GEMM_MIN_PAIRS // k, tiny_model.config.hidden_size), jnp.bfloat16))
-    finally:
-        set_kernels(tiny_model, moe="xla", moe_gemm="xla")
-    assert calls == ["experts_mix_kernel", "experts_grouped_kernel", "experts_grouped_kernel", "experts_mix_kernel"]
 
 
 def test_end_to_end_logits_prefill_and_decode_batch_with_gemm(tiny_model):
@@ -198,11 +173,10 @@ def test_end_to_end_logits_prefill_and_decode_batch_with_gemm(tiny_model):
     _, caches = tiny_model.extend(jnp.asarray(rng.integers(0, c.vocab_size, (batch, 8)), jnp.int32), positions, caches)
     next_tokens = jnp.asarray(rng.integers(0, c.vocab_size, (batch, 1)), jnp.int32)
     results = {}
-    for impl in ("xla", "pallas"):
-        set_kernels(tiny_model, moe=impl, moe_gemm=impl)
-        decode, _ = tiny_model.extend(next_tokens, jnp.full((batch, 1), 8), caches)
-        results[impl] = (np.asarray(tiny_model(prompt), np.float32), np.asarray(decode, np.float32))
-    set_kernels(tiny_model, moe="xla", moe_gemm="xla")
+    for impl, kernels in (("xla", Kernels.xla()), ("pallas", Kernels(moe_gemv=True, moe_gemm=True, interpret=True))):
+        model = tiny_model.with_kernels(kernels)
+        decode, _ = model.extend(next_tokens, jnp.full((batch, 1), 8), caches)
+        results[impl] = (np.asarray(model(prompt), np.float32), np.asarray(decode, np.float32))
     for want, got in zip(results["xla"], results["pallas"]):
         np.testing.assert_allclose(got, want, atol=0.05 * np.abs(want).max(), rtol=0)
         assert np.mean(np.argmax(got, -1) == np.argmax(want, -1)) > 0.9
@@ -228,27 +202,20 @@ def test_lowers_to_triton_at_real_shapes(num_experts, pairs, tuning):
     assert text.count("xla.gpu.triton") == 2  # mlp1 + SwiGLU, mlp2
 
 
-def test_bf16_decode_is_chosen_only_for_scales_it_decodes_exactly():
-    """set_kernels turns the GEMM's bf16 decode on per layer when every expert scale is <= 128
-    (2^(s-1) a finite bf16), and off for a layer holding a larger one."""
+def test_bf16_decode_is_allowed_only_for_scales_it_decodes_exactly():
+    """The loader records per layer whether every expert scale is <= 128 (2^(s-1) a finite
+    bf16), the condition of the GEMM's bf16 decode; update_weight_facts recomputes it after
+    a weight changes. An abstract model (no values) assumes nothing."""
+    from flax import nnx
+
+    from gptoss_jax.model import GptOss
+
     model = load("tiny", dtype="bfloat16")
-    set_kernels(model)
-    assert all(block.mlp.gemm_bf16_decode for block in model.blocks)  # the random scales sit near 2^-3
+    assert all(block.mlp.scales_fit_bf16 for block in model.blocks)  # the random scales sit near 2^-3
     mlp = model.blocks[1].mlp
-    big = jax.lax.bitcast_convert_type(jnp.full((), moe_gemm.BF16_DECODE_MAX_SCALE + 1, jnp.uint8), mlp.mlp2_scales.dtype)
+    big = jax.lax.bitcast_convert_type(jnp.full((), mxfp4.BF16_DECODE_MAX_SCALE + 1, jnp.uint8), mlp.mlp2_scales.dtype)
     mlp.mlp2_scales[...] = mlp.mlp2_scales[...].at[0, 0, 0].set(big)
-    set_kernels(model)
-    assert [block.mlp.gemm_bf16_decode for block in model.blocks] == [True, False, True, True][:len(model.blocks)]
-    set_kernels(model, moe_gemm="xla")
-    assert not any(block.mlp.gemm_bf16_decode for block in model.blocks)
-
-
-def test_grouped_gemm_with_bf16_decode_lowers_to_triton_at_the_20b_shape():
-    s, bf = jax.ShapeDtypeStruct, jnp.bfloat16
-    schedule = moe_gemm.tile_schedule((jnp.arange(256) % 32).astype(jnp.int32), 32, 16)
-    f = functools.partial(moe_gemm.grouped_gemm, schedule=schedule, swiglu_params=(7.0, 1.702), block_m=16,
-                          bf16_decode=True)
-    text = jax.jit(lambda x, w, sc, b: f(x, w_bytes=w, w_scales=sc, bias=b)).trace(
-        s((2, 256, 1440), bf), s((32, 5760, 90, 16), jnp.uint8), s((32, 5760, 90), jnp.uint8),
-        s((32, 5760), bf)).lower(lowering_platforms=("cuda",)).as_text()
-    assert "xla.gpu.triton" in text and "mul.rn.bf16x2" in text  # the decode's PTX is in the kernel
+    model.update_weight_facts()
+    assert [block.mlp.scales_fit_bf16 for block in model.blocks] == [True, False, True, True][:len(model.blocks)]
+    abstract = nnx.eval_shape(lambda: GptOss(model.config))
+    assert not any(block.mlp.scales_fit_bf16 for block in abstract.blocks)

@@ -107,35 +107,6 @@ def test_no_pairs_and_mismatched_shapes():
                                  w.mlp2_bias, interpret=True)
 
 
-def test_expert_mix_dispatches_tpu_kernel_only_on_tpu(monkeypatch):
-    mlp = make_moe(4, 64, 64, jnp.bfloat16, seed=6)
-    calls = []
-
-    def record(name):
-        def fn(self, h, experts, w=None):
-            calls.append(name)
-            return jnp.zeros((*experts.shape, h.shape[-1]), h.dtype)
-        return fn
-
-    def record_gemv(self, h, experts, weights, w=None, residual=None):  # the GPU GEMVs sum the k experts themselves
-        calls.append("experts_mix_kernel")
-        return jnp.zeros((h.shape[0], h.shape[-1]), jnp.float32)
-
-    for name in ("experts_tpu", "experts_grouped"):
-        monkeypatch.setattr(model_lib.MoE, name, record(name))
-    monkeypatch.setattr(model_lib.MoE, "experts_mix_kernel", record_gemv)
-    h, experts, weights = jnp.ones((2, 64), jnp.bfloat16), jnp.zeros((2, 4), jnp.int32), jnp.ones((2, 4), jnp.bfloat16)
-    mlp.kernels = "pallas"
-    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
-    mlp.expert_mix(h, experts, weights, mlp.expert_weights())
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    mlp.expert_mix(h, experts, weights, mlp.expert_weights())
-    mlp.kernels = "xla"
-    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
-    mlp.expert_mix(h, experts, weights, mlp.expert_weights())
-    assert calls == ["experts_tpu", "experts_mix_kernel", "experts_grouped"]
-
-
 # --------------------------------------------------------------- Mosaic TPU lowering
 @pytest.mark.parametrize("pairs", [4, 256])
 def test_lowers_to_mosaic_tpu_at_20b_shapes(pairs):

@@ -8,7 +8,9 @@ import pytest
 
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.kernels.projection import norm_qkv, output_residual, tokens_linear
-from gptoss_jax.model import Attention, LayerCache, KERNEL_OUTPUT_MIN_TOKENS, KERNEL_PROJECTION_MAX_TOKENS
+from gptoss_jax.kernels import Kernels
+from gptoss_jax.kernels.dispatch import OUTPUT_PROJECTION_MIN_TOKENS, PROJECTION_MAX_TOKENS
+from gptoss_jax.model import Attention, LayerCache
 from conftest import assert_mostly_bit_equal
 
 F32 = jnp.float32
@@ -112,11 +114,8 @@ def test_attention_adds_its_input_with_and_without_the_kernels(layer):
     plain, _ = attn(x, positions, cache)
     added, _ = attn(x, positions, cache, add_input=True)
     np.testing.assert_array_equal(np.asarray(added, np.float32), np.asarray(x + plain, np.float32))
-    try:
-        attn.projection_kernel = attn.decode_attention_kernel = "pallas"
-        fused, _ = attn(x, positions, cache, add_input=True)
-    finally:
-        attn.projection_kernel = attn.decode_attention_kernel = "xla"
+    fused, _ = attn(x, positions, cache, kernels=Kernels(projection=True, decode_attention=True, interpret=True),
+                    add_input=True)
     want = np.asarray(added, np.float32)
     np.testing.assert_allclose(np.asarray(fused, np.float32), want, rtol=0, atol=0.03 * np.abs(want).max())
 
@@ -160,14 +159,12 @@ def test_tokens_linear_rejects_bad_shapes():
         tokens_linear(h, [w, w], [b, b], jnp.ones((4, 32), jnp.bfloat16), interpret=True)
 
 
-@pytest.mark.parametrize("tokens", [2, KERNEL_OUTPUT_MIN_TOKENS + 3, KERNEL_PROJECTION_MAX_TOKENS])
+@pytest.mark.parametrize("tokens", [2, OUTPUT_PROJECTION_MIN_TOKENS + 3, PROJECTION_MAX_TOKENS])
 def test_attention_over_a_few_tokens_with_the_projection_kernel(tokens):
-    """A prompt chunk of 2-64 tokens through Attention with projection_kernel="pallas" (q/k/v
-    and, from KERNEL_OUTPUT_MIN_TOKENS, the output projection + residual in tokens_linear)
-    equals the XLA path within bf16 tolerance, and the kernel is really taken."""
+    """A prompt chunk of 2-64 tokens through Attention with the projection kernel (q/k/v and,
+    from OUTPUT_PROJECTION_MIN_TOKENS, the output projection + residual in tokens_linear)
+    equals the XLA path within bf16 tolerance, and the kernel is really in the program."""
     from flax import nnx
-
-    from gptoss_jax.kernels import projection
 
     config = GptOssConfig.preset("tiny").replace(head_dim=32, num_hidden_layers=1)
     attn = Attention(config, 0, jnp.bfloat16)
@@ -179,16 +176,10 @@ def test_attention_over_a_few_tokens_with_the_projection_kernel(tokens):
     x = (2 * jax.random.normal(jax.random.key(7), (1, tokens, config.hidden_size))).astype(jnp.bfloat16)
     positions = jnp.arange(tokens, dtype=jnp.int32)[None]
     want, _ = attn(x, positions, add_input=True)
-    calls = []
-    original = projection.tokens_linear
-    try:
-        attn.projection_kernel = "pallas"
-        projection.tokens_linear = lambda *a, **k: calls.append(len(a[1])) or original(*a, **k)
-        got, _ = attn(x, positions, add_input=True)
-    finally:
-        projection.tokens_linear = original
-        attn.projection_kernel = "xla"
-    assert calls == ([3, 1] if tokens >= KERNEL_OUTPUT_MIN_TOKENS else [3])
+    kernels = Kernels(projection=True, interpret=True)
+    got, _ = attn(x, positions, kernels=kernels, add_input=True)
+    program = str(jax.make_jaxpr(lambda x: attn(x, positions, kernels=kernels, add_input=True))(x))
+    assert program.count("pallas_call[") == (2 if tokens >= OUTPUT_PROJECTION_MIN_TOKENS else 1)
     want = np.asarray(want, np.float32)
     np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=0, atol=0.03 * np.abs(want).max())
 

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptoss_jax.kernels import router, set_kernels
+from gptoss_jax.kernels import Kernels, router
+from gptoss_jax.kernels.dispatch import ROUTER_MAX_TOKENS
 from gptoss_jax.loader import load
 from conftest import assert_mostly_bit_equal
 
@@ -80,25 +81,22 @@ def tiny_model():
     return load("tiny", dtype="bfloat16")
 
 
-@pytest.mark.parametrize("tokens", [1, 3, 40])  # 40: a batch-64-like step, up to KERNEL_ROUTER_MAX_TOKENS
+@pytest.mark.parametrize("tokens", [1, 3, 40])  # 40: a batch-64-like step, up to ROUTER_MAX_TOKENS
 def test_moe_layer_with_router_kernel_equals_reference(tiny_model, tokens):
     """A MoE layer's output with the router kernel on (and the expert kernels) equals the
     reference path within bf16 tolerance."""
     mlp = tiny_model.blocks[2].mlp
     x = (2 * jax.random.normal(jax.random.key(tokens), (1, tokens, tiny_model.config.hidden_size))).astype(jnp.bfloat16)
     want = np.asarray(mlp(x), F32)
-    from gptoss_jax.model import KERNEL_ROUTER_MAX_TOKENS
-
-    assert tokens <= KERNEL_ROUTER_MAX_TOKENS
-    try:
-        set_kernels(tiny_model, router="pallas")
-        h, experts, weights = mlp.norm_route_kernel(x.reshape(tokens, -1))
-        want_experts, want_weights = mlp.route(mlp.norm(x).reshape(tokens, -1))
-        np.testing.assert_array_equal(np.asarray(experts), np.asarray(want_experts))
-        np.testing.assert_allclose(np.asarray(weights, F32), np.asarray(want_weights, F32), rtol=8e-3)
-        got = np.asarray(mlp(x), F32)
-    finally:
-        set_kernels(tiny_model, router="xla")
+    assert tokens <= ROUTER_MAX_TOKENS
+    c = tiny_model.config
+    h, experts, weights = router.norm_route(x.reshape(tokens, -1), mlp.norm.scale[...], mlp.router_w[...],
+                                            mlp.router_b[...], eps=mlp.norm.eps, k=c.experts_per_token,
+                                            interpret=True)
+    want_experts, want_weights = mlp.route(mlp.norm(x).reshape(tokens, -1))
+    np.testing.assert_array_equal(np.asarray(experts), np.asarray(want_experts))
+    np.testing.assert_allclose(np.asarray(weights, F32), np.asarray(want_weights, F32), rtol=8e-3)
+    got = np.asarray(mlp(x, kernels=Kernels(router=True, interpret=True)), F32)
     np.testing.assert_allclose(got, want, rtol=0, atol=0.02 * np.abs(want).max())
 
 

@@ -27,8 +27,8 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-F32 = jnp.float32
-NO_POSITION = -1
+from gptoss_jax.kernels.common import F32, NO_POSITION, next_power_of_2
+
 MIN_DOT = 16  # Triton's smallest dot operand dimension
 TARGET_PROGRAMS = 256  # about two programs per SM on an H100 (132 SMs)
 MAX_SPLITS = 64
@@ -41,11 +41,7 @@ def default_splits(batch: int, kv_heads: int, slots: int, block: int, window: in
         return 1
     want = -(-TARGET_PROGRAMS // (batch * kv_heads))
     most = min(MAX_SPLITS, -(-slots // block))
-    return max(1, min(_pow2_ceil(want), _pow2_floor(most)))
-
-
-def _pow2_ceil(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
+    return max(1, min(next_power_of_2(want), _pow2_floor(most)))
 
 
 def _pow2_floor(n: int) -> int:
@@ -173,7 +169,7 @@ def _combine_kernel(m_ref, l_ref, acc_ref, out_ref):
                                              "interpret"))
 def decode_attention(q, k_new, v_new, positions, cache_k, cache_v, cache_positions, sinks, rope=None, *,
                      window: int | None, write_cache: bool = False, splits: int | None = None, block: int = 64,
-                     num_warps: int = 4, num_stages: int = 3, interpret: bool | None = None):
+                     num_warps: int = 4, num_stages: int = 3, interpret: bool = False):
     """q [b, 1, heads, hd], k_new/v_new [b, 1, kv, hd], positions [b, 1], cache_* as in
     model.LayerCache (before this step's write), sinks [heads].
     Returns [b, 1, heads, hd] in q's dtype, as Attention.attend on cache + new key.
@@ -187,15 +183,13 @@ def decode_attention(q, k_new, v_new, positions, cache_k, cache_v, cache_positio
     window: the sliding window (cache is then its ring) or None (full layer).
     splits: slot ranges per (sequence, kv head), a power of 2 (None: `default_splits`).
     block: cache slots per loop step, a power of 2 >= 16."""
-    if interpret is None:
-        interpret = jax.default_backend() == "cpu"
     dtype = q.dtype
     batch, t, heads, hd = q.shape
     slots, kv = cache_k.shape[1], cache_k.shape[2]
     _check_shapes(q, k_new, v_new, positions, cache_k, cache_v, cache_positions, sinks, rope, block, splits,
                   interpret)
     groups = heads // kv
-    rows = max(MIN_DOT, _pow2_ceil(groups))
+    rows = max(MIN_DOT, next_power_of_2(groups))
     if splits is None:
         splits = default_splits(batch, kv, slots, block, window)
     scale = float(np.asarray(hd ** -0.5, dtype))  # the scale as the compute dtype holds it

@@ -30,20 +30,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
-F32 = jnp.float32
-NO_POSITION = -1
+from gptoss_jax.kernels.common import F32, NO_POSITION, next_power_of_2
+
 _FAR = np.iinfo(np.int32).max  # "no valid position" for block minima
-
-
-def _next_power_of_2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
 
 
 def _flash_kernel(counts_ref, order_ref, q_ref, qpos_ref, sink_ref, k_ref, v_ref, kpos_ref, o_ref, *,
                   row_blocks: int, block_k: int, window: int | None, scale: float, dtype, precision):
-    from jax.experimental.pallas import triton as plgpu
-
     b, head = pl.program_id(0), pl.program_id(1)
     rows = row_blocks - 1 - pl.program_id(2)  # the row block: the last ones (most keys) run first
     q = q_ref[...]  # [M, D] compute dtype
@@ -130,17 +125,13 @@ def _check(q, k, v, q_positions, k_positions, sinks, window, block_m, block_k):
 @functools.partial(jax.jit, static_argnames=("window", "block_m", "block_k", "num_warps", "num_stages",
                                              "interpret"))
 def prefill_attention(q, k, v, q_positions, k_positions, sinks, *, window: int | None, block_m: int = 128,
-                      block_k: int = 64, num_warps: int = 4, num_stages: int = 2, interpret: bool | None = None):
+                      block_k: int = 64, num_warps: int = 4, num_stages: int = 2, interpret: bool = False):
     """q [b, t, heads, hd] (after RoPE); k, v [b, s, kv_heads, hd]; q_positions [b, t] and
     k_positions [b, s] (NO_POSITION: padding / empty slot); sinks [heads]; window: the
     sliding window, None for a full layer. Returns [b, t, heads, hd] in q's dtype, as
     Attention.attend. Tuning: block_m query rows (tokens x query heads of a kv head) and
     block_k keys per step, both powers of 2 >= 16; num_warps, num_stages for Triton."""
-    from jax.experimental.pallas import triton as plgpu
-
     _check(q, k, v, q_positions, k_positions, sinks, window, block_m, block_k)
-    if interpret is None:
-        interpret = jax.default_backend() == "cpu"
     dtype = q.dtype
     b, t, heads, hd = q.shape
     s, kv = k.shape[1], k.shape[2]
@@ -148,7 +139,7 @@ def prefill_attention(q, k, v, q_positions, k_positions, sinks, *, window: int |
     rows = t * groups
     row_blocks, key_blocks = -(-rows // block_m), -(-s // block_k)
     pad_rows, pad_keys = row_blocks * block_m - rows, key_blocks * block_k - s
-    pad_hd = max(16, _next_power_of_2(hd)) - hd
+    pad_hd = max(16, next_power_of_2(hd)) - hd
 
     # Rows of one kv head: [b, kv, t * groups, hd]; padding rows and keys carry NO_POSITION,
     # padding head_dim columns are zeros (they change no dot product).

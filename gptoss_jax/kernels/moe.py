@@ -1,9 +1,10 @@
 """Fused MXFP4 expert kernels (Pallas): read only the routed experts' packed FP4 bytes and
 E8M0 scales, dequantize in registers, accumulate in fp32.
 
-`experts_decode` mirrors `MoE.experts_gathered` (tokens h [n, d], routed experts [n, k])
-and returns the same [n, k, d] expert outputs, with the same bias and clamped-SwiGLU
-numerics (spec 2.5); only the GEMVs run in the kernel.
+`experts_mix_decode` mirrors `MoE.expert_mix` for few tokens (tokens h [n, d], routed experts
+[n, k], their weights): two grouped GEMVs (`expert_gemv`), mlp1 with the bias and the clamped
+SwiGLU (spec 2.5), then mlp2 with the bias, the weighted sum over the k experts and the
+residual add.
 
 Layout the kernels read: FP4 values as their checkpoint bytes, uint8 [E, O, blocks, 16]
 (element 2j of a block in the low nibble of byte j, 2j+1 in the high nibble), and the
@@ -23,11 +24,18 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 from gptoss_jax import mxfp4
-
-F32 = jnp.float32
-FP16_SHIFT = 14  # the fp16 placement holds value * 2^-14
+from gptoss_jax.kernels.common import (
+    F32,
+    block_scale,
+    decode_nibbles,
+    decode_nibbles_ptx,
+    next_power_of_2,
+    round_to,
+    swiglu_pair,
+)
 
 
 def packed_bytes(fp4):
@@ -35,82 +43,14 @@ def packed_bytes(fp4):
     return mxfp4.fp4_to_blocks(fp4)
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
-# ------------------------------------------------------------------ FP4 -> fp32 in registers
-def _fp16_bits_to_f32(bits):
-    return jax.lax.bitcast_convert_type(bits.astype(jnp.uint16), jnp.float16).astype(F32)
-
-
-def decode_nibbles(byte):
-    """int32 bytes -> (low-nibble values, high-nibble values), fp32, each value * 2^-14."""
-    low = ((byte & 0x08) << 12) | ((byte & 0x07) << 9)
-    high = ((byte & 0x80) << 8) | ((byte & 0x70) << 5)
-    return _fp16_bits_to_f32(low), _fp16_bits_to_f32(high)
-
-
-# Same as decode_nibbles, four bytes per instance in PTX (Pallas' inline asm takes one result
-# set, so one asm per nibble). Each fp16 above has a zero low byte and the high byte
-# s000e1e0m0 (s: the nibble's bit 3, e1e0m: bits 2..0), so the asm builds the four high
-# bytes at once with shifts and masks and places them with two byte permutes (prmt; bytes
-# 4-7 of the pool are the constant operand 0).
-_PTX_LOW = """
-{
-.reg .b32 a, b;
-shl.b32 a, $2, 1;
-and.b32 a, a, 0x0E0E0E0E;
-shl.b32 b, $2, 4;
-and.b32 b, b, 0x80808080;
-or.b32 a, a, b;
-prmt.b32 $0, a, 0, 0x1404;
-prmt.b32 $1, a, 0, 0x3424;
-}
-"""
-_PTX_HIGH = """
-{
-.reg .b32 a, b;
-shr.b32 a, $2, 3;
-and.b32 a, a, 0x0E0E0E0E;
-and.b32 b, $2, 0x80808080;
-or.b32 a, a, b;
-prmt.b32 $0, a, 0, 0x1404;
-prmt.b32 $1, a, 0, 0x3424;
-}
-"""
-
-
-def decode_nibbles_ptx(byte_u8):
-    from jax.experimental.pallas import triton as plgpu
-
-    shape = jax.ShapeDtypeStruct(byte_u8.shape, jnp.float16)
-
-    def run(asm):
-        [out] = plgpu.elementwise_inline_asm(asm, args=[byte_u8], constraints="=r,=r,r", pack=4,
-                                             result_shape_dtypes=[shape])
-        return out.astype(F32)
-
-    return run(_PTX_LOW), run(_PTX_HIGH)
-
-
 def _fma(a, b, c):
     """a * b + c rounded once (PTX fma.rn.f32): XLA's Triton pipeline does not contract
     a multiply and an add on its own. Exact wherever a * b is exact in fp32."""
-    from jax.experimental.pallas import triton as plgpu
-
     shape = jnp.broadcast_shapes(a.shape, b.shape, c.shape)
     args = [jnp.broadcast_to(t.astype(F32), shape) for t in (a, b, c)]
     [out] = plgpu.elementwise_inline_asm("fma.rn.f32 $0, $1, $2, $3;", args=args, constraints="=r,r,r,r", pack=1,
                                          result_shape_dtypes=[jax.ShapeDtypeStruct(shape, F32)])
     return out
-
-
-def block_scale(scale_u8):
-    """uint8 E8M0 exponents -> fp32 2^(scale - 127 + 14), exact for scales 0..240 (up to
-    2^113); larger scales overflow to inf (trained MXFP4 scales sit near 2^-7)."""
-    exponent = scale_u8.astype(jnp.int32) + FP16_SHIFT
-    return jax.lax.bitcast_convert_type(exponent << 23, F32)
 
 
 # --------------------------------------------------------------------- grouped GEMV (Triton)
@@ -126,8 +66,6 @@ def _gemv_kernel(expert_ref, weight_ref, x_ref, w_ref, s_ref, bias_ref, residual
     add_residual the residual row plus that sum rounded to the residual's dtype. Pairs
     whose expert id is outside [0, E) (another device's expert) read no weights; they add
     nothing to a sum, and their own rows (one pair per program) hold only a bias."""
-    from jax.experimental.pallas import triton as plgpu
-
     program, row_block = pl.program_id(0), pl.program_id(1)
     pairs = [program * pairs_per_program + j for j in range(pairs_per_program)]
     experts = [expert_ref[p] for p in pairs]
@@ -190,7 +128,7 @@ def _gemv_kernel(expert_ref, weight_ref, x_ref, w_ref, s_ref, bias_ref, residual
     if elementwise_acc:
         accs = [jnp.sum(jnp.sum(a, axis=2), axis=1) for a in accs]
     dt = x_ref.dtype
-    outs = [_round(_round(a, dt) + bias_ref[experts[j], pair_slice, half_slice].reshape(rows).astype(F32), dt)
+    outs = [round_to(round_to(a, dt) + bias_ref[experts[j], pair_slice, half_slice].reshape(rows).astype(F32), dt)
             for a, (j, (pair_slice, half_slice)) in zip(accs, streams)]
     if swiglu_params is not None:
         outs = [swiglu_pair(outs[2 * j], outs[2 * j + 1], *swiglu_params, dt).astype(F32)
@@ -203,7 +141,7 @@ def _gemv_kernel(expert_ref, weight_ref, x_ref, w_ref, s_ref, bias_ref, residual
             total = total + jnp.where(live[j], weight_ref[pairs[j]].astype(F32) * y, 0.0)
         if add_residual:  # as x + MoE(x) in the compute dtype: round the sum, add, round
             residual = plgpu.load(residual_ref.at[program, pl.ds(row_block * rows, rows)]).astype(F32)
-            total = _round(total, out_ref.dtype) + residual
+            total = round_to(total, out_ref.dtype) + residual
         out_ref[...] = total.astype(out_ref.dtype)
 
 
@@ -224,8 +162,6 @@ def expert_gemv(x, pair_expert, w_bytes, w_scales, bias, pair_weight=None, resid
     group of k consecutive pairs of pair_weight * (the pair's output); expert ids outside
     [0, E) add nothing. With residual [P/k, O'] as well: residual + that sum rounded to
     residual's dtype, in residual's dtype."""
-    from jax.experimental.pallas import triton as plgpu
-
     d = x.shape[1]
     num_pairs = pair_expert.shape[0]
     _, out_rows, num_blocks, _ = w_bytes.shape
@@ -239,10 +175,10 @@ def expert_gemv(x, pair_expert, w_bytes, w_scales, bias, pair_weight=None, resid
     if residual is not None and (pairs_per_program == 1 or residual.shape != (programs, outputs)):
         raise ValueError(f"expert_gemv: a residual needs pairs_per_program > 1 and shape {(programs, outputs)}, "
                          f"got pairs_per_program={pairs_per_program}, shape {residual.shape}")
-    rows = max(2, min(rows, _next_pow2(outputs)))
+    rows = max(2, min(rows, next_power_of_2(outputs)))
     if outputs % rows:
         raise ValueError(f"expert_gemv: {outputs} outputs are not a multiple of the row tile {rows}")
-    blocks_per_step = min(blocks_per_step, _next_pow2(num_blocks))
+    blocks_per_step = min(blocks_per_step, next_power_of_2(num_blocks))
     kernel = functools.partial(_gemv_kernel, rows=rows, blocks_per_step=blocks_per_step, num_blocks=num_blocks,
                                pairs_per_x=pairs_per_x, pairs_per_program=pairs_per_program,
                                use_ptx=use_ptx and not interpret, swiglu_params=swiglu_params,
@@ -269,49 +205,14 @@ def expert_gemv(x, pair_expert, w_bytes, w_scales, bias, pair_weight=None, resid
       bias.reshape(-1, out_rows // 2, 2), residual)
 
 
-# ------------------------------------------------------------------------- the MoE experts
-def _round(x, dtype):
-    """x rounded to dtype, kept in fp32 (Triton has no bf16 arithmetic, so the kernels do
-    each op in fp32 and round after it, as a bf16 op would)."""
-    return x.astype(dtype).astype(F32)
-
-
-def swiglu_pair(gate, up, limit: float, alpha: float, dtype):
-    """Clamped SwiGLU (spec 2.5) with the roundings of model.MoE.swiglu: every op rounded to
-    `dtype`, the sigmoid as jax.nn.sigmoid's ops. Returns dtype."""
-    gate = jnp.minimum(gate.astype(F32), limit)
-    up = jnp.clip(up.astype(F32), -limit, limit)
-    z = _round(gate * alpha, dtype)
-    sigmoid = _round(1 / _round(1 + _round(jnp.exp(-z), dtype), dtype), dtype)
-    glu = _round(gate * sigmoid, dtype)
-    return (glu * _round(up + 1, dtype)).astype(dtype)
-
-
-def experts_decode(h, experts, mlp1_bytes, mlp1_scales, mlp1_bias, mlp2_bytes, mlp2_scales, mlp2_bias,
-                   *, limit: float, alpha: float, interpret: bool | None = None, **tuning):
-    """Same as MoE.experts_gathered: h [n, d] (compute dtype), experts [n, k] -> [n, k, d].
-    The expert weights are the packed views (`packed_bytes`, uint8 scales). Two kernels:
-    mlp1 + bias + SwiGLU, then mlp2 + bias. On the CPU they run in Pallas interpret mode."""
-    if interpret is None:
-        interpret = jax.default_backend() == "cpu"
-    n, k = experts.shape
-    pair_expert = experts.reshape(-1)  # pair p = token p // k, slot p % k
-    a = expert_gemv(h, pair_expert, mlp1_bytes, mlp1_scales, mlp1_bias, pairs_per_x=k,
-                    swiglu_params=(float(limit), float(alpha)), interpret=interpret, **tuning)
-    y = expert_gemv(a, pair_expert, mlp2_bytes, mlp2_scales, mlp2_bias, interpret=interpret, **tuning)
-    return y.reshape(n, k, -1)
-
-
 def experts_mix_decode(h, experts, mlp1_bytes, mlp1_scales, mlp1_bias, mlp2_bytes, mlp2_scales, mlp2_bias,
-                       *, weights, limit: float, alpha: float, residual=None, interpret: bool | None = None,
+                       *, weights, limit: float, alpha: float, residual=None, interpret: bool = False,
                        mlp1_tuning: dict | None = None, mlp2_tuning: dict | None = None):
     """Same as MoE.expert_mix for few tokens: h [n, d], experts [n, k] (ids outside [0, E):
     another device's experts, which add nothing), weights [n, k] -> fp32 [n, d], the
     weighted sum of the token's expert outputs; with residual [n, d], residual + that sum in
     the residual's dtype (the MoE block's residual connection). The second kernel sums a
     token's k experts itself, so no [n, k, d] intermediate is written."""
-    if interpret is None:
-        interpret = jax.default_backend() == "cpu"
     k = experts.shape[1]
     pair_expert = experts.reshape(-1)  # ids outside [0, E) read nothing and add nothing
     a = expert_gemv(h, pair_expert, mlp1_bytes, mlp1_scales, mlp1_bias, pairs_per_x=k,

@@ -24,56 +24,25 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 from gptoss_jax import mxfp4
-from gptoss_jax.kernels.moe import _round, block_scale, decode_nibbles, decode_nibbles_ptx, swiglu_pair
+from gptoss_jax.kernels.common import (
+    F32,
+    TileSchedule,
+    block_scale,
+    decode_nibbles,
+    decode_nibbles_ptx,
+    round_to,
+    swiglu_pair,
+    tile_schedule,
+)
 
-F32 = jnp.float32
 HALF_BLOCK = mxfp4.BYTES_PER_BLOCK  # 16 bytes = 16 even + 16 odd features of a block
-
-
-class TileSchedule(NamedTuple):
-    """Pairs sorted by expert and cut into tiles that never straddle two experts."""
-
-    order: jax.Array  # [P] sorted position -> original pair index (unknown ids last)
-    known: jax.Array  # [P] bool, per original pair: expert id in [0, num_experts)
-    tile_expert: jax.Array  # [T] int32 expert of each tile
-    tile_start: jax.Array  # [T] int32 first sorted pair of each tile
-    tile_rows: jax.Array  # [T] int32 pairs in each tile, 0 for the padding tiles
-
-
-def max_tiles(num_pairs: int, num_experts: int, block_m: int) -> int:
-    """Static bound on the tile count: each expert wastes at most one partial tile."""
-    return max(1, min(num_pairs, -(-num_pairs // block_m) + num_experts))
-
-
-def tile_schedule(pair_expert, num_experts: int, block_m: int) -> TileSchedule:
-    """pair_expert [P] int -> the sort order and a tile list of static length
-    `max_tiles(P, num_experts, block_m)`. Ids outside [0, num_experts) (other devices'
-    experts) sort last and are in no tile."""
-    num_pairs = pair_expert.shape[0]
-    known = (pair_expert >= 0) & (pair_expert < num_experts)
-    key = jnp.where(known, pair_expert, num_experts).astype(jnp.int32)
-    order = jnp.argsort(key, stable=True).astype(jnp.int32)
-    sizes = jnp.zeros(num_experts + 1, jnp.int32).at[key].add(1)[:num_experts]
-    group_start = jnp.cumsum(sizes) - sizes
-    tiles = (sizes + block_m - 1) // block_m
-    tiles_end = jnp.cumsum(tiles)
-    t = jnp.arange(max_tiles(num_pairs, num_experts, block_m), dtype=jnp.int32)
-    # compare_all: one fused kernel. The default (a binary-search while loop) costs a GPU
-    # batch-64 decode step ~0.8 ms: ~6 kernels, 2 copies and a host-read predicate per
-    # iteration per layer (docs/performance.md entry 42).
-    expert = jnp.searchsorted(tiles_end, t, side="right", method="compare_all").astype(jnp.int32)
-    real = expert < num_experts
-    expert = jnp.minimum(expert, num_experts - 1)
-    start = group_start[expert] + (t - (tiles_end[expert] - tiles[expert])) * block_m
-    rows = jnp.where(real, jnp.minimum(block_m, group_start[expert] + sizes[expert] - start), 0)
-    return TileSchedule(order, known, expert, jnp.where(real, start, 0), rows.astype(jnp.int32))
 
 
 # ---------------------------------------------------------------------------- the kernel
@@ -106,20 +75,9 @@ mul.rn.bf16x2 ${out}, a, ${out + 3};""" for out, spread in ((0, "0x4140"), (1, "
 _PTX_BF16_LOW, _PTX_BF16_HIGH = _bf16_ptx(6, 12), _bf16_ptx(2, 8)
 
 
-BF16_DECODE_MAX_SCALE = 128  # 2^(s-1) is a finite bf16 up to s = 128
-
-
-def bf16_decode_exact(*scales) -> bool:
-    """Whether the bf16 decode (`bf16_decode=True`) is exact for these E8M0 scale arrays:
-    every scale at most 128 (block scales up to 2; trained weights sit far below)."""
-    return all(int(jnp.max(jax.lax.bitcast_convert_type(s, jnp.uint8))) <= BF16_DECODE_MAX_SCALE for s in scales)
-
-
 def _dequantized_bf16(w_u8, s_u8):
     """Packed bytes [BN, bk, 16] + scales [BN, bk] -> (low, high) nibble weights as bf16
     [BN, bk * 16], decoded where Triton places the MMA operand (after its layout change)."""
-    from jax.experimental.pallas import triton as plgpu
-
     rows, blocks, _ = w_u8.shape
     scale = jax.lax.bitcast_convert_type((s_u8.astype(jnp.uint16) + 126) << 7, jnp.bfloat16)
     scale = jnp.broadcast_to(scale[:, :, None], w_u8.shape)
@@ -146,8 +104,6 @@ def _gemm_kernel(expert_ref, start_ref, rows_ref, x_ref, w_ref, s_ref, bias_ref,
     swap_ab: accumulate out^T = W x^T, so the dequantized weights (in registers) are the
     left operand and the tile's pairs the N side of the MMA: tensor-core shapes need
     M >= 64 but allow a small N, which suits tiles of few pairs."""
-    from jax.experimental.pallas import triton as plgpu
-
     n, tile = pl.program_id(0), pl.program_id(1)
     tile_rows = rows_ref[tile]
 
@@ -208,7 +164,7 @@ def _gemm_kernel(expert_ref, start_ref, rows_ref, x_ref, w_ref, s_ref, bias_ref,
         outs = []
         for acc, group in zip(accs, groups):
             bias = plgpu.load(bias_ref.at[expert, cols, group], mask=col_ok, other=0).astype(F32)
-            outs.append(_round(_round(acc, out_dtype) + bias[None, :], out_dtype))
+            outs.append(round_to(round_to(acc, out_dtype) + bias[None, :], out_dtype))
         if swiglu_params is None:
             out = outs[0].astype(out_dtype)
         else:
@@ -231,10 +187,8 @@ def grouped_gemm(x_planes, schedule: TileSchedule, w_bytes, w_scales, bias, *, s
     as parity planes (plane p holds activation columns 2m + p). Rows of pairs in no tile
     are left unwritten.
     bf16_decode: decode FP4 straight to bf16 after Triton's layout change (~5% faster at
-    256 pairs); exact only when every scale is <= 128 (`bf16_decode_exact`), which the
+    256 pairs); exact only when every scale is <= 128 (`mxfp4.BF16_DECODE_MAX_SCALE`), which the
     caller checks. Used for bf16 inputs on a GPU; otherwise ignored."""
-    from jax.experimental.pallas import triton as plgpu
-
     _, num_pairs, half_k = x_planes.shape
     num_experts, out_rows, num_blocks, _ = w_bytes.shape
     if 2 * half_k != num_blocks * mxfp4.BLOCK:
@@ -295,16 +249,14 @@ def default_tuning(num_pairs: int, num_experts: int) -> dict:
 
 
 def experts_grouped_kernel(h, experts, mlp1_bytes, mlp1_scales, mlp1_bias, mlp2_bytes, mlp2_scales, mlp2_bias,
-                           *, limit: float, alpha: float, interpret: bool | None = None,
+                           *, limit: float, alpha: float, interpret: bool = False,
                            mlp1_tuning: dict | None = None, mlp2_tuning: dict | None = None, **tuning):
     """Same as MoE.experts_grouped: h [n, d] (compute dtype), experts [n, k] -> [n, k, d].
     Expert weights as packed views (kernels.moe.packed_bytes, uint8 or E8M0 scales).
     Pairs whose id is outside [0, E) give zeros. `tuning` (block_m, block_n,
     blocks_per_step, num_warps, num_stages, use_ptx, swap_ab; unset ones from `default_tuning`)
     applies to both kernels, `mlp1_tuning`/`mlp2_tuning` override it per projection
-    (except block_m: one tile schedule). On the CPU the kernels run in Pallas interpret mode."""
-    if interpret is None:
-        interpret = jax.default_backend() == "cpu"
+    (except block_m: one tile schedule)."""
     n, k = experts.shape
     d = h.shape[1]
     if n * k == 0:

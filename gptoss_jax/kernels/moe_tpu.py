@@ -32,10 +32,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from gptoss_jax import mxfp4
-from gptoss_jax.kernels.moe import _round, swiglu_pair
-from gptoss_jax.kernels.moe_gemm import tile_schedule
+from gptoss_jax.kernels.common import F32, round_to, swiglu_pair, tile_schedule
 
-F32 = jnp.float32
 HALF_BLOCK = mxfp4.BYTES_PER_BLOCK  # 16 bytes per 32-element block
 
 
@@ -94,7 +92,7 @@ def _kernel(tile_expert_ref, tile_rows_ref, x_ref, w_ref, s_ref, bias_ref, out_r
         precision = jax.lax.Precision.HIGHEST if x_ref.dtype == F32 else None
         low, high = _dequantized(w_ref[...], s_ref[...], x_ref.dtype)
         acc = _dot_nt(x_ref[0], low, precision) + _dot_nt(x_ref[1], high, precision)
-        u = _round(_round(acc, dtype) + bias_ref[...].astype(F32), dtype)
+        u = round_to(round_to(acc, dtype) + bias_ref[...].astype(F32), dtype)
         if swiglu_params is None:
             out_ref[...] = u.astype(dtype)
             return

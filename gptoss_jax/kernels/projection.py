@@ -20,10 +20,9 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
-from gptoss_jax.kernels.moe import _next_pow2
-
-F32 = jnp.float32
+from gptoss_jax.kernels.common import F32, next_power_of_2
 
 
 def _gemv_steps(load_step, rows: int, bk: int, steps: int):
@@ -38,12 +37,10 @@ def _gemv_steps(load_step, rows: int, bk: int, steps: int):
 
 def _kernel(x_ref, scale_ref, wq_ref, bq_ref, wk_ref, bk_ref, wv_ref, bv_ref, q_ref, k_ref, v_ref, *,
             rows: int, bk: int, features: int, eps: float, programs: tuple[int, int, int]):
-    from jax.experimental.pallas import triton as plgpu
-
     pid = pl.program_id(0)
     steps = -(-features // bk)
     # The norm from one load of the whole token (one memory round trip, not one per step).
-    width = _next_pow2(features)
+    width = next_power_of_2(features)
     whole = plgpu.load(x_ref.at[pl.ds(0, width)], mask=jnp.arange(width) < features, other=0).astype(F32)
     inv_rms = jax.lax.rsqrt(jnp.sum(whole * whole) / features + eps)
 
@@ -75,8 +72,6 @@ def norm_qkv(x, norm_scale, wq, bq, wk, bk_, wv, bv, *, eps: float, rows: int = 
              num_warps: int = 8, num_stages: int = 1, interpret: bool = False):
     """One token: x [D] (the residual stream, compute dtype), norm_scale [D], w* [heads,
     head_dim, D], b* [heads, head_dim] -> q, k, v [heads, head_dim] (compute dtype)."""
-    from jax.experimental.pallas import triton as plgpu
-
     features = x.shape[-1]
     weights = [w.reshape(-1, features) for w in (wq, wk, wv)]
     for w in weights:
@@ -98,8 +93,6 @@ def norm_qkv(x, norm_scale, wq, bq, wk, bk_, wv, bv, *, eps: float, rows: int = 
 
 
 def _output_kernel(a_ref, w_ref, b_ref, x_ref, out_ref, *, rows: int, bk: int, features: int):
-    from jax.experimental.pallas import triton as plgpu
-
     outputs = pl.ds(pl.program_id(0) * rows, rows)
 
     def load_step(i):
@@ -120,8 +113,6 @@ def output_residual(attn, wo, bo, x, *, rows: int = 8, bk: int = 1024, num_warps
     """One token: attn [heads, head_dim] (the attention output), wo [D, heads, head_dim],
     bo [D], x [D] (the residual stream) -> x + round(attn @ wo^T + bo), in x's dtype: the
     output projection (spec 2.7) and the block's residual add in one kernel."""
-    from jax.experimental.pallas import triton as plgpu
-
     outputs = wo.shape[0]
     features = attn.size
     if wo.shape[1:] != attn.shape or bo.shape != (outputs,) or x.shape != (outputs,):
@@ -148,8 +139,6 @@ def _tokens_kernel(*refs, count: int, programs: tuple[int, ...], tokens: int, m:
     """Program p: `bn` outputs of one of the `count` weights (programs[i] programs each),
     for all tokens, on tensor cores: acc [m, bn] += h [m, bk] @ w[bn, bk]^T over the
     features; then round(acc + bias), and with a residual round(residual + that)."""
-    from jax.experimental.pallas import triton as plgpu
-
     h_ref, *refs = refs
     weights, biases, outs = refs[:count], refs[count:2 * count], refs[-count:]
     residual_ref = refs[2 * count] if add_residual else None
@@ -200,8 +189,6 @@ def tokens_linear(h, weights, biases, residual=None, *, bn: int = 32, bk: int = 
     tokens (the batched decode steps), where XLA's split-K GEMM and its separate bias,
     conversion and add kernels read the weights at about half the memory bandwidth.
     bn: outputs per program, lowered to a power of 2 (>= 16) that divides every N_i."""
-    from jax.experimental.pallas import triton as plgpu
-
     n, features = h.shape
     weights, biases = tuple(weights), tuple(biases)
     where = "tokens_linear"
@@ -217,7 +204,7 @@ def tokens_linear(h, weights, biases, residual=None, *, bn: int = 32, bk: int = 
     if residual is not None and (len(weights) != 1 or residual.shape != (n, weights[0].shape[0])):
         raise ValueError(f"{where}: a residual needs one weight and shape {(n, weights[0].shape[0])}, "
                          f"got {len(weights)} weights and shape {residual.shape}")
-    m = max(MIN_TILE, _next_pow2(n))  # rows past n are masked
+    m = max(MIN_TILE, next_power_of_2(n))  # rows past n are masked
     programs = tuple(w.shape[0] // bn for w in weights)
     precision = jax.lax.Precision.HIGHEST if h.dtype == F32 else jax.lax.Precision.DEFAULT
     kernel = functools.partial(_tokens_kernel, count=len(weights), programs=programs, tokens=n, m=m, bn=bn, bk=bk,

@@ -26,16 +26,13 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
-from gptoss_jax.kernels.moe import _next_pow2
-
-F32 = jnp.float32
+from gptoss_jax.kernels.common import F32, next_power_of_2
 
 
 def _norm_logits_kernel(x_ref, scale_ref, w_ref, b_ref, h_ref, logits_ref, *, features: int, width: int,
                         experts_per_program: int, num_experts: int, eps: float):
-    from jax.experimental.pallas import triton as plgpu
-
     token, group = pl.program_id(0), pl.program_id(1)
     cols = jnp.arange(width)
     inside = cols < features
@@ -63,19 +60,17 @@ def norm_router_logits(x, norm_scale, router_w, router_b, *, eps: float, experts
                        num_warps: int = 4, interpret: bool = False):
     """x [n, D] (the residual stream), norm_scale [D], router_w [E, D], router_b [E] ->
     (h [n, D] = RMSNorm(x), logits [n, E] = round(h @ router_w^T + router_b)), in x's dtype."""
-    from jax.experimental.pallas import triton as plgpu
-
     n, features = x.shape
     num_experts = router_w.shape[0]
     if router_w.shape[1] != features or norm_scale.shape != (features,) or router_b.shape != (num_experts,):
         raise ValueError(f"norm_router_logits: x [{n}, {features}] needs norm_scale [{features}], router_w "
                          f"[E, {features}] and router_b [E]; got {norm_scale.shape}, {router_w.shape}, "
                          f"{router_b.shape}")
-    experts_per_program = min(experts_per_program, _next_pow2(num_experts))
+    experts_per_program = min(experts_per_program, next_power_of_2(num_experts))
     if experts_per_program & (experts_per_program - 1):
         raise ValueError(f"norm_router_logits: experts_per_program={experts_per_program} must be a power of 2")
     anywhere = pl.BlockSpec(memory_space=pl.ANY)
-    kernel = functools.partial(_norm_logits_kernel, features=features, width=_next_pow2(features),
+    kernel = functools.partial(_norm_logits_kernel, features=features, width=next_power_of_2(features),
                                experts_per_program=experts_per_program, num_experts=num_experts, eps=float(eps))
     return pl.pallas_call(
         kernel,
@@ -90,8 +85,6 @@ def norm_router_logits(x, norm_scale, router_w, router_b, *, eps: float, experts
 
 
 def _top_k_kernel(logits_ref, experts_ref, weights_ref, *, num_experts: int, width: int, k: int, slots: int):
-    from jax.experimental.pallas import triton as plgpu
-
     token = pl.program_id(0)
     ids = jnp.arange(width)
     logits = plgpu.load(logits_ref.at[token, pl.ds(0, width)], mask=ids < num_experts, other=-jnp.inf).astype(F32)
@@ -114,15 +107,13 @@ def _top_k_kernel(logits_ref, experts_ref, weights_ref, *, num_experts: int, wid
 def top_k_softmax(logits, *, k: int, interpret: bool = False):
     """logits [n, E] -> (experts [n, k] int32, descending by logit, weights [n, k] =
     softmax of those k logits in fp32, in logits' dtype)."""
-    from jax.experimental.pallas import triton as plgpu
-
     n, num_experts = logits.shape
     if not 1 <= k <= num_experts:
         raise ValueError(f"top_k_softmax: k={k} must be in [1, {num_experts}] (the number of experts)")
-    slots = _next_pow2(k)
+    slots = next_power_of_2(k)
     block = pl.BlockSpec((None, slots), lambda t: (t, 0))
     experts, weights = pl.pallas_call(
-        functools.partial(_top_k_kernel, num_experts=num_experts, width=_next_pow2(num_experts), k=k, slots=slots),
+        functools.partial(_top_k_kernel, num_experts=num_experts, width=next_power_of_2(num_experts), k=k, slots=slots),
         out_shape=[jax.ShapeDtypeStruct((n, slots), jnp.int32), jax.ShapeDtypeStruct((n, slots), logits.dtype)],
         grid=(n,),
         in_specs=[pl.BlockSpec(memory_space=pl.ANY)],
@@ -134,12 +125,10 @@ def top_k_softmax(logits, *, k: int, interpret: bool = False):
     return experts[:, :k], weights[:, :k]
 
 
-def norm_route(x, norm_scale, router_w, router_b, *, eps: float, k: int, interpret: bool | None = None,
+def norm_route(x, norm_scale, router_w, router_b, *, eps: float, k: int, interpret: bool = False,
                **tuning):
     """MoE.norm + MoE.route for a few tokens: x [n, D] -> (h [n, D], experts [n, k],
-    weights [n, k]). On the CPU the kernels run in Pallas interpret mode."""
-    if interpret is None:
-        interpret = jax.default_backend() == "cpu"
+    weights [n, k])."""
     h, logits = norm_router_logits(x, norm_scale, router_w, router_b, eps=eps, interpret=interpret, **tuning)
     experts, weights = top_k_softmax(logits, k=k, interpret=interpret)
     return h, experts, weights
