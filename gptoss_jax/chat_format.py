@@ -686,7 +686,7 @@ class StreamingParser:
                 f"(tokens that start with <|start|>, e.g. a tool's message), got {role!r}."
             )
         self._parser = harmony.StreamableParser(harmony_encoding(), None if role is None else harmony.Role(role))
-        self._first_token_hint = (
+        self._grammar_hint = (
             "Pass only the tokens sampled after render_for_completion's prompt."
             if role is not None
             else "Pass whole messages, each starting with <|start|>."
@@ -699,7 +699,7 @@ class StreamingParser:
         token_id = _check_token_id(token, self._token_count)
         with _rust_errors_as_value_error(
             f"token {token_id} at position {self._token_count} does not fit the harmony format",
-            self._first_token_hint,
+            self._grammar_hint,
         ):
             self._parser.process(token_id)
         self._token_count += 1

@@ -747,8 +747,10 @@ def test_loss_mask_marks_what_the_model_generates():
     training = render_for_training(Conversation(TOOL_SEQUENCE, tools=OUR_WEATHER_TOOLS))
     assert masked_runs(training) == [
         "<|channel|>final<|message|>A1",  # its <|end|> stands for the <|return|> the model sampled
-        "<|channel|>analysis<|message|>Need the tool.<|end|>"
-        '<|start|>assistant to=functions.get_weather<|channel|>commentary <|constrain|>json<|message|>{"location": "Paris"}<|call|>',
+        (
+            "<|channel|>analysis<|message|>Need the tool.<|end|>"
+            '<|start|>assistant to=functions.get_weather<|channel|>commentary <|constrain|>json<|message|>{"location": "Paris"}<|call|>'
+        ),
         "<|channel|>analysis<|message|>Got it.<|end|><|start|>assistant<|channel|>final<|message|>It is 20 degrees.<|return|>",
     ]
     text = decode(training.tokens)
