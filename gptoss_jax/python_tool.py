@@ -18,7 +18,7 @@ interpreter:
   stdout and stderr captured together and cut to a size limit.
 
 Where the namespaces or Landlock are unavailable, ``PythonTool()`` raises
-``SandboxUnavailable`` saying what is missing, unless the caller accepts
+``SandboxUnavailable`` (an ``OSError``) saying what is missing, unless the caller accepts
 running without them (``allow_unsandboxed=True``). The process limit is not
 enforced for root.
 
@@ -71,7 +71,7 @@ _MIB = 1 << 20
 _AFTER_KILL_SECONDS = 5.0  # how long to collect the last output once the program is killed
 
 
-class SandboxUnavailable(RuntimeError):
+class SandboxUnavailable(OSError):
     """The network cannot be blocked or file writes cannot be confined on this machine."""
 
 

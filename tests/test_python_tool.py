@@ -6,7 +6,7 @@ import openai_harmony as harmony
 import pytest
 
 from gptoss_jax import python_tool
-from gptoss_jax.chat_format import Conversation, Message, parse_completion, render_for_completion, user
+from gptoss_jax.chat_format import Conversation, Message, harmony_encoding, parse_completion, render_for_completion, user
 from gptoss_jax.python_tool import PythonTool, SandboxUnavailable, is_python_call
 from gptoss_jax.tokenizer import get_tokenizer
 
@@ -250,8 +250,6 @@ def test_respond_to_a_parsed_call(tool):
         "<|start|>assistant to=python<|channel|>analysis code<|message|>print(sum(range(10)))<|call|>"
         "<|start|>python to=assistant<|channel|>analysis<|message|>45\n<|end|><|start|>assistant"
     )
-
-    from gptoss_jax.chat_format import harmony_encoding
 
     python = harmony.ToolNamespaceConfig(name="python", description=tool.description(), tools=[])
     reference = harmony.Conversation.from_messages(
