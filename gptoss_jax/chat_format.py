@@ -19,6 +19,24 @@ Typical loop::
     completion = parser.result()
     conversation.messages.extend(completion.messages)     # then tool_result(...) if it called a tool
 
+The system message
+------------------
+``Conversation`` fields set the system message: model identity, knowledge
+cutoff, current date, reasoning effort, the built-in tools gpt-oss was trained
+on (``BuiltinTool("browser")``, ``BuiltinTool("python")``, described with the
+text ``openai-harmony`` renders unless given another description) and the
+valid channels (``channels``; ``channel_required`` adds "Channel must be
+included for every message."). Function tools and developer instructions go
+to the developer message.
+
+Rendering
+---------
+``render_for_completion`` gives a prompt ending with ``<|start|>assistant``;
+``render_conversation`` gives the messages alone, as they appear in a
+history; ``render_for_training`` ends a trailing final message with
+``<|return|>``, as the model generated it, and returns a loss mask that marks
+the tokens the model generates.
+
 Dropping earlier chain of thought
 ---------------------------------
 ``render_for_completion`` keeps ``analysis`` messages only in the assistant
@@ -32,7 +50,10 @@ API server. It differs from ``openai-harmony``'s own ``auto_drop_analysis``,
 which only drops analysis before the *first* final message of the whole
 conversation and only when the last assistant message is final; that is why we
 render with ``auto_drop_analysis=False`` after applying our rule
-(``drop_earlier_analysis``).
+(``drop_earlier_analysis``). ``render_conversation`` and
+``render_for_training`` keep the analysis of the last response even when it
+ended in a final message: that response is rendered as it was generated.
+Every render function takes ``keep_analysis=True`` to drop nothing.
 
 Invalid input (unknown role, malformed tool schema, unknown reasoning effort,
 token ids outside the 201088-entry vocabulary, tokens that do not follow the
@@ -58,11 +79,12 @@ from typing import Any
 
 import openai_harmony as harmony
 
-from gptoss_jax.tokenizer import CALL, N_VOCAB, RETURN, VOCABULARY_SHA256, read_vocabulary
+from gptoss_jax.tokenizer import CALL, END, N_VOCAB, RETURN, START, VOCABULARY_SHA256, read_vocabulary
 
 REASONING_EFFORTS = ("low", "medium", "high")
 CHANNELS = ("analysis", "commentary", "final")
 MESSAGE_ROLES = ("user", "assistant", "tool")
+BUILTIN_TOOLS = ("browser", "python")
 DEFAULT_MODEL_IDENTITY = "You are ChatGPT, a large language model trained by OpenAI."
 DEFAULT_KNOWLEDGE_CUTOFF = "2024-06"
 
@@ -226,11 +248,41 @@ def _check_schema(schema: Any, where: str) -> None:
         raise ValueError(f"{where}: 'enum' must be a non-empty list, got {schema['enum']!r}.")
 
 
+@dataclass(frozen=True)
+class BuiltinTool:
+    """A tool gpt-oss was trained on, described in the system message.
+
+    ``browser``: the model calls ``browser.search``, ``browser.open`` and
+    ``browser.find`` with JSON arguments. ``python``: the model sends Python
+    code to ``python`` (see ``gptoss_jax.python_tool``). ``description``: None
+    renders the text openai-harmony has for the tool (what gpt-oss was trained
+    on); a str replaces it, e.g. to describe where the code really runs.
+    """
+
+    name: str
+    description: str | None = None
+
+    def __post_init__(self):
+        if self.name not in BUILTIN_TOOLS:
+            raise ValueError(
+                f"unknown built-in tool {self.name!r}: use one of {BUILTIN_TOOLS}, "
+                "or FunctionTool(...) in Conversation.tools for your own functions."
+            )
+        if self.description is not None and not isinstance(self.description, str):
+            raise ValueError(
+                f"built-in tool {self.name!r}: description must be a str or None (openai-harmony's text), "
+                f"got {type(self.description).__name__}."
+            )
+
+
 @dataclass
 class Conversation:
     """A chat: the system and developer settings plus the user/assistant/tool messages.
 
-    The system message always comes first. The developer message is rendered
+    The system message always comes first; it holds ``builtin_tools`` and the
+    ``channels`` line ("# Valid channels: analysis, commentary, final." plus
+    "Channel must be included for every message." when ``channel_required``;
+    no line when ``channels`` is empty). The developer message is rendered
     when there are ``developer_instructions`` or ``tools``.
     """
 
@@ -241,6 +293,9 @@ class Conversation:
     model_identity: str | None = DEFAULT_MODEL_IDENTITY
     developer_instructions: str | None = None
     tools: list[FunctionTool] = field(default_factory=list)
+    builtin_tools: list[BuiltinTool] = field(default_factory=list)
+    channels: tuple[str, ...] = CHANNELS
+    channel_required: bool = True
 
     def __post_init__(self):
         _check_conversation(self)
@@ -267,14 +322,42 @@ def _check_conversation(conversation: Conversation) -> None:
     duplicates = sorted({name for name in tool_names if tool_names.count(name) > 1})
     if duplicates:
         raise ValueError(f"tool names must be unique, got duplicates {duplicates}.")
+    builtin_names = []
+    for tool in conversation.builtin_tools:
+        if not isinstance(tool, BuiltinTool):
+            raise ValueError(
+                f"builtin_tools must be BuiltinTool objects, got {type(tool).__name__}; "
+                "use BuiltinTool('browser') or BuiltinTool('python')."
+            )
+        builtin_names.append(tool.name)
+    if len(set(builtin_names)) != len(builtin_names):
+        raise ValueError(f"each built-in tool may appear once, got {builtin_names}.")
+    channels = conversation.channels
+    if (
+        not isinstance(channels, (list, tuple))
+        or any(channel not in CHANNELS for channel in channels)
+        or len(set(channels)) != len(channels)
+    ):
+        raise ValueError(
+            f"channels must list distinct channels from {CHANNELS}, got {channels!r}; "
+            "use an empty tuple for no channels line."
+        )
+    if not isinstance(conversation.channel_required, bool):
+        raise ValueError(f"channel_required must be True or False, got {conversation.channel_required!r}.")
 
 
-def drop_earlier_analysis(messages: list[Message]) -> list[Message]:
-    """Remove analysis messages outside the assistant response in progress (see module docstring)."""
+def drop_earlier_analysis(messages: list[Message], *, keep_last_response: bool = False) -> list[Message]:
+    """Remove analysis messages outside the last assistant response (see module docstring).
+
+    The last response is the messages after the last user message. It keeps
+    its analysis while it is in progress (none of its messages is final), or
+    always with ``keep_last_response=True``.
+    """
     user_positions = [i for i, message in enumerate(messages) if message.role == "user"]
     response_start = user_positions[-1] + 1 if user_positions else 0
-    in_progress = messages[response_start:]
-    if any(message.role == "assistant" and message.channel == "final" for message in in_progress):
+    last_response = messages[response_start:]
+    finished = any(message.role == "assistant" and message.channel == "final" for message in last_response)
+    if finished and not keep_last_response:
         response_start = len(messages)
     return [
         message
@@ -366,9 +449,17 @@ def _to_harmony_message(message: Message) -> harmony.Message:
     return result
 
 
+def _parsed_message(role: str, text: str, **header) -> Message:
+    if role not in MESSAGE_ROLES:
+        raise ValueError(
+            f"the tokens hold a {role} message; parse only the messages that follow the system and developer messages."
+        )
+    return Message(role, text, **header)
+
+
 def _from_harmony_message(message: harmony.Message) -> Message:
     text = "".join(part.text for part in message.content if isinstance(part, harmony.TextContent))
-    return Message(
+    return _parsed_message(
         message.author.role.value,
         text,
         channel=message.channel,
@@ -378,15 +469,26 @@ def _from_harmony_message(message: harmony.Message) -> Message:
     )
 
 
+_BUILTIN_TOOL_CONFIGS = {"browser": harmony.ToolNamespaceConfig.browser, "python": harmony.ToolNamespaceConfig.python}
+
+
 def _to_harmony_conversation(conversation: Conversation, messages: list[Message]) -> harmony.Conversation:
     system = harmony.SystemContent(
         model_identity=conversation.model_identity,
         reasoning_effort=harmony.ReasoningEffort(conversation.reasoning_effort.lower().capitalize()),
         knowledge_cutoff=conversation.knowledge_cutoff,
+        channel_config=harmony.ChannelConfig(
+            valid_channels=list(conversation.channels), channel_required=conversation.channel_required
+        ),
     )
     date = conversation.current_date
     if date is not None:
         system = system.with_conversation_start_date(date.isoformat() if isinstance(date, datetime.date) else date)
+    for tool in conversation.builtin_tools:
+        config = _BUILTIN_TOOL_CONFIGS[tool.name]()
+        if tool.description is not None:
+            config.description = tool.description
+        system = system.with_tools(config)
     harmony_messages = [harmony.Message.from_role_and_content(harmony.Role.SYSTEM, system)]
 
     if conversation.developer_instructions or conversation.tools:
@@ -408,19 +510,102 @@ def _to_harmony_conversation(conversation: Conversation, messages: list[Message]
 # --------------------------------------------------------------------------
 
 
-def render_for_completion(conversation: Conversation) -> list[int]:
+def _kept_messages(conversation: Conversation, keep_analysis: bool, keep_last_response: bool) -> list[Message]:
+    _check_conversation(conversation)
+    if keep_analysis:
+        return list(conversation.messages)
+    return drop_earlier_analysis(conversation.messages, keep_last_response=keep_last_response)
+
+
+_NO_DROP = harmony.RenderConversationConfig(auto_drop_analysis=False)
+_RENDER_FAILED = ("rendering the conversation failed", "Check the conversation's messages.")
+
+
+def render_for_completion(conversation: Conversation, *, keep_analysis: bool = False) -> list[int]:
     """Prompt token ids for the next assistant turn; they end with ``<|start|>assistant``.
 
-    Earlier chain of thought is dropped by ``drop_earlier_analysis``.
+    Earlier chain of thought is dropped by ``drop_earlier_analysis`` unless
+    ``keep_analysis``.
     """
-    _check_conversation(conversation)
-    harmony_conversation = _to_harmony_conversation(conversation, drop_earlier_analysis(conversation.messages))
-    with _rust_errors_as_value_error("rendering the conversation failed", "Check the conversation's messages."):
+    messages = _kept_messages(conversation, keep_analysis, keep_last_response=False)
+    with _rust_errors_as_value_error(*_RENDER_FAILED):
         return harmony_encoding().render_conversation_for_completion(
-            harmony_conversation,
-            harmony.Role.ASSISTANT,
-            harmony.RenderConversationConfig(auto_drop_analysis=False),
+            _to_harmony_conversation(conversation, messages), harmony.Role.ASSISTANT, _NO_DROP
         )
+
+
+def render_conversation(conversation: Conversation, *, keep_analysis: bool = False) -> list[int]:
+    """Token ids of the system and developer messages and every message, with no
+    completion prompt after them; each message ends as it does in a history
+    (a final answer with ``<|end|>``).
+
+    Analysis before the last user message is dropped unless ``keep_analysis``;
+    the last response keeps its analysis.
+    """
+    messages = _kept_messages(conversation, keep_analysis, keep_last_response=True)
+    with _rust_errors_as_value_error(*_RENDER_FAILED):
+        return harmony_encoding().render_conversation(_to_harmony_conversation(conversation, messages), _NO_DROP)
+
+
+@dataclass(frozen=True)
+class TrainingTokens:
+    """A conversation rendered for training: ``tokens`` and, per token, ``loss_mask``
+    (True where the model generates the token)."""
+
+    tokens: list[int]
+    loss_mask: list[bool]
+
+
+def render_for_training(conversation: Conversation, *, keep_analysis: bool = False) -> TrainingTokens:
+    """Tokens as ``render_conversation``, except that a trailing final message
+    ends with ``<|return|>`` as the model generated it, and their loss mask.
+
+    ``loss_mask`` is True for the tokens the model generates: in each assistant
+    message, everything after ``<|start|>assistant`` (channel, recipient and
+    content type header, ``<|message|>``, content, and the end token
+    ``<|end|>``, ``<|call|>`` or ``<|return|>``). ``<|start|>assistant`` itself
+    counts too when the message follows an assistant message that ended with
+    ``<|end|>``: the model starts such a message on its own. False for the
+    system, developer, user and tool messages, and for the ``<|end|>`` of a
+    final message that is not the last message: the model ended that turn with
+    ``<|return|>``, which a history shows as ``<|end|>``.
+
+    Earlier turns: their analysis is dropped by default, so it is neither in
+    the tokens nor trained on, while their final answers and tool calls are.
+    With ``keep_analysis=True`` their analysis is rendered and trained on like
+    any assistant message: every assistant token then follows exactly the
+    context the model saw when it generated it.
+    """
+    messages = _kept_messages(conversation, keep_analysis, keep_last_response=True)
+    harmony_conversation = _to_harmony_conversation(conversation, messages)
+    with _rust_errors_as_value_error(*_RENDER_FAILED):
+        tokens = harmony_encoding().render_conversation_for_training(harmony_conversation, _NO_DROP)
+    settings_messages = len(harmony_conversation.messages) - len(messages)
+    return TrainingTokens(tokens, _loss_mask(tokens, messages, settings_messages))
+
+
+def _loss_mask(tokens: list[int], messages: list[Message], settings_messages: int) -> list[bool]:
+    # Text never renders as <|start|>, so each message begins at one of these.
+    starts = [position for position, token in enumerate(tokens) if token == START]
+    spans = list(zip(starts, starts[1:] + [len(tokens)]))[settings_messages:]
+    if len(spans) != len(messages):
+        raise RuntimeError(f"found {len(spans)} rendered messages where {len(messages)} were expected.")
+    header_length = 1 + len(harmony_encoding().encode("assistant"))  # <|start|>assistant
+    mask = [False] * len(tokens)
+    previous = None
+    for message, (start, end) in zip(messages, spans):
+        if message.role == "assistant":
+            continues_output = (
+                previous is not None
+                and previous.role == "assistant"
+                and previous.recipient is None
+                and previous.channel != "final"
+            )
+            first = start if continues_output else start + header_length
+            last = end - 1 if message.channel == "final" and tokens[end - 1] == END else end
+            mask[first:last] = [True] * (last - first)
+        previous = message
+    return mask
 
 
 def assistant_stop_tokens() -> list[int]:
@@ -475,18 +660,37 @@ def _check_token_id(token: Any, position: int) -> int:
     return token_id
 
 
+_PARSER_ROLES = ("assistant", None)
+
+
 class StreamingParser:
     """Parses an assistant completion one sampled token at a time.
 
     Feed it the tokens sampled after ``render_for_completion``'s prompt (they
     start with ``<|channel|>``). ``feed`` returns the text the token added to
     the current message ('' for header tokens, message ends, and bytes of an
-    unfinished UTF-8 character); ``channel`` and ``recipient`` describe the
-    message being generated. After a ``ValueError`` the parser is unusable.
+    unfinished UTF-8 character); ``role``, ``name``, ``channel`` and
+    ``recipient`` describe the message being generated. After a ``ValueError``
+    the parser is unusable.
+
+    ``role=None`` parses tokens that start with ``<|start|>``, whose headers
+    name their author, e.g. a tool's output
+    ``<|start|>functions.get_weather to=assistant<|channel|>commentary<|message|>...<|end|>``
+    (a tool message with ``name="functions.get_weather"``).
     """
 
-    def __init__(self):
-        self._parser = harmony.StreamableParser(harmony_encoding(), harmony.Role.ASSISTANT)
+    def __init__(self, role: str | None = "assistant"):
+        if role not in _PARSER_ROLES:
+            raise ValueError(
+                f"parser role must be 'assistant' (tokens sampled after render_for_completion's prompt) or None "
+                f"(tokens that start with <|start|>, e.g. a tool's message), got {role!r}."
+            )
+        self._parser = harmony.StreamableParser(harmony_encoding(), None if role is None else harmony.Role(role))
+        self._grammar_hint = (
+            "Pass only the tokens sampled after render_for_completion's prompt."
+            if role is not None
+            else "Pass whole messages, each starting with <|start|>."
+        )
         self._token_count = 0
         self._last_token: int | None = None
         self.delta = ""
@@ -495,13 +699,29 @@ class StreamingParser:
         token_id = _check_token_id(token, self._token_count)
         with _rust_errors_as_value_error(
             f"token {token_id} at position {self._token_count} does not fit the harmony format",
-            "Pass only the tokens sampled after render_for_completion's prompt.",
+            self._grammar_hint,
         ):
             self._parser.process(token_id)
         self._token_count += 1
         self._last_token = token_id
         self.delta = self._parser.last_content_delta or ""
         return self.delta
+
+    def _content_header(self) -> dict | None:
+        state = self._parser.state_data
+        return state["header"] if state["state"] == harmony.StreamState.CONTENT.value else None
+
+    @property
+    def role(self) -> str | None:
+        """The role of the message whose content is being generated, else None."""
+        header = self._content_header()
+        return header["author"]["role"] if header else None
+
+    @property
+    def name(self) -> str | None:
+        """The author name of the message whose content is being generated (a tool's name), else None."""
+        header = self._content_header()
+        return header["author"].get("name") if header else None
 
     @property
     def channel(self) -> str | None:
@@ -521,9 +741,9 @@ class StreamingParser:
     def result(self) -> ParsedCompletion:
         state = self._parser.state_data
         partial_message = None
-        if state["state"] == harmony.StreamState.CONTENT.value:
-            header = state["header"]
-            partial_message = Message(
+        header = self._content_header()
+        if header is not None:
+            partial_message = _parsed_message(
                 header["author"]["role"],
                 self._parser.current_content,
                 channel=header.get("channel"),
@@ -535,13 +755,15 @@ class StreamingParser:
         return ParsedCompletion(self.messages, partial_message, complete)
 
 
-def parse_completion(tokens) -> ParsedCompletion:
-    """Parse the tokens sampled after ``render_for_completion``'s prompt.
+def parse_completion(tokens, role: str | None = "assistant") -> ParsedCompletion:
+    """Parse the tokens sampled after ``render_for_completion``'s prompt, or,
+    with ``role=None``, messages that each start with ``<|start|>`` (e.g. a
+    tool's output; see ``StreamingParser``).
 
     A completion cut off mid-message gives ``complete=False`` and the text so
     far in ``partial_message``; it does not raise.
     """
-    parser = StreamingParser()
+    parser = StreamingParser(role)
     for token in tokens:
         parser.feed(token)
     return parser.result()

@@ -8,6 +8,8 @@ import pytest
 
 from gptoss_jax import chat_format
 from gptoss_jax.chat_format import (
+    CHANNELS,
+    BuiltinTool,
     Conversation,
     FunctionTool,
     Message,
@@ -16,12 +18,14 @@ from gptoss_jax.chat_format import (
     assistant_stop_tokens,
     drop_earlier_analysis,
     parse_completion,
+    render_conversation,
     render_for_completion,
+    render_for_training,
     tool_call,
     tool_result,
     user,
 )
-from gptoss_jax.tokenizer import CALL, END, RETURN, VOCABULARY_SHA256, get_tokenizer
+from gptoss_jax.tokenizer import CALL, END, RETURN, START, VOCABULARY_SHA256, get_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_tokenizer import run_offline  # noqa: E402
@@ -228,6 +232,46 @@ def case_special_strings_in_user_text():
     return ours, [h_system(), h_user("What does <|end|> or <|start|>assistant mean?")]
 
 
+def h_system_content(content):
+    return harmony.Message.from_role_and_content(harmony.Role.SYSTEM, content)
+
+
+def case_builtin_tools(names):
+    ours = Conversation([user("Look it up")], current_date="2025-06-28", builtin_tools=[BuiltinTool(n) for n in names])
+    content = harmony.SystemContent.new().with_conversation_start_date("2025-06-28")
+    for name in sorted(names):  # the order given does not matter: harmony sorts namespaces by name
+        content = content.with_browser_tool() if name == "browser" else content.with_python_tool()
+    return ours, [h_system_content(content), h_user("Look it up")]
+
+
+def case_browser_and_function_tools():
+    lookup = ("lookup_weather", "Looks up the weather.", {"type": "object", "properties": {"location": {"type": "string"}}, "required": ["location"]})
+    ours = Conversation(
+        [user("Weather?")], current_date="2025-06-28", tools=[FunctionTool(*lookup)], builtin_tools=[BuiltinTool("browser")]
+    )
+    system = harmony.SystemContent.new().with_conversation_start_date("2025-06-28").with_browser_tool()
+    return ours, [h_system_content(system), h_developer(None, [lookup]), h_user("Weather?")]
+
+
+def case_python_tool_with_own_description():
+    description = "Runs Python code in a fresh process.\nThere is no network."
+    ours = Conversation([user("Compute")], builtin_tools=[BuiltinTool("python", description), BuiltinTool("browser")])
+    python = harmony.ToolNamespaceConfig(name="python", description=description, tools=[])
+    system = harmony.SystemContent.new().with_tools(python).with_browser_tool()
+    return ours, [h_system_content(system), h_user("Compute")]
+
+
+def case_channels(channels, required, with_function_tools):
+    ours = Conversation(
+        [user("Hi")], channels=channels, channel_required=required, tools=OUR_WEATHER_TOOLS if with_function_tools else []
+    )
+    system = harmony.SystemContent.new().with_channel_config(
+        harmony.ChannelConfig(valid_channels=list(channels), channel_required=required)
+    )
+    theirs = [h_system_content(system)] + ([h_developer(None, WEATHER_TOOLS)] if with_function_tools else []) + [h_user("Hi")]
+    return ours, theirs
+
+
 CASES = {
     **{
         f"system-{effort}-{'date' if date else 'nodate'}": (case_system, (effort, date))
@@ -241,6 +285,15 @@ CASES = {
     "tool-sequence-in-progress": (case_tool_sequence_in_progress, ()),
     "multi-turn": (case_multi_turn, ()),
     "special-strings-in-user-text": (case_special_strings_in_user_text, ()),
+    "browser-tool": (case_builtin_tools, (["browser"],)),
+    "python-tool": (case_builtin_tools, (["python"],)),
+    "python-and-browser-tools": (case_builtin_tools, (["python", "browser"],)),
+    "browser-and-function-tools": (case_browser_and_function_tools, ()),
+    "python-tool-with-own-description": (case_python_tool_with_own_description, ()),
+    "required-channels-analysis-final": (case_channels, (("analysis", "final"), True, False)),
+    "channels-not-required": (case_channels, (CHANNELS, False, False)),
+    "channels-not-required-with-function-tools": (case_channels, (("analysis", "commentary", "final"), False, True)),
+    "no-channels-line-with-function-tools": (case_channels, ((), True, True)),
 }
 
 
@@ -325,6 +378,16 @@ def test_system_message_without_tools_has_no_functions_line():
         "# Valid channels: analysis, commentary, final. Channel must be included for every message.<|end|>"
         "<|start|>user<|message|>Hi<|end|><|start|>assistant"
     )
+
+
+def test_system_message_tools_and_channels_text():
+    text = decode(render_for_completion(Conversation([user("Hi")], builtin_tools=[BuiltinTool("python")], channel_required=False)))
+    system = text[: text.index("<|end|>")]
+    assert "\n\n# Tools\n\n## python\n\nUse this tool to execute Python code" in system
+    assert system.endswith("\n\n# Valid channels: analysis, commentary, final.")
+
+    no_line = decode(render_for_completion(Conversation([user("Hi")], channels=(), tools=OUR_WEATHER_TOOLS)))
+    assert "Valid channels" not in no_line and "Calls to these tools" not in no_line
 
 
 def test_date_object_and_effort_case():
@@ -574,6 +637,229 @@ def test_render_applies_our_rule_where_harmony_differs(reference):
     assert "think1" in harmony_default and "think2" in harmony_default  # harmony drops nothing here
 
 
+def three_turns():
+    return [
+        user("Q1"), analysis("think1"), assistant("A1"),
+        user("Q2"), analysis("think2"), assistant("A2"),
+        user("Q3"), analysis("think3"), assistant("A3"),
+    ]
+
+
+def to_harmony(messages):
+    result = []
+    for m in messages:
+        if m.role == "user":
+            result.append(h_user(m.content))
+        elif m.role == "tool":
+            result.append(
+                harmony.Message.from_author_and_content(harmony.Author.new(harmony.Role.TOOL, m.name), m.content)
+                .with_recipient(m.recipient)
+                .with_channel(m.channel)
+            )
+        elif m.recipient:
+            result.append(h_call(m.recipient, m.content).with_channel(m.channel).with_content_type(m.content_type))
+        else:
+            result.append(h_assistant(m.content, m.channel))
+    return result
+
+
+NO_DROP = harmony.RenderConversationConfig(auto_drop_analysis=False)
+
+
+def test_keep_analysis_matches_harmony_without_dropping(reference):
+    messages = three_turns()[:-2]  # ends with the user's Q3
+    expected = reference.render_conversation_for_completion(
+        harmony.Conversation.from_messages([h_system()] + to_harmony(messages)), harmony.Role.ASSISTANT, NO_DROP
+    )
+    kept = render_for_completion(Conversation(messages), keep_analysis=True)
+    assert kept == expected
+    assert "think1" in decode(kept) and "think2" in decode(kept)
+    assert "think1" not in decode(render_for_completion(Conversation(messages)))
+
+
+def test_render_conversation_of_two_turns_matches_harmony_default(reference):
+    """harmony's own vector: the first turn's analysis is dropped, the last turn keeps its analysis."""
+    messages = three_turns()[3:]  # Q2, think2, A2, Q3, think3, A3
+    expected = reference.render_conversation(harmony.Conversation.from_messages([h_system()] + to_harmony(messages)))
+    rendered = render_conversation(Conversation(messages))
+    assert rendered == expected
+    assert "think2" not in decode(rendered) and "think3" in decode(rendered)
+    assert rendered[-1] == END
+
+
+def test_render_conversation_drops_every_earlier_turn(reference):
+    messages = three_turns()
+    kept = [m for m in messages if m.content not in ("think1", "think2")]
+    expected = reference.render_conversation(harmony.Conversation.from_messages([h_system()] + to_harmony(kept)), NO_DROP)
+    assert render_conversation(Conversation(messages)) == expected
+
+    everything = reference.render_conversation(harmony.Conversation.from_messages([h_system()] + to_harmony(messages)), NO_DROP)
+    assert render_conversation(Conversation(messages), keep_analysis=True) == everything
+
+
+def test_render_conversation_is_the_completion_prompt_without_its_tail():
+    conversation = Conversation(three_turns()[:-2], tools=OUR_WEATHER_TOOLS, builtin_tools=[BuiltinTool("browser")])
+    assert render_for_completion(conversation) == render_conversation(conversation) + [START, 173781]
+
+
+TOOL_SEQUENCE = [
+    user("Q1"), analysis("think1"), assistant("A1"),
+    user("Weather in Paris?"), analysis("Need the tool."),
+    tool_call("functions.get_weather", {"location": "Paris"}),
+    tool_result("functions.get_weather", {"temp": 20}),
+    analysis("Got it."), assistant("It is 20 degrees."),
+]
+
+
+@pytest.mark.parametrize(
+    "end, last_token", [(9, RETURN), (8, END), (6, CALL), (4, END)], ids=["final", "analysis", "tool-call", "user"]
+)
+@pytest.mark.parametrize("keep_analysis", [False, True])
+def test_render_for_training_matches_harmony(end, last_token, keep_analysis, reference):
+    messages = TOOL_SEQUENCE[:end]
+    conversation = Conversation(messages, tools=OUR_WEATHER_TOOLS)
+    kept = messages if keep_analysis else [m for m in messages if m.content != "think1"]
+    expected = reference.render_conversation_for_training(
+        harmony.Conversation.from_messages([h_system(), h_developer(None, WEATHER_TOOLS)] + to_harmony(kept)), NO_DROP
+    )
+    training = render_for_training(conversation, keep_analysis=keep_analysis)
+    assert training.tokens == expected
+    assert training.tokens[-1] == last_token
+    assert len(training.loss_mask) == len(training.tokens)
+    assert training.tokens[:-1] == render_conversation(conversation, keep_analysis=keep_analysis)[:-1]
+
+
+def masked_runs(training):
+    """The text of each run of consecutive tokens the loss mask marks."""
+    runs, current = [], []
+    for token, trained in zip(training.tokens, training.loss_mask):
+        if trained:
+            current.append(token)
+        elif current:
+            runs.append(decode(current))
+            current = []
+    if current:
+        runs.append(decode(current))
+    return runs
+
+
+def test_loss_mask_marks_what_the_model_generates():
+    training = render_for_training(Conversation(TOOL_SEQUENCE, tools=OUR_WEATHER_TOOLS))
+    assert masked_runs(training) == [
+        "<|channel|>final<|message|>A1",  # its <|end|> stands for the <|return|> the model sampled
+        (
+            "<|channel|>analysis<|message|>Need the tool.<|end|>"
+            '<|start|>assistant to=functions.get_weather<|channel|>commentary <|constrain|>json<|message|>{"location": "Paris"}<|call|>'
+        ),
+        "<|channel|>analysis<|message|>Got it.<|end|><|start|>assistant<|channel|>final<|message|>It is 20 degrees.<|return|>",
+    ]
+    text = decode(training.tokens)
+    assert "think1" not in text
+    unmasked = decode([t for t, trained in zip(training.tokens, training.loss_mask) if not trained])
+    assert "Weather in Paris?" in unmasked and '{"temp": 20}' in unmasked and "Reasoning: medium" in unmasked
+
+
+def test_loss_mask_with_earlier_analysis_kept():
+    training = render_for_training(Conversation(TOOL_SEQUENCE[:3]), keep_analysis=True)
+    assert masked_runs(training) == [
+        "<|channel|>analysis<|message|>think1<|end|><|start|>assistant<|channel|>final<|message|>A1<|return|>"
+    ]
+    earlier = render_for_training(Conversation(TOOL_SEQUENCE), keep_analysis=True)
+    assert masked_runs(earlier)[0] == "<|channel|>analysis<|message|>think1<|end|><|start|>assistant<|channel|>final<|message|>A1"
+
+
+def test_loss_mask_of_a_python_tool_exchange(reference):
+    call = Message("assistant", "print(6 * 7)", channel="analysis", recipient="python", content_type="code")
+    output = Message("tool", "42\n", channel="analysis", recipient="assistant", name="python")
+    messages = [user("What is 6*7?"), call, output, assistant("42")]
+    conversation = Conversation(messages, builtin_tools=[BuiltinTool("python")])
+    training = render_for_training(conversation)
+    expected = reference.render_conversation_for_training(
+        harmony.Conversation.from_messages([h_system_content(harmony.SystemContent.new().with_python_tool())] + to_harmony(messages)),
+        NO_DROP,  # harmony's default would drop the python exchange: it is analysis before the first final
+    )
+    assert training.tokens == expected
+    assert masked_runs(training) == [
+        " to=python<|channel|>analysis code<|message|>print(6 * 7)<|call|>",
+        "<|channel|>final<|message|>42<|return|>",
+    ]
+    assert "<|start|>python to=assistant<|channel|>analysis<|message|>42\n<|end|>" in decode(training.tokens)
+
+
+# --------------------------------------------------------------------------
+# Messages authored by tools
+# --------------------------------------------------------------------------
+
+TOOL_MESSAGES = {
+    "function": ('<|start|>functions.get_weather to=assistant<|channel|>commentary<|message|>{"temp": 20}<|end|>', "functions.get_weather", "commentary"),
+    "browser": ('<|start|>browser.search to=assistant<|channel|>commentary<|message|>{"result": "https://openai.com/"}<|end|>', "browser.search", "commentary"),
+    "python": ("<|start|>python to=assistant<|channel|>analysis<|message|>42\n<|end|>", "python", "analysis"),
+}
+
+
+@pytest.mark.parametrize("kind", TOOL_MESSAGES)
+def test_parse_tool_message(kind, reference):
+    text, name, channel = TOOL_MESSAGES[kind]
+    tokens = encode(text)
+    result = parse_completion(tokens, role=None)
+    content = text.split("<|message|>")[1].removesuffix("<|end|>")
+    expected = Message("tool", content, channel=channel, recipient="assistant", name=name)
+    assert result.messages == [expected]
+    assert result.partial_message is None and not result.complete and result.tool_call is None
+
+    [theirs] = reference.parse_messages_from_completion_tokens(tokens, None)
+    assert (theirs.author.role.value, theirs.author.name, theirs.channel, theirs.recipient, theirs.content[0].text) == (
+        "tool", name, channel, "assistant", content
+    )
+    # rendered back, it gives the same tokens
+    rendered = render_conversation(Conversation([user("Hi"), expected]))
+    assert rendered[-len(tokens):] == tokens
+
+
+@pytest.mark.parametrize("kind", TOOL_MESSAGES)
+def test_streaming_parser_reports_the_tool_author(kind):
+    text, name, channel = TOOL_MESSAGES[kind]
+    tokens = encode(text)
+    parser = StreamingParser(role=None)
+    seen = set()
+    for token in tokens:
+        if parser.feed(token):
+            seen.add((parser.role, parser.name, parser.channel, parser.recipient))
+    assert seen == {("tool", name, channel, "assistant")}
+    assert parser.result() == parse_completion(tokens, role=None)
+
+    cut = parse_completion(tokens[:-1], role=None)
+    assert cut.messages == [] and cut.partial_message == parser.result().messages[0]
+
+
+def test_parse_completion_with_a_browser_call_and_its_result(reference):
+    """openai-harmony's streaming-parser vector: analysis, a browser call and the browser's answer."""
+    text = (
+        "<|channel|>analysis<|message|>Let's browse to confirm.<|end|>"
+        '<|start|>assistant<|channel|>commentary to=browser.search code<|message|>{"query": "US president", "topn": 10}<|call|>'
+        '<|start|>browser.search to=assistant<|channel|>commentary<|message|>{"result": "https://openai.com/"}<|end|>'
+    )
+    tokens = encode(text)
+    ours = parse_completion(tokens).messages
+    theirs = reference.parse_messages_from_completion_tokens(tokens, harmony.Role.ASSISTANT)
+    assert len(ours) == len(theirs) == 3
+    assert [(m.role, m.name, m.channel, m.recipient, m.content_type, m.content) for m in ours] == [
+        (t.author.role.value, t.author.name, t.channel, t.recipient, t.content_type, t.content[0].text) for t in theirs
+    ]
+    assert ours[2] == Message("tool", '{"result": "https://openai.com/"}', channel="commentary", recipient="assistant", name="browser.search")
+
+
+def test_parser_role_and_message_checks():
+    with pytest.raises(ValueError, match="parser role must be 'assistant'"):
+        StreamingParser(role="user")
+    with pytest.raises(ValueError, match="the tokens hold a system message"):
+        parse_completion(encode("<|start|>system<|message|>You are a bot.<|end|>"), role=None)
+    with pytest.raises(ValueError, match="the tokens hold a developer message"):
+        parse_completion(encode("<|start|>developer<|message|>Be brief."), role=None)
+    with pytest.raises(ValueError, match="each starting with <|start|>"):
+        parse_completion(encode("<|channel|>final<|message|>Hi<|return|>"), role=None)
+
+
 # --------------------------------------------------------------------------
 # Bad input
 # --------------------------------------------------------------------------
@@ -635,6 +921,28 @@ def test_bad_tools_list():
         FunctionTool.from_dict({"description": "no name"})
     with pytest.raises(ValueError, match="description must be a str"):
         FunctionTool("f", None)
+
+
+def test_bad_builtin_tools():
+    with pytest.raises(ValueError, match="unknown built-in tool 'shell'"):
+        BuiltinTool("shell")
+    with pytest.raises(ValueError, match="description must be a str or None"):
+        BuiltinTool("python", description=["Runs code."])
+    with pytest.raises(ValueError, match="BuiltinTool objects"):
+        Conversation(builtin_tools=["python"])
+    with pytest.raises(ValueError, match="may appear once"):
+        Conversation(builtin_tools=[BuiltinTool("python"), BuiltinTool("python", "Runs code.")])
+
+
+@pytest.mark.parametrize("channels", [("analysis", "thoughts"), "analysis", ("final", "final"), None])
+def test_bad_channels(channels):
+    with pytest.raises(ValueError, match="channels must list distinct channels"):
+        Conversation(channels=channels)
+
+
+def test_bad_channel_required():
+    with pytest.raises(ValueError, match="channel_required must be True or False"):
+        Conversation(channel_required="yes")
 
 
 @pytest.mark.parametrize("effort", ["extreme", "", None, 2, "Low "])
