@@ -28,6 +28,7 @@ Prints a table and writes JSON (--json) with the device, date, commit and comman
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -51,9 +52,10 @@ ROOT = Path(__file__).resolve().parents[1]
 from flax import nnx  # noqa: E402
 
 from gptoss_jax import mxfp4  # noqa: E402
+from gptoss_jax.cli import COMPILATION_CACHE_DIR, enable_compilation_cache  # noqa: E402
 from gptoss_jax.config import GptOssConfig  # noqa: E402
-from gptoss_jax.generate import DEFAULT_CHUNK, _decode_chunk, generate  # noqa: E402
-from gptoss_jax.kernels import FASTEST, KERNELS, kernels_in_use, set_kernels  # noqa: E402
+from gptoss_jax.engine import DEFAULT_CHUNK, decode_chunk, generate  # noqa: E402
+from gptoss_jax.kernels import Kernels  # noqa: E402
 from gptoss_jax.loader import random_model  # noqa: E402
 from gptoss_jax.model import NO_POSITION, LayerCache  # noqa: E402
 
@@ -113,31 +115,34 @@ def timed(fn, *args, repeats=3, warmups=1):
 
 
 # ----------------------------------------------------------------------- model and caches
-def kernel_choice(spec: str, attention: str | None = None) -> dict:
-    """--kernels: "xla" / "pallas" (every kernel), "fastest" (set_kernels' defaults), or
-    "moe=pallas,projection=xla,..." (unnamed kernels: xla); --attention overrides both
-    attention kernels."""
+KERNEL_FIELDS = tuple(name for name in Kernels.__dataclass_fields__ if name != "interpret")
+
+
+def kernel_choice(spec: str, attention: str | None = None) -> Kernels:
+    """--kernels: "xla" (none), "pallas" (every kernel for this GPU), "fastest" (what
+    `--kernels auto` runs), or "moe_gemv,moe_gemm,..." (the named Kernels fields on, the others
+    off); --attention pallas / xla turns both attention kernels on / off."""
+    device = jax.devices()[0]
     if spec in ("xla", "pallas"):
-        chosen = dict.fromkeys(KERNELS, spec)
+        chosen = Kernels.auto(spec, devices=[device])
     elif spec == "fastest":
-        chosen = dict(FASTEST)
+        chosen = Kernels.auto("auto", devices=[device])
     else:
-        chosen = dict.fromkeys(KERNELS, "xla")
-        for item in spec.split(","):
-            name, _, impl = item.partition("=")
-            if name not in KERNELS:
-                raise SystemExit(f"--kernels: unknown kernel '{name}' in '{spec}'; kernels: {', '.join(KERNELS)}")
-            chosen[name] = impl
+        names = [n for n in spec.split(",") if n]
+        unknown = [n for n in names if n not in KERNEL_FIELDS]
+        if unknown:
+            raise SystemExit(f"--kernels: unknown kernels {unknown} in '{spec}'; kernels: {', '.join(KERNEL_FIELDS)}")
+        chosen = Kernels(**dict.fromkeys(names, True), interpret=device.platform == "cpu")
     if attention is not None:
-        chosen.update(decode_attention=attention, prefill_attention=attention)
+        chosen = dataclasses.replace(chosen, decode_attention=attention == "pallas",
+                                     prefill_attention=attention == "pallas")
     return chosen
 
 
-def build_model(name: str, kernels: dict, seed: int = 0):
+def build_model(name: str, kernels: Kernels, seed: int = 0):
     config = GptOssConfig.preset(name)
     start = time.perf_counter()
-    model = sync(random_model(config, dtype=jnp.bfloat16, seed=seed))
-    set_kernels(model, **kernels)
+    model = sync(random_model(config, dtype=jnp.bfloat16, seed=seed, kernels=kernels))
     return model, time.perf_counter() - start
 
 
@@ -174,7 +179,7 @@ def measure_decode(model, batch: int, context: int, steps: int, wrap_timed=None)
     caches = filled_caches(model, batch, context, max_len)
     vocab = model.config.vocab_size
     logits = jax.random.normal(jax.random.key(2), (batch, vocab), jnp.float32)
-    kernel = partial(_decode_chunk, graphdef, state, chunk=steps, greedy=True, top_k=0, use_top_p=False)
+    kernel = partial(decode_chunk, graphdef, state, chunk=steps, greedy=True, top_k=0, use_top_p=False)
 
     def run(caches, logits, position):
         return kernel(caches, logits, position, jnp.zeros(batch, jnp.int32), jnp.zeros(batch, bool),
@@ -192,7 +197,7 @@ def measure_decode(model, batch: int, context: int, steps: int, wrap_timed=None)
     if wrap_timed is None:
         caches, logits, position, count, *_ = sync(run(caches, logits, position))
     else:
-        caches, logits, position, count, *_ = wrap_timed(lambda: sync(run(caches, logits, position)))
+        caches, logits, position, count, *_ = wrap_timed(lambda: sync(run(caches, logits, position)))  # noqa: F821 (bound above; ruff reads the later del)
     elapsed = time.perf_counter() - start
     made = int(np.asarray(count).sum())
     if made != batch * steps:
@@ -355,7 +360,8 @@ def measure_profile(model, context: int, reps: int = 32) -> dict:
 
 def measure_copy() -> dict:
     x = jnp.ones((1 << 30,), jnp.bfloat16)  # 2 GiB
-    # First in a process, 1 warm-up and 5 repeats read 2.18 TB/s on an H200; 4 and 20 read 2.78 (entry 53).
+    # First in a process, 1 warm-up and 5 repeats read 2.18 TB/s on an H200; 4 and 20 read 2.78
+    # (docs/performance-log.md entry 53).
     t = timed(jax.jit(lambda x: x * 2), x, repeats=20, warmups=4)
     return {"bytes": 2 * x.size * 2, "seconds": t, "tb_per_s": 2 * x.size * 2 / t / 1e12}
 
@@ -379,8 +385,6 @@ def measure_ttft(args) -> dict:
 
 
 def ttft_child(args) -> None:
-    from gptoss_jax.generate import enable_compilation_cache, generate, COMPILATION_CACHE_DIR
-
     process_start = time.perf_counter()
     enable_compilation_cache(Path(os.environ.get("GPTOSS_JAX_CACHE_DIR", COMPILATION_CACHE_DIR)))
     model, build_s = build_model(args.model, kernel_choice(args.kernels.split(";")[0], args.attention))
@@ -401,9 +405,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="gpt-oss-20b", choices=["gpt-oss-20b", "gpt-oss-120b", "tiny"])
     parser.add_argument("--kernels", default="xla",
-                        help='"xla", "pallas" (every kernel), "fastest" (set_kernels defaults) or '
-                             '"moe=pallas,projection=pallas,decode_attention=xla,prefill_attention=pallas" '
-                             '(unnamed: xla); several configurations separated by ";" are measured in turn')
+                        help='"xla", "pallas" (every kernel), "fastest" (what --kernels auto runs) or '
+                             '"moe_gemv,moe_gemm,projection" (the named kernels on, the others off); several '
+                             'configurations separated by ";" are measured in turn')
     parser.add_argument("--attention", choices=["xla", "pallas"], help="overrides both attention kernels")
     parser.add_argument("--measure", default="copy,decode,batch,prefill,profile,memory")
     parser.add_argument("--contexts", default="0,4096,32768")
@@ -462,9 +466,9 @@ def main(argv=None) -> int:
         if model is None:
             model, build_s = build_model(args.model, kernels)
             results["model_build_s"] = build_s
-        set_kernels(model, **kernels)
+        model = model.with_kernels(kernels)
         # One configuration: plain names; several: each name gets the configuration.
-        tag = "" if len(configs) == 1 else "[" + ",".join(f"{k}={v}" for k, v in kernels_in_use(model).items()) + "]"
+        tag = "" if len(configs) == 1 else "[" + ",".join(kernels.names()) + "]"
         if "decode" in measures:
             for context in parse_ints(args.contexts):
                 record(f"decode_b1_ctx{context}{tag}", lambda: dict(measure_decode(model, 1, context, args.steps),

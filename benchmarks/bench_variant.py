@@ -15,7 +15,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # noqa: E402
-
 import jax.numpy as jnp  # noqa: E402
 
 from gptoss_jax import model as model_lib  # noqa: E402

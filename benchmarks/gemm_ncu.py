@@ -4,7 +4,7 @@ with the bf16 decode), to profile under Nsight Compute (needs a GPU; not part of
     ncu --set full -k regex:grouped_gemm -c 2 python benchmarks/gemm_ncu.py > gemm_ncu.txt
     ncu ... python benchmarks/gemm_ncu.py '{"block_n": 64}'     # a tuning on top of the default
 
-docs/performance.md entry 49 reads its report.
+docs/performance-log.md entry 50 reads its report.
 """
 
 import ast

@@ -3,7 +3,8 @@ GEMV and for a plain bf16 GEMV (the attention projections), timed by device kern
 from a jax.profiler trace (not part of CI; run on a GPU).
 
     python benchmarks/gemv_sweep.py --json sweep.json [--quick]
-    python benchmarks/gemv_sweep.py --pipeline --json pipeline.json   # loop options (--loops) and mlp2-sums-k; --quick: the default tiling
+    python benchmarks/gemv_sweep.py --pipeline --json pipeline.json
+        # loop options (--loops) and mlp2-sums-k; --quick: the default tiling
 
 Each timed call reads bytes no earlier call read (rotating experts / 8 weight copies), so
 L2 (50 MB on an H100) does not flatter the numbers. Prints us per call and GB/s.
@@ -199,7 +200,8 @@ def main():
                 jax.block_until_ready(run(calls))
                 jax.profiler.stop_trace()
                 top = summarize_trace(trace_dir, 1, top=10)["top"]
-            record({"matrix": name, "variant": "xla", "kernels": top[:4], "gb_per_s_top": nbytes * CALLS / top[0]["us_per_step"] / 1e3})
+            record({"matrix": name, "variant": "xla", "kernels": top[:4],
+                    "gb_per_s_top": nbytes * CALLS / top[0]["us_per_step"] / 1e3})
         except Exception as e:
             record({"matrix": name, "variant": "xla", "error": f"{type(e).__name__}: {str(e)[:300]}"})
         dense_grid = [dict(rows=r, bk=bk, num_warps=w, num_stages=s)

@@ -29,13 +29,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-
 from gptoss_jax import mxfp4  # noqa: E402
 from gptoss_jax.config import GptOssConfig  # noqa: E402
-from gptoss_jax.kernels import attention, moe  # noqa: E402
+from gptoss_jax.kernels import (  # noqa: E402
+    attention,
+    moe,
+    moe_gemm,  # noqa: E402
+)
 from gptoss_jax.model import NO_POSITION, Attention  # noqa: E402
-from gptoss_jax.kernels import moe  # noqa: E402
-from gptoss_jax.kernels import moe_gemm  # noqa: E402
 
 REPS = 64
 

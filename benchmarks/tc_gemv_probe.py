@@ -1,4 +1,4 @@
-"""Probe (not part of the package or CI; docs/performance.md entry 41): could the batch-1
+"""Probe (not part of the package or CI; docs/performance-log.md entry 41): could the batch-1
 MXFP4 expert GEMV run on tensor cores with the FP4 -> bf16 decode done after Triton's
 layout change, in the MMA operand's registers?
 
@@ -8,7 +8,7 @@ each 32-value block as two dots over their packed bytes' low and high nibbles. D
 FP4 bits placed as a bf16 (value * 2^-126, the 0.5 code a bf16 subnormal) and multiplied by
 the block scale as the bf16 2^(s-1) (exact for scales 0..128), either with jnp integer ops
 (`ptx=False`) or one inline-PTX routine per 4 bytes (`ptx=True`: the grouped GEMM's
-`moe_gemm._dequantized_bf16`, docs/performance.md entry 46). Offline (Triton 3.9,
+`moe_gemm._dequantized_bf16`, docs/performance-log.md entry 46). Offline (Triton 3.9,
 benchmarks/triton_offline.py's compile) the uint8 -> MMA-operand conversion happens before
 the decode, as hoped; this script checks the result against the dequantized reference on
 a GPU and times it against `moe.expert_gemv`:
@@ -90,11 +90,15 @@ def tc_gemv(x, pair_expert, w_bytes, w_scales, *, pairs_per_x=1, rows=16, bps=8,
 
 
 def main():
-    import argparse, datetime, json
+    import argparse
+    import datetime
+    import json
     from pathlib import Path
+
     import numpy as np
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from gemv_sweep import CALLS, kernel_us
+
     from gptoss_jax import mxfp4
     from gptoss_jax.kernels import moe
 

@@ -5,7 +5,7 @@ spending device time (not part of CI).
 The TTIR comes from the Pallas lowering on this machine (lowering for "cuda" needs no GPU);
 pip's Triton compiles it for sm_90 and its bundled cuobjdump reads the cubin. XLA compiles
 with its own Triton fork, so treat the numbers as close, not equal: for the mlp1 GEMV both
-report 96 registers (ncu, docs/performance.md entry 33). Needs Triton in its own
+report 96 registers (ncu, docs/performance-log.md entry 33). Needs Triton in its own
 environment (it pins its own LLVM; keep it out of the project's):
 
     python -m venv /tmp/tvenv && /tmp/tvenv/bin/pip install triton

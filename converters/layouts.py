@@ -1,4 +1,4 @@
-"""The two MXFP4 checkpoint layouts (spec 3.1, 3.2) mapped onto the model's parameters.
+"""The two MXFP4 checkpoint layouts (docs/architecture.md 3.1, 3.2) mapped onto the model's parameters.
 
 Each checkpoint tensor is described by a `TensorSpec`: its name, shape and dtype on disk and
 the parameter leaves it holds, concatenated along axis 0 (only the original layout's fused

@@ -13,7 +13,7 @@ A converted checkpoint is a directory holding
 Arrays are stored in their checkpoint form, so a conversion is bit-exact and reversible:
 E8M0 scales as `float8_e8m0fnu`, dense tensors in the dtype the source stored them in, and
 FP4 values as the MXFP4 bytes themselves, `uint8[..., blocks, 16]` with element 2j in the
-low nibble (spec 3.3). Orbax can store `float4_e2m1fn`, but as one byte per value on disk and
+low nibble (docs/architecture.md 3.3). Orbax can store `float4_e2m1fn`, but as one byte per value on disk and
 on the host; the packed bytes halve both, and on the device a bitcast turns them into
 `float4_e2m1fn[..., blocks, 32]` (`mxfp4.blocks_to_fp4`). Chunks hold one expert each, so a
 process restoring an expert-parallel shard reads only its own experts.

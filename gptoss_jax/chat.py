@@ -20,10 +20,12 @@ from gptoss_jax.cli import (
     load_model,
 )
 from gptoss_jax.engine import generate
+from gptoss_jax.python_tool import PythonTool, SandboxUnavailable, is_python_call
 from gptoss_jax.streaming import HarmonyStream, decode_tokens
 from gptoss_jax.tokenizer import get_tokenizer
 
 COMMANDS = """commands: /reset (forget the conversation), /effort low|medium|high, /quit (or Ctrl-D)"""
+MAX_TOOL_CALLS = 16  # python calls answered within one turn
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_arguments(parser, max_new_tokens=1024)
     parser.add_argument("--developer", help="developer instructions (the harmony developer message)")
     parser.add_argument("--date", help="current date for the system message, e.g. 2026-11-23")
+    parser.add_argument("--python-tool", action="store_true",
+                        help="let the model run Python code while it reasons, in a sandbox: no network, file "
+                             "writes only in a temporary directory, time and memory limits")
+    parser.add_argument("--python-tool-timeout", type=float, default=30.0, metavar="SECONDS",
+                        help="with --python-tool: stop each program after this long (default 30)")
+    parser.add_argument("--python-tool-unsandboxed", action="store_true",
+                        help="with --python-tool: run the code even where the network cannot be blocked or file "
+                             "writes cannot be confined")
     return parser
 
 
@@ -46,16 +56,41 @@ class Chat:
         self.reasoning_effort = args.reasoning_effort
         self.messages: list[chat_format.Message] = []
         self.turns = 0
+        self.python_tool = python_tool_from_args(args)
 
     def conversation(self) -> chat_format.Conversation:
         return chat_format.Conversation(list(self.messages), reasoning_effort=self.reasoning_effort,
                                         current_date=self.args.date,
-                                        developer_instructions=self.args.developer)
+                                        developer_instructions=self.args.developer,
+                                        builtin_tools=[self.python_tool.builtin_tool()] if self.python_tool else [])
 
     def turn(self, text: str) -> str:
         """Answers one user message; returns the final-channel text (or the raw text when the
-        model's output is not harmony)."""
+        model's output is not harmony). With --python-tool, each call to python is run, its
+        output appended as a tool message, and the model continues the same turn from there."""
         self.messages.append(chat_format.user(text))
+        for _ in range(MAX_TOOL_CALLS + 1):
+            parsed, tokens = self._generate()
+            if parsed is None:  # not harmony
+                return self.messages[-1].content
+            call = parsed.tool_call
+            if self.python_tool is None or not is_python_call(call):
+                break
+            output = self.python_tool.respond(call)
+            if self.echo and self.args.show_analysis:
+                print(f"\n[python]\n{call.content}\n[output]\n{output.content}", file=sys.stderr, flush=True)
+            self.messages.append(output)
+        if not parsed.complete and self.echo:
+            print(f"note: the answer was cut off after {len(tokens)} tokens (--max-new-tokens)", file=sys.stderr)
+        answer = parsed.final_text
+        if answer is None and self.echo:
+            print("note: the model produced no final-channel message", file=sys.stderr)
+        return answer or ""
+
+    def _generate(self):
+        """Samples one assistant completion for the conversation so far and appends its
+        messages; returns the parsed completion (None when the output is not harmony) and its
+        tokens."""
         prompt = chat_format.render_for_completion(self.conversation())
         stream = HarmonyStream(self.tokenizer, echo=self.echo, show_analysis=self.args.show_analysis)
         a = self.args
@@ -66,19 +101,13 @@ class Chat:
         if self.echo and stream.printed_anything:
             print(flush=True)
         if stream.not_harmony:
-            answer = decode_tokens(self.tokenizer, tokens)
-            self.messages.append(chat_format.assistant(answer))
-            return answer
+            self.messages.append(chat_format.assistant(decode_tokens(self.tokenizer, tokens)))
+            return None, tokens
         parsed = stream.parser.result()
         self.messages.extend(parsed.messages)
         if parsed.partial_message is not None:  # cut off by --max-new-tokens: keep what was said
             self.messages.append(parsed.partial_message)
-        if not parsed.complete and self.echo:
-            print(f"note: the answer was cut off after {len(tokens)} tokens (--max-new-tokens)", file=sys.stderr)
-        answer = parsed.final_text
-        if answer is None and self.echo:
-            print("note: the model produced no final-channel message", file=sys.stderr)
-        return answer or ""
+        return parsed, tokens
 
     def command(self, line: str) -> bool:
         """Handles a /command; returns False to quit."""
@@ -96,8 +125,18 @@ class Chat:
         return True
 
 
+def python_tool_from_args(args) -> PythonTool | None:
+    if not args.python_tool:
+        return None
+    try:
+        return PythonTool(timeout_seconds=args.python_tool_timeout, allow_unsandboxed=args.python_tool_unsandboxed)
+    except SandboxUnavailable as error:
+        raise SandboxUnavailable(f"--python-tool: {error} In the chat, pass --python-tool-unsandboxed.") from None
+
+
 def run(args) -> int:
     check_sampling_arguments(args)
+    python_tool_from_args(args)  # a machine that cannot sandbox the tool fails before the model loads
     chat = Chat(load_model(args), get_tokenizer(), args)
     interactive = sys.stdin.isatty()
     if interactive:

@@ -1,5 +1,5 @@
 """Model configuration: one type read from this project's JSON files, an HF `config.json`
-or an original OpenAI `config.json` (spec section 1.1)."""
+or an original OpenAI `config.json` (docs/architecture.md 1.1)."""
 
 from __future__ import annotations
 
@@ -43,14 +43,14 @@ class GptOssConfig:
     # Hard-coded in the original reference, configurable in HF.
     swiglu_alpha: float = 1.702
     rms_norm_eps: float = 1e-5
-    # HF's YaRN `truncate` flag; gpt-oss uses the unrounded correction range (spec 2.4).
+    # HF's YaRN `truncate` flag; gpt-oss uses the unrounded correction range (docs/architecture.md 2.4).
     rope_truncate: bool = False
     layer_types: tuple[str, ...] = ()
     name: str = "custom"
 
     def __post_init__(self):
         if not self.layer_types:
-            # Even layers slide, odd layers attend fully (spec 1.1).
+            # Even layers slide, odd layers attend fully (docs/architecture.md 1.1).
             kinds = tuple(SLIDING if i % 2 == 0 else FULL for i in range(self.num_hidden_layers))
             object.__setattr__(self, "layer_types", kinds)
         else:
@@ -245,7 +245,7 @@ def _fields_from_hf(raw: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 def yarn_correction_range(config: GptOssConfig) -> tuple[float, float]:
-    """The (low, high) pair indices between which YaRN blends the frequencies (spec 2.4)."""
+    """The (low, high) pair indices between which YaRN blends the frequencies (docs/architecture.md 2.4)."""
     d_half = config.head_dim / 2
 
     def pair_index(rotations):

@@ -1,4 +1,4 @@
-"""The gpt-oss model as a Flax NNX module tree (spec section 2).
+"""The gpt-oss model as a Flax NNX module tree (docs/architecture.md 2).
 
 Every parameter carries `axes`, its logical axis names; `gptoss_jax.sharding.rules` maps
 them to mesh axes. Expert weights stay FP4 (`float4_e2m1fn` + `float8_e8m0fnu` scales) and
@@ -70,7 +70,7 @@ class RMSNorm(nnx.Module):
 
 
 def rope_tables(config: GptOssConfig, positions, dtype):
-    """cos and sin [..., head_dim/2] for YaRN half-split RoPE, scaled by the concentration (spec 2.4)."""
+    """cos and sin [..., head_dim/2] for YaRN half-split RoPE, scaled by the concentration (docs/architecture.md 2.4)."""
     d_half = config.head_dim // 2
     freq = np.float32(config.rope_theta) ** (np.arange(0, config.head_dim, 2, dtype=np.float32) / np.float32(config.head_dim))
     factor = config.rope_scaling_factor
@@ -136,7 +136,7 @@ class Attention(nnx.Module):
         return self.project(h, self.wq, self.bq), self.project(h, self.wk, self.bk), self.project(h, self.wv, self.bv)
 
     def project(self, h, w, b):
-        # A linear layer with bias rounds once, after the bias (spec 2.7).
+        # A linear layer with bias rounds once, after the bias (docs/architecture.md 2.7).
         return (_einsum("btd,nkd->btnk", h, w[...], self.dtype) + b[...].astype(F32)).astype(self.dtype)
 
     def rope_attend_write(self, q, k, v, positions, cache, rope, *, kernels: Kernels = XLA):
@@ -154,13 +154,13 @@ class Attention(nnx.Module):
         return out, (None if cache is None else self.write_cache(cache, k, v, positions))
 
     def output(self, out, residual=None):
-        """The output projection of the heads [b, t, heads, head_dim] -> [b, t, embed] (spec 2.7),
+        """The output projection of the heads [b, t, heads, head_dim] -> [b, t, embed] (docs/architecture.md 2.7),
         plus `residual` [b, t, embed] when given."""
         projected = (_einsum("btnk,dnk->btd", out, self.wo[...], self.dtype) + self.bo[...].astype(F32)).astype(self.dtype)
         return projected if residual is None else residual + projected
 
     def attend(self, q, k, v, q_positions, k_positions):
-        """Softmax attention with the learned sink as an extra logit per head (spec 2.3)."""
+        """Softmax attention with the learned sink as an extra logit per head (docs/architecture.md 2.3)."""
         c, dt = self.config, self.dtype
         b, t, _, hd = q.shape
         groups = c.q_heads_per_kv_head
@@ -227,7 +227,7 @@ class MoE(nnx.Module):
         self.norm = RMSNorm(c, dtype)
         self.router_w = _param((e, d), dtype, ("experts", "embed"))
         self.router_b = _param((e,), dtype, ("experts",))
-        # mlp1 rows alternate gate, up, gate, up, ... (spec 2.5); blocks run along the input axis.
+        # mlp1 rows alternate gate, up, gate, up, ... (docs/architecture.md 2.5); blocks run along the input axis.
         self.mlp1_fp4 = nnx.Param(jnp.zeros((e, 2 * i, d // block, block), mxfp4.FP4),
                                   axes=("experts", "expert_mlp", "embed_blocks", "block"))
         self.mlp1_scales = nnx.Param(jnp.zeros((e, 2 * i, d // block), mxfp4.E8M0),
@@ -251,12 +251,12 @@ class MoE(nnx.Module):
         return ExpertWeights(*(getattr(self, name).get_metadata()["axes"] for name in ExpertWeights._fields))
 
     def norm_route(self, x):
-        """RMSNorm, then the top-k experts per token and their weights (spec 2.5)."""
+        """RMSNorm, then the top-k experts per token and their weights (docs/architecture.md 2.5)."""
         h = self.norm(x)
         return (h, *self.route(h))
 
     def route(self, h):
-        """Top-k experts per token and their weights: softmax over the k logits (spec 2.5)."""
+        """Top-k experts per token and their weights: softmax over the k logits (docs/architecture.md 2.5)."""
         logits = (_einsum("nd,ed->ne", h, self.router_w[...], self.dtype)
                   + self.router_b[...].astype(F32)).astype(self.dtype)
         values, experts = jax.lax.top_k(logits, self.config.experts_per_token)

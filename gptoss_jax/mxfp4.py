@@ -1,5 +1,5 @@
 """MXFP4 experts as ml_dtypes arrays: `float4_e2m1fn` values in blocks of 32 along the
-contraction axis, one `float8_e8m0fnu` scale per block (spec 3.3).
+contraction axis, one `float8_e8m0fnu` scale per block (docs/architecture.md 3.3).
 
 A checkpoint byte holds element 2j in its low nibble and 2j+1 in its high nibble, which is
 exactly what `lax.bitcast_convert_type(uint8[..., 16], float4_e2m1fn)` produces, so going

@@ -33,18 +33,13 @@ cell, the value of a final expression is printed. Use::
         conversation.messages.append(tool.respond(completion.tool_call))
         # render_for_completion(conversation) again: the model reads the output and goes on
 
-This file is also the script the sandboxed child runs, so it imports only the
-standard library at the top; ``chat_format`` is imported where it is used.
+The child process runs gptoss_jax/sandbox.py, which applies the limits and runs the code.
 """
 
 from __future__ import annotations
 
-import ast
 import contextlib
-import ctypes
-import functools
 import json
-import linecache
 import math
 import os
 import resource
@@ -55,184 +50,20 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
-import types
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from gptoss_jax.chat_format import BuiltinTool, Message
+from gptoss_jax import sandbox
+from gptoss_jax.chat_format import BuiltinTool, Message
+from gptoss_jax.sandbox import landlock_problem, namespace_problem
 
 TOOL_NAME = "python"
-PROGRAM_NAME = "<python>"  # the file name tracebacks show for the model's code
-_UNSHARE_OPTIONS = ["--user", "--map-root-user", "--net", "--pid", "--fork", "--kill-child"]
 _MIB = 1 << 20
 _AFTER_KILL_SECONDS = 5.0  # how long to collect the last output once the program is killed
 
 
 class SandboxUnavailable(OSError):
     """The network cannot be blocked or file writes cannot be confined on this machine."""
-
-
-@functools.cache
-def _namespace_problem() -> str | None:
-    """Why the child cannot run in new user, network and PID namespaces here, or None."""
-    if sys.platform != "linux":
-        return f"blocking the network needs Linux namespaces, and this is {sys.platform}"
-    unshare = shutil.which("unshare")
-    if unshare is None:
-        return "the unshare command (util-linux) is not installed, so the network cannot be blocked"
-    try:
-        completed = subprocess.run(
-            [unshare, *_UNSHARE_OPTIONS, "true"],
-            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30, check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired) as error:
-        return f"`unshare {' '.join(_UNSHARE_OPTIONS)} true` failed ({error}), so the network cannot be blocked"
-    if completed.returncode != 0:
-        reason = completed.stderr.strip() or f"exit status {completed.returncode}"
-        return (
-            f"`unshare {' '.join(_UNSHARE_OPTIONS)} true` failed ({reason}), so the network cannot be blocked; "
-            "unprivileged user namespaces may be disabled (sysctl user.max_user_namespaces, "
-            "kernel.unprivileged_userns_clone or kernel.apparmor_restrict_unprivileged_userns)"
-        )
-    return None
-
-
-# --------------------------------------------------------------------------
-# Landlock: only the working directory (and /dev/null) may be changed
-# --------------------------------------------------------------------------
-
-_SYS_LANDLOCK_CREATE_RULESET, _SYS_LANDLOCK_ADD_RULE, _SYS_LANDLOCK_RESTRICT_SELF = 444, 445, 446
-_LANDLOCK_CREATE_RULESET_VERSION = 1
-_LANDLOCK_RULE_PATH_BENEATH = 1
-_PR_SET_NO_NEW_PRIVS = 38
-_ACCESS_WRITE_FILE = 1 << 1
-_ACCESS_TRUNCATE = 1 << 14  # Landlock ABI 3
-_ACCESS_REFER = 1 << 13  # ABI 2: renaming and linking across directories
-# ABI 1: write a file, remove a directory or file, make a char device, directory, regular file,
-# socket, fifo, block device or symlink.
-_WRITE_ACCESS_ABI_1 = _ACCESS_WRITE_FILE | sum(1 << bit for bit in range(4, 13))
-
-
-class _RulesetAttr(ctypes.Structure):
-    _fields_ = [("handled_access_fs", ctypes.c_uint64)]
-
-
-class _PathBeneathAttr(ctypes.Structure):
-    _pack_ = 1
-    _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
-
-
-def _syscall(number: int, *arguments) -> int:
-    libc = ctypes.CDLL(None, use_errno=True)
-    result = libc.syscall(ctypes.c_long(number), *arguments)
-    if result < 0:
-        error = ctypes.get_errno()
-        raise OSError(error, os.strerror(error))
-    return result
-
-
-def _landlock_abi() -> int:
-    if sys.platform != "linux":
-        return 0
-    try:
-        return _syscall(_SYS_LANDLOCK_CREATE_RULESET, None, ctypes.c_long(0), ctypes.c_long(_LANDLOCK_CREATE_RULESET_VERSION))
-    except OSError:
-        return 0
-
-
-@functools.cache
-def _landlock_problem() -> str | None:
-    """Why file writes cannot be confined to the working directory here, or None."""
-    if _landlock_abi() < 1:
-        return (
-            "Landlock (Linux 5.13 or newer, with landlock in the kernel's lsm= list) is not available, "
-            "so file writes cannot be confined to the working directory"
-        )
-    return None
-
-
-def _confine_writes(directory: str) -> None:
-    """Allows creating, changing and removing files only under `directory` and writing to /dev/null."""
-    abi = _landlock_abi()
-    handled = _WRITE_ACCESS_ABI_1 | (_ACCESS_REFER if abi >= 2 else 0) | (_ACCESS_TRUNCATE if abi >= 3 else 0)
-    ruleset = _RulesetAttr(handled)
-    ruleset_fd = _syscall(
-        _SYS_LANDLOCK_CREATE_RULESET, ctypes.byref(ruleset), ctypes.c_long(ctypes.sizeof(ruleset)), ctypes.c_long(0)
-    )
-    for path, allowed in ((directory, handled), ("/dev/null", handled & (_ACCESS_WRITE_FILE | _ACCESS_TRUNCATE))):
-        path_fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
-        rule = _PathBeneathAttr(allowed, path_fd)
-        _syscall(
-            _SYS_LANDLOCK_ADD_RULE,
-            ctypes.c_long(ruleset_fd),
-            ctypes.c_long(_LANDLOCK_RULE_PATH_BENEATH),
-            ctypes.byref(rule),
-            ctypes.c_long(0),
-        )
-        os.close(path_fd)
-    libc = ctypes.CDLL(None, use_errno=True)
-    zero = ctypes.c_ulong(0)
-    if libc.prctl(ctypes.c_int(_PR_SET_NO_NEW_PRIVS), ctypes.c_ulong(1), zero, zero, zero) != 0:
-        error = ctypes.get_errno()
-        raise OSError(error, os.strerror(error))
-    _syscall(_SYS_LANDLOCK_RESTRICT_SELF, ctypes.c_long(ruleset_fd), ctypes.c_long(0))
-    os.close(ruleset_fd)
-
-
-# --------------------------------------------------------------------------
-# The sandboxed child: this file run as a script
-# --------------------------------------------------------------------------
-
-
-def _set_limit(limit: int, value: int) -> None:
-    hard = resource.getrlimit(limit)[1]
-    if hard != resource.RLIM_INFINITY:
-        value = min(value, hard)
-    resource.setrlimit(limit, (value, value))
-
-
-def _sandboxed_main(settings: dict) -> None:
-    # At the CPU hard limit the kernel sends SIGKILL (soft = hard: no SIGXCPU first).
-    _set_limit(resource.RLIMIT_CPU, settings["cpu_seconds"])
-    _set_limit(resource.RLIMIT_AS, settings["memory_bytes"])
-    _set_limit(resource.RLIMIT_FSIZE, settings["file_size_bytes"])
-    _set_limit(resource.RLIMIT_CORE, 0)
-    if settings["max_processes"] is not None:
-        _set_limit(resource.RLIMIT_NPROC, settings["max_processes"])
-    if settings["confine_writes"]:
-        _confine_writes(settings["work_dir"])
-    _run_program(Path(settings["program"]).read_text(encoding="utf-8"))
-
-
-def _run_program(source: str) -> None:
-    """Runs `source` as ``__main__`` and prints the value of a final expression
-    like a notebook cell. An uncaught exception prints its traceback without
-    this function's frame and exits with status 1."""
-    try:
-        tree = ast.parse(source, PROGRAM_NAME)
-    except (SyntaxError, ValueError) as error:  # ValueError: null bytes
-        traceback.print_exception(type(error), error, None)
-        sys.exit(1)
-    final_expression = None
-    if tree.body and isinstance(tree.body[-1], ast.Expr):
-        final_expression = ast.Expression(tree.body.pop().value)
-    linecache.cache[PROGRAM_NAME] = (len(source), None, source.splitlines(keepends=True), PROGRAM_NAME)
-    main = types.ModuleType("__main__")
-    sys.modules["__main__"] = main
-    try:
-        exec(compile(tree, PROGRAM_NAME, "exec"), main.__dict__)
-        if final_expression is not None:
-            value = eval(compile(final_expression, PROGRAM_NAME, "eval"), main.__dict__)
-            if value is not None:
-                print(repr(value))
-    except SystemExit:
-        raise
-    except BaseException as error:
-        traceback.print_exception(type(error), error, error.__traceback__.tb_next)
-        sys.exit(1)
 
 
 # --------------------------------------------------------------------------
@@ -359,7 +190,7 @@ class PythonTool:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
                 raise ValueError(f"{name} must be an integer of at least {minimum}, got {value!r}.")
-        problems = [problem for problem in (_namespace_problem(), _landlock_problem()) if problem]
+        problems = [problem for problem in (namespace_problem(), landlock_problem()) if problem]
         if problems and not self.allow_unsandboxed:
             raise SandboxUnavailable(
                 "the python tool cannot run sandboxed on this machine: " + "; ".join(problems) + ". "
@@ -368,11 +199,11 @@ class PythonTool:
 
     @property
     def network_blocked(self) -> bool:
-        return _namespace_problem() is None
+        return namespace_problem() is None
 
     @property
     def writes_confined(self) -> bool:
-        return _landlock_problem() is None
+        return landlock_problem() is None
 
     def description(self) -> str:
         """The python tool's description for the system message, stating this sandbox's limits."""
@@ -388,8 +219,6 @@ class PythonTool:
 
     def builtin_tool(self) -> BuiltinTool:
         """The ``python`` entry for ``Conversation.builtin_tools``, with ``description()``."""
-        from gptoss_jax.chat_format import BuiltinTool
-
         return BuiltinTool(TOOL_NAME, self.description())
 
     def run(self, code: str) -> str:
@@ -414,9 +243,9 @@ class PythonTool:
                 "max_processes": self.max_processes if self.network_blocked else None,
                 "confine_writes": self.writes_confined,
             }
-            command = [sys.executable, "-I", "-u", "-X", "utf8", os.path.abspath(__file__), json.dumps(settings)]
+            command = [sys.executable, "-I", "-u", "-X", "utf8", os.path.abspath(sandbox.__file__), json.dumps(settings)]
             if self.network_blocked:
-                command = [shutil.which("unshare"), *_UNSHARE_OPTIONS, "--", *command]
+                command = [shutil.which("unshare"), *sandbox.UNSHARE_OPTIONS, "--", *command]
             status, timed_out, cpu_seconds = _run_captured(command, work_dir, self.timeout_seconds, output)
         return self._report(output.text(), status, timed_out, cpu_seconds)
 
@@ -445,8 +274,6 @@ class PythonTool:
         """Runs the code of an assistant message addressed to ``python`` and
         returns the tool message to append to the conversation: author
         ``python``, addressed to the assistant, on the call's channel."""
-        from gptoss_jax.chat_format import Message
-
         if not is_python_call(call):
             raise ValueError(
                 f"PythonTool.respond takes an assistant message addressed to {TOOL_NAME!r}, "
@@ -459,6 +286,3 @@ def is_python_call(message: Message | None) -> bool:
     """Whether `message` is an assistant message addressed to the python tool."""
     return message is not None and message.role == "assistant" and message.recipient == TOOL_NAME
 
-
-if __name__ == "__main__":
-    _sandboxed_main(json.loads(sys.argv[1]))

@@ -8,6 +8,10 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={HOST_DEVICES}").strip()
 
+# The tests run on the CPU (CI has no accelerator). With libtpu installed for the TPU compile
+# tests, JAX would otherwise try to open a TPU first; set JAX_PLATFORMS to run them elsewhere.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 

@@ -12,7 +12,8 @@ from gptoss_jax.tokenizer import get_tokenizer
 
 def chat_args(**overrides):
     return SimpleNamespace(**(dict(reasoning_effort="low", date="2026-11-23", developer=None, show_analysis=False,
-                                   max_new_tokens=64, temperature=0.0, top_p=1.0, top_k=0, seed=0) | overrides))
+                                   max_new_tokens=64, temperature=0.0, top_p=1.0, top_k=0, seed=0, python_tool=False,
+                                   python_tool_timeout=30.0, python_tool_unsandboxed=False) | overrides))
 
 
 @pytest.fixture
@@ -82,3 +83,38 @@ def test_chat_cli_bad_input():
     result = run_chat("", "--top-p", "2")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["error: top_p must be in (0, 1], got 2.0"]
+
+
+def test_python_tool_calls_continue_the_turn(monkeypatch):
+    tokenizer = get_tokenizer()
+    replies = iter([
+        "<|channel|>analysis<|message|>Compute.<|end|>"
+        "<|start|>assistant<|channel|>analysis to=python code<|message|>print(sum(range(10)))<|call|>",
+        "<|channel|>analysis<|message|>It printed 45.<|end|><|start|>assistant<|channel|>final<|message|>45<|return|>",
+    ])
+    prompts = []
+
+    def fake_generate(model, batch, *, on_tokens, **_):
+        prompts.append(batch[0])
+        tokens = tokenizer.encode(next(replies), allowed_special="all")
+        on_tokens([tokens])
+        return [tokens]
+
+    monkeypatch.setattr(chat_module, "generate", fake_generate)
+    chat = Chat(model=None, tokenizer=tokenizer, args=chat_args(python_tool=True))
+    assert chat.turn("Sum of 0..9?") == "45"
+    first, second = (tokenizer.decode(p) for p in prompts)
+    assert "## python" in first and "There is no internet access." in first
+    assert second.endswith(
+        "<|start|>assistant to=python<|channel|>analysis code<|message|>print(sum(range(10)))<|call|>"
+        "<|start|>python to=assistant<|channel|>analysis<|message|>45\n<|end|><|start|>assistant"
+    )
+    assert [m.role for m in chat.messages] == ["user", "assistant", "assistant", "tool", "assistant", "assistant"]
+
+
+def test_python_tool_refused_where_it_cannot_be_sandboxed(monkeypatch):
+    from gptoss_jax import python_tool
+
+    monkeypatch.setattr(python_tool, "namespace_problem", lambda: "the unshare command (util-linux) is not installed")
+    with pytest.raises(python_tool.SandboxUnavailable, match="--python-tool-unsandboxed"):
+        Chat(model=None, tokenizer=get_tokenizer(), args=chat_args(python_tool=True))

@@ -310,7 +310,7 @@ def test_render_matches_openai_harmony(case, reference):
 
 
 # --------------------------------------------------------------------------
-# The verified outputs of spec sections 4.4 and 4.5
+# The verified outputs of docs/architecture.md 4.4 and 4.5
 # --------------------------------------------------------------------------
 
 SPEC_SYSTEM = """<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import assert_mostly_bit_equal
 from flax import nnx
 
 from gptoss_jax.config import GptOssConfig
@@ -15,7 +16,6 @@ from gptoss_jax.kernels import Kernels
 from gptoss_jax.kernels.flash import key_block_schedule, prefill_attention
 from gptoss_jax.loader import random_model
 from gptoss_jax.model import NO_POSITION, Attention
-from conftest import assert_mostly_bit_equal
 
 F32, BF16 = jnp.float32, jnp.bfloat16
 

@@ -7,14 +7,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import assert_mostly_bit_equal
 
 from gptoss_jax import model as model_lib
 from gptoss_jax import mxfp4
-from gptoss_jax.kernels import moe as moe_kernels
 from gptoss_jax.kernels import Kernels, moe_gemm
+from gptoss_jax.kernels import moe as moe_kernels
 from gptoss_jax.kernels.common import swiglu_pair
 from gptoss_jax.loader import load
-from conftest import assert_mostly_bit_equal
 
 LIMIT, ALPHA = 7.0, 1.702
 
@@ -80,7 +80,7 @@ def test_tile_schedule_covers_each_known_pair_once_within_one_expert():
 
 def test_tile_schedule_has_no_loop():
     # A while loop here (jnp.searchsorted's default method) runs its condition on the host
-    # every iteration on a GPU: ~0.8 ms of a batch-64 decode step (docs/performance.md 42).
+    # every iteration on a GPU: ~0.8 ms of a batch-64 decode step (docs/performance-log.md entry 42).
     hlo = jax.jit(lambda ids: moe_gemm.tile_schedule(ids, 32, 16)).lower(jnp.zeros(256, jnp.int32)).as_text()
     assert "while" not in hlo and "stablehlo.while" not in hlo
 

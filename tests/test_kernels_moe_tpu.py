@@ -7,16 +7,16 @@ import dataclasses
 import functools
 
 import jax
-import ml_dtypes
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
+from test_kernels_moe_gemm import random_experts
 
 from gptoss_jax import model as model_lib
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.kernels import moe as moe_kernels
 from gptoss_jax.kernels import moe_tpu
-from test_kernels_moe_gemm import random_experts
 
 
 def make_moe(num_experts, embed, hidden, dtype, seed):

@@ -5,13 +5,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import assert_mostly_bit_equal
 
 from gptoss_jax.config import GptOssConfig
-from gptoss_jax.kernels.projection import norm_qkv, output_residual, tokens_linear
 from gptoss_jax.kernels import Kernels
 from gptoss_jax.kernels.dispatch import OUTPUT_PROJECTION_MIN_TOKENS, PROJECTION_MAX_TOKENS
+from gptoss_jax.kernels.projection import norm_qkv, output_residual, tokens_linear
 from gptoss_jax.model import Attention, LayerCache
-from conftest import assert_mostly_bit_equal
 
 F32 = jnp.float32
 

@@ -7,11 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import assert_mostly_bit_equal
 
 from gptoss_jax.kernels import Kernels, router
 from gptoss_jax.kernels.dispatch import ROUTER_MAX_TOKENS
 from gptoss_jax.loader import load
-from conftest import assert_mostly_bit_equal
 
 F32 = jnp.float32
 

@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from conftest import hf_logits
 
 import gptoss_jax
-from conftest import hf_logits
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.converters.safetensors_io import SafetensorsFile, write_safetensors
 from gptoss_jax.loader import random_model

@@ -6,13 +6,20 @@ import openai_harmony as harmony
 import pytest
 
 from gptoss_jax import python_tool
-from gptoss_jax.chat_format import Conversation, Message, harmony_encoding, parse_completion, render_for_completion, user
+from gptoss_jax.chat_format import (
+    Conversation,
+    Message,
+    harmony_encoding,
+    parse_completion,
+    render_for_completion,
+    user,
+)
 from gptoss_jax.python_tool import PythonTool, SandboxUnavailable, is_python_call
 from gptoss_jax.tokenizer import get_tokenizer
 
 
 def sandbox_problems():
-    return [problem for problem in (python_tool._namespace_problem(), python_tool._landlock_problem()) if problem]
+    return [problem for problem in (python_tool.namespace_problem(), python_tool.landlock_problem()) if problem]
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +184,7 @@ def test_output_is_cut_to_its_first_and_last_bytes():
 
 
 def test_refuses_to_run_without_network_isolation(monkeypatch, listener):
-    monkeypatch.setattr(python_tool, "_namespace_problem", lambda: "the unshare command (util-linux) is not installed")
+    monkeypatch.setattr(python_tool, "namespace_problem", lambda: "the unshare command (util-linux) is not installed")
     with pytest.raises(SandboxUnavailable, match=r"cannot run sandboxed .*: the unshare command .* allow_unsandboxed=True"):
         PythonTool()
 
@@ -190,7 +197,7 @@ def test_refuses_to_run_without_network_isolation(monkeypatch, listener):
 
 
 def test_refuses_to_run_without_confined_writes(monkeypatch, tmp_path):
-    monkeypatch.setattr(python_tool, "_landlock_problem", lambda: "Landlock is not available")
+    monkeypatch.setattr(python_tool, "landlock_problem", lambda: "Landlock is not available")
     with pytest.raises(SandboxUnavailable, match="Landlock is not available"):
         PythonTool()
 

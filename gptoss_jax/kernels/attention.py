@@ -2,7 +2,7 @@
 cache, reading only the cache slots that can hold a visible key, on tensor cores.
 
 `decode_attention` mirrors `Attention.attend` for a one-token step whose keys are the
-cache followed by the new key (spec 2.3): scores rounded to the compute dtype and scaled
+cache followed by the new key (docs/architecture.md 2.3): scores rounded to the compute dtype and scaled
 by head_dim^-0.5 in that dtype, the sink as an extra logit in the softmax denominator,
 fp32 softmax, probabilities rounded to the compute dtype before they weight the values.
 
@@ -74,13 +74,13 @@ def _partial_kernel(qpos_ref, q_ref, k_ref, v_ref, kpos_ref, k_new_ref, v_new_re
     q2 = plgpu.load(q_ref.at[b, heads, hi], mask=real[:, None], other=0)
     k1_new = plgpu.load(k_new_ref.at[b, head, lo])
     k2_new = plgpu.load(k_new_ref.at[b, head, hi])
-    if rope:  # spec 2.4, as model.apply_rope
+    if rope:  # docs/architecture.md 2.4, as model.apply_rope
         cos = plgpu.load(cos_ref.at[b, :]).astype(F32)
         sin = plgpu.load(sin_ref.at[b, :]).astype(F32)
         q1, q2 = (t.astype(dtype) for t in _rope_halves(q1, q2, cos[None, :], sin[None, :], dtype))
         k1_new, k2_new = (t.astype(dtype) for t in _rope_halves(k1_new, k2_new, cos, sin, dtype))
 
-    # Split 0 starts from the sink and the new key (spec 2.3); the others from nothing.
+    # Split 0 starts from the sink and the new key (docs/architecture.md 2.3); the others from nothing.
     v_new = plgpu.load(v_new_ref.at[b, head, :])
     sink = plgpu.load(sinks_ref.at[heads], mask=real, other=0).astype(F32)
     s_new = jnp.sum(q1.astype(F32) * k1_new.astype(F32)[None, :] + q2.astype(F32) * k2_new.astype(F32)[None, :], axis=1)

@@ -26,7 +26,7 @@ def round_to(x, dtype):
 
 
 def swiglu_pair(gate, up, limit: float, alpha: float, dtype):
-    """Clamped SwiGLU (spec 2.5) with the roundings of model.MoE.swiglu: every op rounded to
+    """Clamped SwiGLU (docs/architecture.md 2.5) with the roundings of model.MoE.swiglu: every op rounded to
     `dtype`, the sigmoid as jax.nn.sigmoid's ops. Returns dtype."""
     gate = jnp.minimum(gate.astype(F32), limit)
     up = jnp.clip(up.astype(F32), -limit, limit)
@@ -127,7 +127,7 @@ def tile_schedule(pair_expert, num_experts: int, block_m: int) -> TileSchedule:
     t = jnp.arange(max_tiles(num_pairs, num_experts, block_m), dtype=jnp.int32)
     # compare_all: one fused kernel. The default (a binary-search while loop) costs a GPU
     # batch-64 decode step ~0.8 ms: ~6 kernels, 2 copies and a host-read predicate per
-    # iteration per layer (docs/performance.md entry 42).
+    # iteration per layer (docs/performance-log.md entry 42).
     expert = jnp.searchsorted(tiles_end, t, side="right", method="compare_all").astype(jnp.int32)
     real = expert < num_experts
     expert = jnp.minimum(expert, num_experts - 1)

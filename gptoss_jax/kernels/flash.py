@@ -1,6 +1,6 @@
 """Flash-style prefill attention (Pallas Triton) with learned sinks, the sliding window and GQA.
 
-`prefill_attention` mirrors `Attention.attend` (spec 2.3) for many query tokens at once:
+`prefill_attention` mirrors `Attention.attend` (docs/architecture.md 2.3) for many query tokens at once:
 scores rounded to the compute dtype, scaled by head_dim^-0.5 in that dtype and rounded
 again; the sink as an extra logit in the softmax denominator only; fp32 softmax; the
 probabilities rounded to the compute dtype before the tensor-core PV product. The softmax

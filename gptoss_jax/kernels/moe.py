@@ -3,7 +3,7 @@ E8M0 scales, dequantize in registers, accumulate in fp32.
 
 `experts_mix_decode` mirrors `MoE.expert_mix` for few tokens (tokens h [n, d], routed experts
 [n, k], their weights): two grouped GEMVs (`expert_gemv`), mlp1 with the bias and the clamped
-SwiGLU (spec 2.5), then mlp2 with the bias, the weighted sum over the k experts and the
+SwiGLU (docs/architecture.md 2.5), then mlp2 with the bias, the weighted sum over the k experts and the
 residual add.
 
 Layout the kernels read: FP4 values as their checkpoint bytes, uint8 [E, O, blocks, 16]
@@ -77,7 +77,7 @@ def _gemv_kernel(expert_ref, weight_ref, x_ref, w_ref, s_ref, bias_ref, residual
     # Each entry: (slice of the O/2 axis, slice of the pair axis) covering `rows` outputs.
     if swiglu_params is None:  # output o is (o // 2, o % 2): both halves of rows/2 pairs
         row_slices = [(pl.ds(row_block * rows // 2, rows // 2), pl.ds(0, 2))]
-    else:  # gate j at row 2j, up j at row 2j + 1 (spec 2.5)
+    else:  # gate j at row 2j, up j at row 2j + 1 (docs/architecture.md 2.5)
         row_slices = [(pl.ds(row_block * rows, rows), pl.ds(0, 1)), (pl.ds(row_block * rows, rows), pl.ds(1, 1))]
     # One accumulator per (pair, row slice); streams[i] = (pair index j, row slice).
     streams = [(j, sl) for j in range(pairs_per_program) for sl in row_slices]

@@ -2,7 +2,7 @@
 run at once: decode batches and prefill.
 
 `experts_grouped_kernel` has the contract of `MoE.experts_grouped`: tokens h [n, d],
-routed experts [n, k] -> [n, k, d], with the same roundings (spec 2.5): mlp1 accumulated
+routed experts [n, k] -> [n, k, d], with the same roundings (docs/architecture.md 2.5): mlp1 accumulated
 in fp32, rounded, + bias, clamped SwiGLU; mlp2 accumulated in fp32, rounded, + bias.
 
 The pairs are sorted by expert in XLA and cut into tiles of at most `block_m` pairs of one
@@ -58,7 +58,7 @@ def _dequantized(w_u8, s_u8, dtype, use_ptx: bool):
 # FP4 -> bf16 times the block scale, 4 bytes per asm instance, for the low (even) or high
 # (odd) nibbles: the nibble's bits placed as a bf16 (value * 2^-126; the 0.5 code is a bf16
 # subnormal, which bf16 arithmetic keeps) and multiplied by the scale as the bf16 2^(s-1):
-# exact for scales 0..128 (docs/performance.md entry 41). $2: 4 bytes; $3, $4: 4 scales.
+# exact for scales 0..128 (docs/performance-log.md entry 41). $2: 4 bytes; $3, $4: 4 scales.
 def _bf16_ptx(code_shift: int, sign_shift: int) -> str:
     """The asm for one nibble of 4 bytes: bytes 0-1 then 2-3 spread to the two halves of a
     register (prmt), the 3 magnitude bits and the sign shifted into place, times the scale."""
@@ -234,7 +234,7 @@ def parity_planes(x):
 
 # ------------------------------------------------------------------------- the MoE experts
 # Default tilings: the fastest of benchmarks/kernel_check.py --gemm on an H100 (20b shapes,
-# 2026-11-23; docs/performance.md): few pairs per expert (decode batches, timed at 256
+# 2026-11-23; docs/performance-log.md entry 13): few pairs per expert (decode batches, timed at 256
 # pairs) and many (prefill, timed at 32768). block_m follows the mean pairs per expert.
 DECODE_TUNING = dict(block_n=32, blocks_per_step=4, num_warps=4, num_stages=4, swap_ab=False)
 PREFILL_TUNING = dict(block_n=64, blocks_per_step=2, num_warps=4, num_stages=3, swap_ab=True)

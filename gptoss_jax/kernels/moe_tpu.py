@@ -1,7 +1,7 @@
 """Fused MXFP4 MoE experts for TPU (Pallas, Mosaic TPU lowering).
 
 `experts_tpu` has the contract of `MoE.experts_gathered` / `MoE.experts_grouped`: tokens
-h [n, d], routed experts [n, k] -> [n, k, d], with the same roundings (spec 2.5): mlp1
+h [n, d], routed experts [n, k] -> [n, k, d], with the same roundings (docs/architecture.md 2.5): mlp1
 accumulated in fp32, rounded, + bias, rounded, clamped SwiGLU; mlp2 accumulated in fp32,
 rounded, + bias. Ids outside [0, E) give zeros.
 
@@ -16,7 +16,7 @@ VMEM and dequantized there, never to HBM:
   bits, the E8M0 block scale as the fp32 bit pattern s << 23 spread over its 16 bytes by an
   exact 0/1 matmul (no lane reshapes), dots with fp32 accumulation: low nibbles against the
   even input features, high nibbles against the odd ones (split in XLA).
-- mlp1 rows interleave gate and up (spec 2.5): a program reads 2 * block_n interleaved rows
+- mlp1 rows interleave gate and up (docs/architecture.md 2.5): a program reads 2 * block_n interleaved rows
   and separates gate and up columns after the epilogue with exact 0/1 matmuls.
 Scales of 0 (2^-127) decode as 0 and 255 (NaN) as inf: trained scales sit near 2^-7.
 """

@@ -2,10 +2,10 @@
 decode steps (Pallas Triton).
 
 One kernel replaces, per attention layer, the RMSNorm kernel and XLA's q/k/v GEMM, which
-for a single token runs at about half the memory bandwidth (docs/performance.md). Each
+for a single token runs at about half the memory bandwidth (docs/performance-log.md entry 9). Each
 program recomputes the norm of the token (2880 values, cached in L1/L2) and produces
-`rows` outputs of q, k or v: round(h @ W^T + bias) as Attention.project (spec
-2.2 for the norm: fp32, gain in fp32, one rounding; spec 2.7 for the projection).
+`rows` outputs of q, k or v: round(h @ W^T + bias) as Attention.project (docs/architecture.md
+2.2 for the norm: fp32, gain in fp32, one rounding; docs/architecture.md 2.7 for the projection).
 The norm's fp32 sum runs in another order than XLA's, so h can differ from the reference
 by one bf16 ulp in rare elements: the result matches within bf16 tolerance, not bit for bit.
 
@@ -55,7 +55,7 @@ def _kernel(x_ref, scale_ref, wq_ref, bq_ref, wk_ref, bk_ref, wv_ref, bv_ref, q_
 
         acc = _gemv_steps(load_step, rows, bk, steps)
         bias = b_ref[pl.ds(block * rows, rows)].astype(F32)
-        out = (acc + bias).astype(out_ref.dtype)  # one rounding, after the bias (spec 2.7)
+        out = (acc + bias).astype(out_ref.dtype)  # one rounding, after the bias (docs/architecture.md 2.7)
         plgpu.store(out_ref.at[pl.ds(block * rows, rows)], out)
 
     first = 0
@@ -112,7 +112,7 @@ def output_residual(attn, wo, bo, x, *, rows: int = 8, bk: int = 1024, num_warps
                     interpret: bool = False):
     """One token: attn [heads, head_dim] (the attention output), wo [D, heads, head_dim],
     bo [D], x [D] (the residual stream) -> x + round(attn @ wo^T + bo), in x's dtype: the
-    output projection (spec 2.7) and the block's residual add in one kernel."""
+    output projection (docs/architecture.md 2.7) and the block's residual add in one kernel."""
     outputs = wo.shape[0]
     features = attn.size
     if wo.shape[1:] != attn.shape or bo.shape != (outputs,) or x.shape != (outputs,):
@@ -157,7 +157,7 @@ def _tokens_kernel(*refs, count: int, programs: tuple[int, ...], tokens: int, m:
 
         acc = jax.lax.fori_loop(0, steps, step, jnp.zeros((m, bn), F32))
         dt = out_ref.dtype
-        out = (acc + plgpu.load(b_ref.at[cols]).astype(F32)[None, :]).astype(dt)  # one rounding (spec 2.7)
+        out = (acc + plgpu.load(b_ref.at[cols]).astype(F32)[None, :]).astype(dt)  # one rounding (docs/architecture.md 2.7)
         if residual_ref is not None:  # the block's residual add, rounded
             res = plgpu.load(residual_ref.at[pl.ds(0, m), cols], mask=real[:, None], other=0)
             out = (res.astype(F32) + out.astype(F32)).astype(dt)

@@ -3,7 +3,7 @@ softmax, in two kernels.
 
 For one token XLA spends about seven small kernels per MoE layer on this (the norm's sum of
 squares, the norm and the router dot, the normed activation, three for a sort-based top-k,
-the softmax; docs/performance.md). Here:
+the softmax; docs/performance-log.md entry 20). Here:
 
 - `norm_router_logits`: program (token, group) recomputes the token's RMSNorm (2880 values,
   from L1/L2) and produces `experts_per_program` router logits, round(h @ Wg^T + bg); the
@@ -13,7 +13,7 @@ the softmax; docs/performance.md). Here:
 - `top_k_softmax`: one program per token: the k largest logits (ties: the lower expert id
   first, as lax.top_k) and the softmax over them in fp32, rounded once.
 
-Numerics as MoE.norm / MoE.route (spec 2.2 and 2.5, step 2-3). The fp32 sums run in another
+Numerics as MoE.norm / MoE.route (docs/architecture.md 2.2 and 2.5, step 2-3). The fp32 sums run in another
 order than XLA's, so h and the logits can differ from the reference by one bf16 ulp in rare
 elements; a near-tie between two logits can then route differently, as two correct bf16
 implementations can.
@@ -39,7 +39,7 @@ def _norm_logits_kernel(x_ref, scale_ref, w_ref, b_ref, h_ref, logits_ref, *, fe
     x = plgpu.load(x_ref.at[token, pl.ds(0, width)], mask=inside, other=0).astype(F32)
     gain = plgpu.load(scale_ref.at[pl.ds(0, width)], mask=inside, other=0).astype(F32)
     inv_rms = jax.lax.rsqrt(jnp.sum(x * x) / features + eps)
-    h = (x * inv_rms * gain).astype(h_ref.dtype)  # spec 2.2: fp32, gain in fp32, one rounding
+    h = (x * inv_rms * gain).astype(h_ref.dtype)  # docs/architecture.md 2.2: fp32, gain in fp32, one rounding
 
     @pl.when(group == 0)
     def _():
@@ -51,7 +51,7 @@ def _norm_logits_kernel(x_ref, scale_ref, w_ref, b_ref, h_ref, logits_ref, *, fe
                    mask=row_ok[:, None] & inside[None, :], other=0)
     dot = jnp.sum(w.astype(F32) * h.astype(F32)[None, :], axis=1)
     bias = plgpu.load(b_ref.at[pl.ds(group * experts_per_program, experts_per_program)], mask=row_ok, other=0)
-    logits = (dot + bias.astype(F32)).astype(logits_ref.dtype)  # spec 2.5 step 2: bf16 logits
+    logits = (dot + bias.astype(F32)).astype(logits_ref.dtype)  # docs/architecture.md 2.5 step 2: bf16 logits
     plgpu.store(logits_ref.at[token, pl.ds(group * experts_per_program, experts_per_program)], logits, mask=row_ok)
 
 
@@ -98,7 +98,7 @@ def _top_k_kernel(logits_ref, experts_ref, weights_ref, *, num_experts: int, wid
         chosen = jnp.where(slot == j, pick, chosen)
         values = jnp.where(slot == j, best, values)
         logits = jnp.where(ids == pick, -jnp.inf, logits)
-    e = jnp.exp(values - jnp.max(values))  # spec 2.5 step 3: softmax over the k logits in fp32
+    e = jnp.exp(values - jnp.max(values))  # docs/architecture.md 2.5 step 3: softmax over the k logits in fp32
     experts_ref[...] = chosen
     weights_ref[...] = (e / jnp.sum(e)).astype(weights_ref.dtype)
 
