@@ -17,7 +17,10 @@ import jax.numpy as jnp
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gemv_sweep import random_experts  # noqa: E402
 
-from gptoss_jax.kernels import moe_gemm  # noqa: E402
+from gptoss_jax.kernels import (
+    common,  # noqa: E402
+    moe_gemm,  # noqa: E402
+)
 
 
 def main():
@@ -26,7 +29,7 @@ def main():
     h = jax.random.normal(jax.random.key(3), (64, 2880)).astype(jnp.bfloat16)
     ids = jax.lax.top_k(jax.random.normal(jax.random.key(4), (64, 32)), 4)[1]  # 4 distinct experts per token
     tuning = dict(moe_gemm.default_tuning(256, 32), bf16_decode=True, **extra)
-    schedule = moe_gemm.tile_schedule(ids.reshape(-1), 32, tuning["block_m"])
+    schedule = common.tile_schedule(ids.reshape(-1), 32, tuning["block_m"])
     x = moe_gemm.parity_planes(h[schedule.order // 4])
     mlp1 = jax.jit(lambda x, s, w: moe_gemm.grouped_gemm(x, s, *w, swiglu_params=(7.0, 1.702), **tuning))
     a = jax.block_until_ready(mlp1(x, schedule, w1))

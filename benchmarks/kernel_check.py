@@ -33,6 +33,7 @@ from gptoss_jax import mxfp4  # noqa: E402
 from gptoss_jax.config import GptOssConfig  # noqa: E402
 from gptoss_jax.kernels import (  # noqa: E402
     attention,
+    common,  # noqa: E402
     moe,
     moe_gemm,  # noqa: E402
 )
@@ -468,7 +469,7 @@ def gemm_section(args, report, save):
                 # each projection alone, on the same schedule
                 one = dict(moe_gemm.default_tuning(pairs, num_experts), **tuning,
                            interpret=jax.default_backend() == "cpu")
-                sched = moe_gemm.tile_schedule(experts.reshape(-1), num_experts, one["block_m"])
+                sched = common.tile_schedule(experts.reshape(-1), num_experts, one["block_m"])
                 x = moe_gemm.parity_planes(h[sched.order // k])
                 t1 = call_time(lambda x, s, p: moe_gemm.grouped_gemm(x, s, *p, swiglu_params=swiglu, **one),
                                x, sched, packed[:3], reps=reps)

@@ -8,7 +8,7 @@ import pytest
 from conftest import assert_mostly_bit_equal
 
 from gptoss_jax import mxfp4
-from gptoss_jax.kernels import Kernels, kernels_in_use, set_kernels
+from gptoss_jax.kernels import Kernels, common, kernels_in_use, set_kernels
 from gptoss_jax.kernels import moe as moe_kernels
 from gptoss_jax.kernels.common import swiglu_pair
 from gptoss_jax.kernels.dispatch import packed_experts
@@ -40,10 +40,10 @@ def reference_gemv(x, pair_expert, fp4, scales, bias, pairs_per_x=1, swiglu_para
 
 def test_decode_nibbles_is_exact_for_every_byte():
     byte = jnp.arange(256, dtype=jnp.int32)
-    low, high = moe_kernels.decode_nibbles(byte)
+    low, high = common.decode_nibbles(byte)
     fp4 = mxfp4.blocks_to_fp4(jnp.arange(256, dtype=jnp.uint8).reshape(16, 16))  # [16, 32]
     expected = np.asarray(fp4.astype(jnp.float32)).reshape(256, 2)
-    scale = 2.0 ** moe_kernels.FP16_SHIFT
+    scale = 2.0 ** common.FP16_SHIFT
     np.testing.assert_array_equal(np.asarray(low) * scale, expected[:, 0])
     np.testing.assert_array_equal(np.asarray(high) * scale, expected[:, 1])
 
@@ -51,7 +51,7 @@ def test_decode_nibbles_is_exact_for_every_byte():
 def test_block_scale_matches_e8m0():
     """Exact for every scale up to 2^113 (E8M0 240); trained MXFP4 scales sit far below."""
     exponents = jnp.arange(0, 241, dtype=jnp.uint8)
-    got = np.asarray(moe_kernels.block_scale(exponents), np.float64) * 2.0 ** -moe_kernels.FP16_SHIFT
+    got = np.asarray(common.block_scale(exponents), np.float64) * 2.0 ** -common.FP16_SHIFT
     np.testing.assert_array_equal(got, 2.0 ** (np.arange(0, 241) - 127.0))
 
 

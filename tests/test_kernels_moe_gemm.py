@@ -11,7 +11,7 @@ from conftest import assert_mostly_bit_equal
 
 from gptoss_jax import model as model_lib
 from gptoss_jax import mxfp4
-from gptoss_jax.kernels import Kernels, moe_gemm
+from gptoss_jax.kernels import Kernels, common, moe_gemm
 from gptoss_jax.kernels import moe as moe_kernels
 from gptoss_jax.kernels.common import swiglu_pair
 from gptoss_jax.loader import load
@@ -63,8 +63,8 @@ def test_tile_schedule_covers_each_known_pair_once_within_one_expert():
     num_experts, block_m = 5, 4
     # expert 1 empty, expert 3 holds most pairs (11: not a multiple of 4), ids -1, 5, 9 unknown
     ids = jnp.asarray([3, 0, 3, 9, 3, 2, 3, 3, -1, 3, 3, 4, 3, 3, 5, 3, 3, 0], jnp.int32)
-    s = moe_gemm.tile_schedule(ids, num_experts, block_m)
-    assert s.tile_rows.shape == (moe_gemm.max_tiles(ids.shape[0], num_experts, block_m),)
+    s = common.tile_schedule(ids, num_experts, block_m)
+    assert s.tile_rows.shape == (common.max_tiles(ids.shape[0], num_experts, block_m),)
     sorted_ids = np.asarray(ids)[np.asarray(s.order)]
     covered = []
     for expert, start, rows in zip(*map(np.asarray, (s.tile_expert, s.tile_start, s.tile_rows))):
@@ -81,7 +81,7 @@ def test_tile_schedule_covers_each_known_pair_once_within_one_expert():
 def test_tile_schedule_has_no_loop():
     # A while loop here (jnp.searchsorted's default method) runs its condition on the host
     # every iteration on a GPU: ~0.8 ms of a batch-64 decode step (docs/performance-log.md entry 42).
-    hlo = jax.jit(lambda ids: moe_gemm.tile_schedule(ids, 32, 16)).lower(jnp.zeros(256, jnp.int32)).as_text()
+    hlo = jax.jit(lambda ids: common.tile_schedule(ids, 32, 16)).lower(jnp.zeros(256, jnp.int32)).as_text()
     assert "while" not in hlo and "stablehlo.while" not in hlo
 
 
@@ -137,7 +137,7 @@ def test_grouped_gemm_fp32_is_tight():
 
 def test_grouped_gemm_rejects_mismatched_shapes():
     w = random_experts(np.random.default_rng(0), 2, 64, 64, jnp.bfloat16)
-    schedule = moe_gemm.tile_schedule(jnp.zeros(4, jnp.int32), 2, 16)
+    schedule = common.tile_schedule(jnp.zeros(4, jnp.int32), 2, 16)
     with pytest.raises(ValueError, match="features"):
         moe_gemm.grouped_gemm(jnp.zeros((2, 4, 48), jnp.bfloat16), schedule, moe_kernels.packed_bytes(w.mlp2_fp4),
                               w.mlp2_scales, w.mlp2_bias, interpret=True)
