@@ -63,7 +63,7 @@ class RMSNorm(nnx.Module):
         self.scale = _param((config.hidden_size,), dtype, ("norm",))
 
     def __call__(self, x):
-        # Spec 2.2: normalise in fp32, multiply the gain in fp32, then round once.
+        # docs/architecture.md 2.2: normalise in fp32, multiply the gain in fp32, then round once.
         t = x.astype(F32)
         t = t * jax.lax.rsqrt(jnp.mean(t * t, axis=-1, keepdims=True) + self.eps)
         return (t * self.scale[...].astype(F32)).astype(x.dtype)
@@ -165,7 +165,8 @@ class Attention(nnx.Module):
         b, t, _, hd = q.shape
         groups = c.q_heads_per_kv_head
         q = q.reshape(b, t, c.num_key_value_heads, groups, hd)  # q head n = kv head * groups + g
-        scores = _einsum("btkgd,bskd->bkgts", q, k, dt).astype(dt) * jnp.asarray(hd ** -0.5, dt)
+        # The rounded scores times the Python float 1/sqrt(head_dim), in fp32, rounded once.
+        scores = (_einsum("btkgd,bskd->bkgts", q, k, dt).astype(dt).astype(F32) * np.float32(hd ** -0.5)).astype(dt)
 
         qp, kp = q_positions[:, :, None], k_positions[:, None, :]
         allowed = (kp <= qp) & (kp != NO_POSITION)
@@ -268,8 +269,10 @@ class MoE(nnx.Module):
         gate, up = u[..., 0::2], u[..., 1::2]
         gate = jnp.minimum(gate, jnp.asarray(c.swiglu_limit, dt))
         up = jnp.clip(up, -c.swiglu_limit, c.swiglu_limit).astype(dt)
-        # torch multiplies a bf16 tensor by a Python float in fp32, then rounds.
-        glu = gate * jax.nn.sigmoid((gate.astype(F32) * c.swiglu_alpha).astype(dt))
+        # torch multiplies a bf16 tensor by a Python float in fp32, then rounds; its sigmoid of a
+        # bf16 tensor is evaluated in fp32 and rounded once (docs/architecture.md 2.5).
+        z = (gate.astype(F32) * c.swiglu_alpha).astype(dt)
+        glu = gate * jax.nn.sigmoid(z.astype(F32)).astype(dt)
         return glu * (up + jnp.asarray(1, dt))
 
     def __call__(self, x, *, kernels: Kernels = XLA, add_input: bool = False):

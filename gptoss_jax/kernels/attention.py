@@ -2,8 +2,8 @@
 cache, reading only the cache slots that can hold a visible key, on tensor cores.
 
 `decode_attention` mirrors `Attention.attend` for a one-token step whose keys are the
-cache followed by the new key (docs/architecture.md 2.3): scores rounded to the compute dtype and scaled
-by head_dim^-0.5 in that dtype, the sink as an extra logit in the softmax denominator,
+cache followed by the new key (docs/architecture.md 2.3): scores rounded to the compute dtype, times
+head_dim^-0.5 in fp32 and rounded again, the sink as an extra logit in the softmax denominator,
 fp32 softmax, probabilities rounded to the compute dtype before they weight the values.
 
 Each program takes one (sequence, kv head, split): the kv head's `groups` query heads,
@@ -49,7 +49,7 @@ def _pow2_floor(n: int) -> int:
 
 
 def _round_scores(s, scale, dtype):
-    """fp32 dot products -> the reference's scores: round, scale in the compute dtype, round."""
+    """fp32 dot products -> the reference's scores: round, scale in fp32, round."""
     return (s.astype(dtype).astype(F32) * scale).astype(dtype).astype(F32)
 
 
@@ -192,7 +192,7 @@ def decode_attention(q, k_new, v_new, positions, cache_k, cache_v, cache_positio
     rows = max(MIN_DOT, next_power_of_2(groups))
     if splits is None:
         splits = default_splits(batch, kv, slots, block, window)
-    scale = float(np.asarray(hd ** -0.5, dtype))  # the scale as the compute dtype holds it
+    scale = float(np.float32(hd ** -0.5))  # the reference multiplies by the Python float, in fp32
     precision = jax.lax.Precision.HIGHEST if dtype == F32 else jax.lax.Precision.DEFAULT
     qpos = positions[:, 0].astype(jnp.int32)
     if rope is None:

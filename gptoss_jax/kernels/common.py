@@ -27,11 +27,11 @@ def round_to(x, dtype):
 
 def swiglu_pair(gate, up, limit: float, alpha: float, dtype):
     """Clamped SwiGLU (docs/architecture.md 2.5) with the roundings of model.MoE.swiglu: every op rounded to
-    `dtype`, the sigmoid as jax.nn.sigmoid's ops. Returns dtype."""
+    `dtype`, the sigmoid evaluated in fp32 and rounded once. Returns dtype."""
     gate = jnp.minimum(gate.astype(F32), limit)
     up = jnp.clip(up.astype(F32), -limit, limit)
     z = round_to(gate * alpha, dtype)
-    sigmoid = round_to(1 / round_to(1 + round_to(jnp.exp(-z), dtype), dtype), dtype)
+    sigmoid = round_to(1 / (1 + jnp.exp(-z)), dtype)
     glu = round_to(gate * sigmoid, dtype)
     return (glu * round_to(up + 1, dtype)).astype(dtype)
 

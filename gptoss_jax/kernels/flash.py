@@ -1,8 +1,7 @@
 """Flash-style prefill attention (Pallas Triton) with learned sinks, the sliding window and GQA.
 
 `prefill_attention` mirrors `Attention.attend` (docs/architecture.md 2.3) for many query tokens at once:
-scores rounded to the compute dtype, scaled by head_dim^-0.5 in that dtype and rounded
-again; the sink as an extra logit in the softmax denominator only; fp32 softmax; the
+scores rounded to the compute dtype, times head_dim^-0.5 in fp32 and rounded again; the sink as an extra logit in the softmax denominator only; fp32 softmax; the
 probabilities rounded to the compute dtype before the tensor-core PV product. The softmax
 is computed online over key blocks, so the [queries, keys] score matrix never exists in
 memory. One difference from the reference: the rounded probabilities are relative to the
@@ -50,7 +49,7 @@ def _flash_kernel(counts_ref, order_ref, q_ref, qpos_ref, sink_ref, k_ref, v_ref
         k = k_ref[b, pl.ds(start, block_k), head, :]  # [K, D]
         v = v_ref[b, pl.ds(start, block_k), head, :]
         s = plgpu.dot(q, k, trans_b=True, precision=precision)  # fp32 accumulation
-        # Spec 2.3 roundings: the score in the compute dtype, scaled in it, rounded again.
+        # docs/architecture.md 2.3: the score rounded, scaled in fp32, rounded again.
         s = (s.astype(dtype).astype(F32) * scale).astype(dtype).astype(F32)
         if masked:
             kp = kpos_ref[b, pl.ds(start, block_k)]  # [K]
@@ -153,7 +152,7 @@ def prefill_attention(q, k, v, q_positions, k_positions, sinks, *, window: int |
     key_positions = jnp.pad(k_positions.astype(jnp.int32), ((0, 0), (0, pad_keys)), constant_values=NO_POSITION)
     order, counts = key_block_schedule(row_positions, key_positions, block_m=block_m, block_k=block_k, window=window)
 
-    scale = float(np.asarray(hd ** -0.5, dtype))  # the scale as the compute dtype holds it
+    scale = float(np.float32(hd ** -0.5))  # the reference multiplies by the Python float, in fp32
     precision = jax.lax.Precision.HIGHEST if dtype == F32 else jax.lax.Precision.DEFAULT
     kernel = functools.partial(_flash_kernel, row_blocks=row_blocks, block_k=block_k, window=window, scale=scale,
                                dtype=dtype, precision=precision)
