@@ -4,7 +4,8 @@
 config (headers, names, shapes, dtypes, E8M0 scales) before writing anything, then streams
 it tensor by tensor into a converted checkpoint (see `orbax_io`). `export_hf(SRC, DST)` turns
 a converted checkpoint back into HF-layout safetensors. Both write into a temporary sibling
-of DST and rename it at the end, so a failed or interrupted run leaves no DST.
+of DST and rename it at the end, so a failed or interrupted run leaves no DST, and a later
+run to the same DST deletes what a killed one left.
 
 Host memory: a tensor is read with plain file reads (no memory map), split along its first
 axis into one piece per CPU device, and each piece is copied to its device and dropped; the
@@ -16,11 +17,11 @@ from __future__ import annotations
 
 import argparse
 import errno
-import json
 import logging
 import os
 import re
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -33,6 +34,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from gptoss_jax.config import ConfigError
 from gptoss_jax.converters import orbax_io
 from gptoss_jax.converters.destination import ConversionError, atomic_directory, check_destination, check_free_space
+from gptoss_jax.converters.interrupts import signals_raise_interrupted, uninterrupted
 from gptoss_jax.converters.layouts import (
     DENSE,
     E8M0_SCALES,
@@ -44,7 +46,7 @@ from gptoss_jax.converters.layouts import (
     tensor_specs,
     write_checkpoint,
 )
-from gptoss_jax.converters.safetensors_io import CheckpointError
+from gptoss_jax.converters.safetensors_io import CheckpointError, read_json
 from gptoss_jax.model import abstract_model
 
 # Files an HF download carries besides the weights; kept so `--to hf` returns them.
@@ -80,8 +82,11 @@ class Progress:
         eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta != float("inf") else "--:--:--"
         width = 24
         filled = int(width * self.done / max(self.total, 1))
+        # Every tensor is read: what is left is writing the last of them and the metadata.
+        tail = "finishing: writing the last data and the metadata" if self.done >= self.total else \
+            f"ETA {eta_text} {name}"
         return (f"{self.label} [{'#' * filled}{'.' * (width - filled)}] {self.done / 2**30:.2f}/"
-                f"{self.total / 2**30:.2f} GiB {rate / 1e6:.0f} MB/s ETA {eta_text} {name}")
+                f"{self.total / 2**30:.2f} GiB {rate / 1e6:.0f} MB/s {tail}")
 
     def close(self):
         if self.enabled:
@@ -105,6 +110,9 @@ def convert(src, dst, *, force: bool = False, dry_run: bool = False, progress: b
     """Converts an HF- or original-layout MXFP4 checkpoint into a converted checkpoint at `dst`.
     Returns a summary (layout, bytes, seconds)."""
     src, dst = Path(src), Path(dst)
+    if orbax_io.is_converted(src):
+        raise ConversionError(f"{src}: already a converted gptoss-jax checkpoint (load it as it is); to write it back "
+                              f"as HF-layout safetensors, run `python -m gptoss_jax.convert {src} DST --to hf`")
     checkpoint = Checkpoint(src)
     check_destination(src, dst, force)
     _scan_scales(checkpoint)
@@ -217,7 +225,7 @@ def export_hf(src, dst, *, force: bool = False, dry_run: bool = False, progress:
     check_free_space(dst, total)
     source = src / orbax_io.SOURCE
     from_hf = checkpoint.marker.get("source", {}).get("layout") == HF and (source / "config.json").is_file()
-    hf_config = json.loads((source / "config.json").read_text()) if from_hf else None
+    hf_config = read_json(source / "config.json") if from_hf else None
     reader = _GroupReader(checkpoint, specs)
     start = time.monotonic()
     bar = Progress(total, enabled=progress, label="exporting")
@@ -266,7 +274,8 @@ class _GroupReader:
                     break
                 group.append(path)
                 size += nbytes
-            self.cache = self.checkpoint.read_host(group)
+            with uninterrupted():  # a signal is acted on between groups, not inside orbax's event loop
+                self.cache = self.checkpoint.read_host(group)
             orbax_io.return_free_memory()
         return self.cache[leaf]
 
@@ -305,19 +314,22 @@ def main(argv=None) -> int:
     logging.getLogger("absl").setLevel(logging.CRITICAL)
     progress = False if args.no_progress else None
     try:
-        _use_cpu_devices()
-        orbax_io.map_large_allocations()
-        if args.to == "hf":
-            summary = export_hf(args.src, args.dst, force=args.force, dry_run=args.dry_run, progress=progress)
-        else:
-            summary = convert(args.src, args.dst, force=args.force, dry_run=args.dry_run, progress=progress)
+        with signals_raise_interrupted():
+            _use_cpu_devices()
+            orbax_io.map_large_allocations()
+            if args.to == "hf":
+                summary = export_hf(args.src, args.dst, force=args.force, dry_run=args.dry_run, progress=progress)
+            else:
+                summary = convert(args.src, args.dst, force=args.force, dry_run=args.dry_run, progress=progress)
     except (CheckpointError, ConfigError, ConversionError, OSError, ValueError) as e:
         message = " ".join(str(e).split()) or type(e).__name__
         print(f"error: {message}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"error: {args.dst}: interrupted; nothing was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Interrupted)
+        status = getattr(e, "exit_status", 128 + signal.SIGINT)
+        how = "interrupted" if status == 128 + signal.SIGINT else f"stopped by {e}"
+        print(f"error: {args.dst}: {how}; nothing was written", file=sys.stderr)
+        return status
     size = f"{summary['bytes'] / 2**30:.2f} GiB"
     if args.dry_run:
         kind = "converted checkpoint" if args.to == "hf" else f"{summary['layout']}-layout checkpoint"

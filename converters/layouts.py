@@ -17,7 +17,7 @@ import ml_dtypes
 import numpy as np
 
 from gptoss_jax.config import ConfigError, GptOssConfig
-from gptoss_jax.converters.safetensors_io import DTYPE_NAMES, CheckpointError, SafetensorsFile, write_safetensors
+from gptoss_jax.converters.safetensors_io import DTYPE_NAMES, CheckpointError, SafetensorsFile, read_json, write_safetensors
 from gptoss_jax.mxfp4 import BLOCK, BYTES_PER_BLOCK, NAN_SCALE, blocks_to_fp4_numpy
 
 HF = "hf"
@@ -259,10 +259,7 @@ class Checkpoint:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.layout, self.root = detect_layout(self.path)
-        try:
-            self.config = GptOssConfig.from_json(self.root / "config.json")
-        except ConfigError as e:
-            raise CheckpointError(f"{self.root / 'config.json'}: {e}") from None
+        self.config = read_config(self.root / "config.json")
         self.files: dict[str, SafetensorsFile] = {}
         self.file_of: dict[str, str] = {}
         for file_name, tensor_names in self._shards().items():
@@ -278,10 +275,10 @@ class Checkpoint:
     def _shards(self) -> dict[str, list[str] | None]:
         if self.layout == HF and (self.root / HF_INDEX).exists():
             index_path = self.root / HF_INDEX
-            try:
-                weight_map = json.loads(index_path.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{index_path}: not a valid safetensors index ({e})") from None
+            index = read_json(index_path)
+            weight_map = index.get("weight_map") if isinstance(index, dict) else None
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index_path}: not a valid safetensors index (no 'weight_map' object)")
             shards: dict[str, list[str]] = {}
             for name, file_name in weight_map.items():
                 shards.setdefault(file_name, []).append(name)
@@ -321,6 +318,14 @@ class Checkpoint:
             raise CheckpointError(f"{self.where(spec.name)}: tensor '{spec.name}' has E8M0 scale 255 (NaN) at "
                                   f"index {where}; the checkpoint is corrupt")
         return array
+
+
+def read_config(path: Path) -> GptOssConfig:
+    """The model config in a `config.json` (any of the three kinds), named after its path."""
+    try:
+        return GptOssConfig.from_dict(read_json(path), name=str(path))
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from None
 
 
 def detect_layout(path: Path) -> tuple[str, Path]:

@@ -2,8 +2,9 @@
 
 A converted checkpoint is a directory holding
 
-- `gptoss_jax.json`: the format marker (name, version), the tokenizer it expects and where
-  the weights came from;
+- `gptoss_jax.json`: the format marker (name, version), the tokenizer it expects, where
+  the weights came from and the size of every file under `params/` (so that a missing or
+  truncated file is found before anything is read);
 - `config.json`: the model config (`GptOssConfig.to_dict`);
 - `params/`: an Orbax checkpoint (OCDBT + Zarr3, uncompressed) of the model's parameter tree,
   one array per parameter, keyed by the parameter's path (`blocks/0/mlp/mlp1_fp4`);
@@ -21,8 +22,11 @@ process restoring an expert-parallel shard reads only its own experts.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
+import re
 from pathlib import Path
 
 import jax
@@ -31,10 +35,11 @@ import numpy as np
 from flax import nnx
 
 from gptoss_jax import mxfp4
-from gptoss_jax.config import ConfigError, GptOssConfig
+from gptoss_jax.config import GptOssConfig
 from gptoss_jax.converters.destination import atomic_directory
-from gptoss_jax.converters.layouts import DENSE, E8M0_SCALES, FLOAT_DTYPES, FP4_VALUES, HF, tensor_specs
-from gptoss_jax.converters.safetensors_io import DTYPES, CheckpointError
+from gptoss_jax.converters.interrupts import uninterrupted
+from gptoss_jax.converters.layouts import DENSE, E8M0_SCALES, FLOAT_DTYPES, FP4_VALUES, HF, read_config, tensor_specs
+from gptoss_jax.converters.safetensors_io import DTYPES, CheckpointError, read_json
 from gptoss_jax.sharding.rules import LOGICAL_TO_MESH
 from gptoss_jax.tokenizer import ENCODING_NAME, VOCABULARY_FILE, VOCABULARY_SHA256
 
@@ -149,6 +154,45 @@ def _ocp():
     return ocp
 
 
+@contextlib.contextmanager
+def _orbax_logs_kept():
+    """Yields a list that collects what orbax and its event loop log (warnings and errors
+    about arrays it could not read) instead of printing it: the caller turns failures
+    into one error of its own."""
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
+    saved = [(logger.handlers, logger.propagate, logger.level) for logger in loggers]
+    for logger in loggers:
+        logger.handlers, logger.propagate, logger.level = [Keep()], False, logging.WARNING
+    try:
+        yield records
+    finally:
+        for logger, (handlers, propagate, level) in zip(loggers, saved):
+            logger.handlers, logger.propagate, logger.level = handlers, propagate, level
+
+
+def _tensorstore_error(error: BaseException) -> ValueError | None:
+    """The ValueError by which tensorstore reports missing or damaged data, if that is what
+    `error` (or the error it wraps) is."""
+    while error is not None and not isinstance(error, ValueError):
+        error = error.__cause__ or error.__context__
+    return error
+
+
+def _short(message: str) -> str:
+    return " ".join(message.split(" [tensorstore_spec=")[0].split())
+
+
+def _parameter_named_in(message: str) -> str | None:
+    found = re.search(r'"([\w.]+)/(?:zarr\.json|c/)', message)  # tensorstore names arrays "blocks.0.attn.wq"
+    return found.group(1).replace(".", "/") if found else None
+
+
 # ------------------------------------------------------------------------------- writing
 def _describe(leaves: dict) -> str:
     keys = [leaf_key(p) for p in leaves]
@@ -170,7 +214,7 @@ class ParamsWriter:
     on a local disk: reads and writes then contend.)"""
 
     def __init__(self, directory: str | Path, group_bytes: int | None = None):
-        self.directory = Path(directory)
+        self.directory = Path(directory).absolute()  # orbax takes absolute paths only
         self.group_bytes = group_bytes or GROUP_BYTES
         self.pending: dict[tuple, jax.Array] = {}
         self.pending_bytes = 0
@@ -195,7 +239,7 @@ class ParamsWriter:
         if not self.pending:
             return
         try:
-            with self._context():
+            with uninterrupted(), self._context():
                 _ocp().partial.save(self.directory, nest(self.pending))
         except (OSError, ValueError) as e:  # tensorstore reports I/O errors as ValueError
             raise WriteFailed(_describe(self.pending), e) from None
@@ -205,7 +249,7 @@ class ParamsWriter:
     def finish(self):
         self.flush()
         try:
-            with self._context():
+            with uninterrupted(), self._context():
                 _ocp().partial.finalize(self.directory)
         except (OSError, ValueError) as e:
             raise WriteFailed("the checkpoint's metadata", e) from None
@@ -235,7 +279,13 @@ def _package_version() -> str:
         return "unknown"
 
 
+def file_sizes(folder: Path) -> dict[str, int]:
+    """The size of every file under `folder`, by its path relative to `folder`."""
+    return {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def write_marker(directory: Path, config: GptOssConfig, source: dict):
+    """Writes the config and the marker; call it once the parameters are written."""
     marker = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -245,6 +295,7 @@ def write_marker(directory: Path, config: GptOssConfig, source: dict):
                       "vocabulary_sha256": VOCABULARY_SHA256, "shipped_with": "gptoss_jax"},
         "source": source,
         "written_by": f"gptoss-jax {_package_version()}",
+        "params_file_sizes": file_sizes(directory / PARAMS),
     }
     (directory / CONFIG).write_text(json.dumps(config.to_dict(), indent=2))
     (directory / MARKER).write_text(json.dumps(marker, indent=2))
@@ -277,35 +328,64 @@ class ConvertedCheckpoint:
     """A converted checkpoint directory, validated against its config on open."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
+        self.path = Path(path).absolute()  # orbax takes absolute paths only
         marker_path = self.path / MARKER
-        try:
-            self.marker = json.loads(marker_path.read_text())
-        except FileNotFoundError:
+        if not marker_path.is_file():
             raise CheckpointError(f"{self.path}: not a converted gptoss-jax checkpoint (no {MARKER}); convert "
-                                  f"one with `python -m gptoss_jax.convert SRC DST`") from None
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{marker_path}: not valid JSON ({e})") from None
+                                  f"one with `python -m gptoss_jax.convert SRC DST`")
+        self.marker = read_json(marker_path)
         if not isinstance(self.marker, dict) or self.marker.get("format") != FORMAT:
             raise CheckpointError(f"{marker_path}: not a {FORMAT} marker")
         version = self.marker.get("format_version")
         if version != FORMAT_VERSION:
             raise CheckpointError(f"{marker_path}: format version {version!r}, but this gptoss-jax reads version "
                                   f"{FORMAT_VERSION}; use the gptoss-jax that wrote it or convert the source again")
-        try:
-            self.config = GptOssConfig.from_json(self.path / CONFIG)
-        except ConfigError as e:
-            raise CheckpointError(f"{self.path / CONFIG}: {e}") from None
+        self.config = read_config(self.path / CONFIG)
         self.params = self.path / self.marker.get("params", PARAMS)
+        self._check_file_sizes()
         self.leaves = self._validate()
+
+    def damaged(self, what: str) -> CheckpointError:
+        """The error for a checkpoint whose files are damaged: what is wrong, and how to
+        write it again."""
+        source = self.marker.get("source")
+        source = source if isinstance(source, dict) else {}
+        if source.get("path"):
+            fix = f"convert the source again (python -m gptoss_jax.convert {source['path']} {self.path} --force)"
+        elif source.get("saved_from"):
+            fix = "save the model again"
+        else:
+            fix = "convert the source again"
+        return CheckpointError(f"{self.path}: {what}; the converted checkpoint is damaged; {fix}")
+
+    def _check_file_sizes(self):
+        """Finds a missing or truncated file before anything is read, by the sizes recorded
+        when it was written (checkpoints written without them are checked as they are read)."""
+        sizes = self.marker.get("params_file_sizes", {})
+        if not isinstance(sizes, dict):
+            raise CheckpointError(f"{self.path / MARKER}: 'params_file_sizes' must be an object")
+        for name, size in sizes.items():
+            path = self.params / name
+            try:
+                found = path.stat().st_size
+            except FileNotFoundError:
+                raise self.damaged(f"its file {path} is missing") from None
+            if found != size:
+                raise self.damaged(f"its file {path} has {found} bytes, but {size} were written")
 
     def _validate(self) -> dict[tuple, StoredLeaf]:
         if not (self.params / "_CHECKPOINT_METADATA").is_file():
             raise CheckpointError(f"{self.params}: missing or incomplete Orbax checkpoint; convert the source again")
         try:
-            stored = _flatten(_ocp().metadata(self.params).metadata)
+            with uninterrupted(), _orbax_logs_kept() as logs:  # orbax swallows even KeyboardInterrupt here
+                metadata = _ocp().metadata(self.params).metadata
         except (ValueError, OSError, KeyError) as e:
             raise CheckpointError(f"{self.params}: unreadable Orbax metadata ({e})") from None
+        if metadata is None:  # orbax logs why and returns None
+            details = [m.split("Error details:")[-1] for m in logs if "Error details:" in m]
+            reason = f" ({_short(details[0])})" if details else ""
+            raise self.damaged(f"Orbax cannot read the parameters' metadata in {self.params}{reason}")
+        stored = _flatten(metadata)
         expected = expected_leaves(self.config)
         by_key = {tuple(str(p) for p in path): path for path in expected}
         for key in stored:
@@ -345,11 +425,16 @@ class ConvertedCheckpoint:
         context = ocp.Context()
         context.memory.read_concurrent_bytes = max(1 << 30, 2 * largest_shard)
         try:
-            with context:
+            with context, _orbax_logs_kept():
                 restored = _flatten(ocp.load(self.params, nest(abstract)))
-        except ValueError as e:  # tensorstore reports missing or damaged data as ValueError
-            raise CheckpointError(f"{self.params}: reading failed ({' '.join(str(e).split())}); the converted "
-                                  f"checkpoint is damaged; convert the source again") from None
+        except Exception as e:  # orbax wraps some of tensorstore's errors in a plain Exception
+            error = _tensorstore_error(e)
+            if error is None:
+                raise
+            message = _short(str(error))
+            parameter = _parameter_named_in(message)
+            what = f"parameter '{parameter}'" if parameter else f"a parameter in {self.params}"
+            raise self.damaged(f"{what} cannot be read ({message})") from None
         return {path: restored[tuple(str(p) for p in path)] for path in targets}
 
     def read_host(self, paths) -> dict[tuple, np.ndarray]:

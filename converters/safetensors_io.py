@@ -32,6 +32,20 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, malformed or disagrees with the model config."""
 
 
+def read_json(path: str | Path):
+    """A JSON file's value; a CheckpointError naming the file if it is missing, not UTF-8
+    (as JSON files must be) or not JSON."""
+    try:
+        return json.loads(Path(path).read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file does not exist") from None
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); save it "
+                              f"as UTF-8 or fetch it again") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
 class SafetensorsFile:
     """One safetensors file: a validated header and memory-mapped tensors."""
 

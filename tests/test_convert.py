@@ -2,9 +2,13 @@ import errno
 import io
 import json
 import os
+import re
+import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -19,7 +23,7 @@ from gptoss_jax.config import GptOssConfig
 from gptoss_jax.converters import convert as convert_module
 from gptoss_jax.converters import orbax_io
 from gptoss_jax.converters.convert import Progress, main
-from gptoss_jax.converters.layouts import HF_INDEX
+from gptoss_jax.converters.layouts import HF_INDEX, Checkpoint
 from gptoss_jax.converters.safetensors_io import SafetensorsFile
 from gptoss_jax.loader import random_model
 from gptoss_jax.testing import write_random_checkpoint
@@ -393,3 +397,264 @@ def test_bad_converted_checkpoints_are_refused(converted, tmp_path, capsys):
     assert_refused(code, err, dst, "params", "has shape [8,")
     with pytest.raises(CheckpointError, match="has shape"):
         gptoss_jax.load(copy)
+
+
+# ------------------------------------------------------------------------------ relative paths
+def test_checkpoints_given_by_relative_paths(sources, converted, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(converted["hf"].parent)
+    model = gptoss_jax.load("hf")
+    assert_bit_identical(model, random_model(SMALL, seed=SEED))
+    monkeypatch.chdir(converted["hf"])
+    assert_bit_identical(gptoss_jax.load("."), model)
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run([os.path.relpath(converted["hf"]), "back", "--to", "hf"], capsys)
+    assert code == 0, err
+    assert tensors(tmp_path / "back").keys() == tensors(sources["hf"]).keys()
+    code, _, err = run([os.path.relpath(sources["original"]), "again"], capsys)
+    assert code == 0, err
+    assert_bit_identical(gptoss_jax.load("again"), model)
+    orbax_io.save_model(model, "saved")
+    assert_bit_identical(gptoss_jax.load("saved"), model)
+
+
+# ------------------------------------------------------------------------------ damaged checkpoints
+def largest_file(folder: Path) -> Path:
+    """A converted checkpoint's largest file: one holding array data."""
+    return max((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+DAMAGE = {"truncated": lambda f: os.truncate(f, f.stat().st_size // 2), "deleted": lambda f: f.unlink()}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_damaged_data_file_is_refused_in_one_line_by_load_and_both_clis(damage, converted, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(converted["hf"], copy)
+    data = largest_file(copy / "params")
+    DAMAGE[damage](data)
+    with pytest.raises(CheckpointError) as info:
+        gptoss_jax.load(copy)
+    for needle in (str(copy), data.name, "damaged; convert the source again"):
+        assert needle in str(info.value), (needle, str(info.value))
+    code, _, err = run([copy, tmp_path / "out", "--to", "hf"], capsys)
+    assert_refused(code, err, tmp_path / "out", str(copy), data.name, "convert the source again")
+    result = subprocess.run([sys.executable, "-m", "gptoss_jax.generate", "--checkpoint", str(copy), "--prompt", "hi"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300, check=False, env=cpu_env())
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: "), result.stderr[-3000:]
+    assert data.name in result.stderr and "convert the source again" in result.stderr
+
+
+def test_damage_found_only_while_reading_names_the_parameter(converted, tmp_path, capsys):
+    """A checkpoint written without the list of its data files (or damaged in a way that
+    keeps file sizes) is found damaged when its arrays are read."""
+    copy = tmp_path / "copy"
+    shutil.copytree(converted["hf"], copy)
+    marker = json.loads((copy / orbax_io.MARKER).read_text())
+    marker.pop("params_file_sizes", None)
+    (copy / orbax_io.MARKER).write_text(json.dumps(marker))
+    data = largest_file(copy / "params")
+    os.truncate(data, data.stat().st_size // 2)
+    with pytest.raises(CheckpointError) as info:
+        gptoss_jax.load(copy)
+    message = str(info.value)
+    assert str(copy) in message and "damaged; convert the source again" in message, message
+    assert re.search(r"parameter '(blocks/\d+/\w+/\w+|embedding|unembedding|norm/scale)'", message), message
+    code, _, err = run([copy, tmp_path / "out", "--to", "hf"], capsys)
+    assert_refused(code, err, tmp_path / "out", str(copy), "parameter '", "convert the source again")
+
+
+def test_unreadable_parameter_metadata_is_reported_as_damage(converted, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(converted["hf"], copy)
+    for node in (copy / "params" / "state" / "d").iterdir():  # the b-tree nodes that index the arrays
+        node.write_bytes(bytes(node.stat().st_size))
+    with pytest.raises(CheckpointError, match="damaged; convert the source again") as info:
+        gptoss_jax.load(copy)
+    assert str(copy) in str(info.value)
+    code, _, err = run([copy, tmp_path / "out", "--to", "hf"], capsys)
+    assert_refused(code, err, tmp_path / "out", str(copy), "damaged; convert the source again")
+
+
+# ------------------------------------------------------------------------------ messages
+NOT_UTF8 = b"\xff\xfe{\"not\": \"utf-8 \x80\"}"
+
+
+@pytest.mark.parametrize("layout, name", [("hf", "config.json"), ("hf", HF_INDEX), ("original", "original/config.json")])
+def test_a_source_file_that_is_not_utf8_is_named(layout, name, sources, tmp_path, capsys):
+    src = tmp_path / "src"
+    shutil.copytree(sources[layout], src)
+    (src / name).write_bytes(NOT_UTF8)
+    code, _, err = run([src, tmp_path / "dst"], capsys)
+    assert_refused(code, err, tmp_path / "dst", str(src / name), "UTF-8")
+
+
+@pytest.mark.parametrize("name", ["config.json", orbax_io.MARKER, "source/config.json"])
+def test_a_converted_file_that_is_not_utf8_is_named(name, converted, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(converted["hf"], copy)
+    (copy / name).write_bytes(NOT_UTF8)
+    code, _, err = run([copy, tmp_path / "dst", "--to", "hf"], capsys)
+    assert_refused(code, err, tmp_path / "dst", str(copy / name), "UTF-8")
+
+
+def test_the_free_space_message_counts_the_margin_it_asks_for(sources, tmp_path, capsys, monkeypatch):
+    data = convert_module.source_bytes(Checkpoint(sources["hf"]))
+    free = data + convert_module.SPACE_MARGIN // 2  # room for the data, not for the margin
+    monkeypatch.setattr(convert_module.shutil, "disk_usage", lambda path: type("U", (), {"free": free})())
+    dst = tmp_path / "dst"
+    code, _, err = run([sources["hf"], dst], capsys)
+    assert_refused(code, err, dst, str(dst), "GiB free; free some space")
+    needs, has = (float(x) for x in re.search(r"needs ([\d.]+) GiB.* has ([\d.]+) GiB free", err).groups())
+    assert needs > has, err
+    assert "margin" in err, err
+
+
+def test_converting_a_converted_checkpoint_suggests_the_way_back(converted, tmp_path, capsys):
+    dst = tmp_path / "dst"
+    code, _, err = run([converted["hf"], dst], capsys)
+    assert_refused(code, err, dst, str(converted["hf"]), "already a converted", "--to hf")
+
+
+def test_the_progress_bar_shows_the_finishing_phase(sources, tmp_path, capsys):
+    bar_text = io.StringIO()
+    bar = Progress(2**30, stream=bar_text, enabled=True, interval=0)
+    bar.advance(2**30, "lm_head.weight")
+    assert "finishing" in bar_text.getvalue() and "ETA 00:00:00" not in bar_text.getvalue()
+    convert_module.convert(sources["hf"], tmp_path / "dst", progress=True)
+    renders = capsys.readouterr().err.split("\r\033[K")
+    assert "finishing" in renders[-1], renders
+
+
+# ------------------------------------------------------------------------------ interruption
+MEDIUM = SMALL.replace(name="medium", hidden_size=512, intermediate_size=512, num_experts=32, experts_per_token=4)
+
+
+@pytest.fixture(scope="module")
+def medium(tmp_path_factory):
+    """A source large enough (~26 MB) that an Orbax save takes a while."""
+    base = tmp_path_factory.mktemp("medium")
+    source = write_random_checkpoint(base / "src", MEDIUM, "hf", seed=1)
+    assert main([str(source), str(base / "converted"), "--no-progress"]) == 0
+    return {"source": source, "converted": base / "converted"}
+
+
+# Runs the converter CLI with one function wrapped; on its nth call the wrapper prints
+# "reached POINT" and, in plain Python code, sleeps. Inside Orbax ("saving", "opening",
+# "reading") it arms a hook instead: the next array Orbax opens, in one of its worker threads,
+# prints "reached POINT" and waits a second, so the test's signal lands while Orbax is at work.
+INTERRUPT_SCRIPT = textwrap.dedent("""
+    import sys, threading, time
+    import tensorstore
+    from gptoss_jax.converters import convert, layouts, orbax_io
+
+    ocp = orbax_io._ocp()
+    orbax_io.GROUP_BYTES = 8 << 20  # several Orbax saves and reads
+    point, argv = sys.argv[1], sys.argv[2:]
+    armed, lock = [], threading.Lock()
+
+    def reached():
+        print("reached", point, flush=True)
+
+    def pause():
+        reached()
+        time.sleep(60)
+
+    def wrap(owner, name, nth, action):
+        real, calls = getattr(owner, name), []
+
+        def wrapper(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == nth:
+                action()
+            return real(*args, **kwargs)
+
+        setattr(owner, name, wrapper)
+
+    def open_array(*args, **kwargs):
+        with lock:
+            fire = bool(armed)
+            armed.clear()
+        if fire:
+            reached()
+            time.sleep(1)
+        return real_open(*args, **kwargs)
+
+    real_open, tensorstore.open = tensorstore.open, open_array
+    POINTS = {  # point: (owner, function, nth call, action)
+        "checking": (convert, "check_free_space", 1, pause),
+        "saving": (ocp.partial, "save", 2, lambda: armed.append(1)),
+        "finalizing": (ocp.partial, "finalize", 1, reached),
+        "marking": (orbax_io, "write_marker", 1, pause),
+        "opening": (ocp, "metadata", 1, lambda: armed.append(1)),
+        "reading": (ocp, "load", 2, lambda: armed.append(1)),
+        "exporting": (layouts, "write_safetensors", 1, pause),
+    }
+    wrap(*POINTS[point])
+    sys.exit(convert.main(argv))
+""")
+EXPORT_POINTS = ("opening", "reading", "exporting")
+
+
+def cpu_env():
+    return {**os.environ, "JAX_PLATFORMS": "cpu"}
+
+
+def finish_interrupted(process, dst: Path, sig):
+    """Waits (bounded) for the signalled converter; checks its one line, exit status and
+    that nothing is left beside DST."""
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + sig, (process.returncode, err[-3000:])
+    assert err.count("\n") == 1 and err.startswith("error: ") and "nothing was written" in err, err[-3000:]
+    assert "Traceback" not in err
+    assert leftovers(dst) == [], leftovers(dst)
+
+
+@pytest.mark.parametrize("point, sig", [
+    ("checking", signal.SIGINT), ("saving", signal.SIGINT), ("saving", signal.SIGTERM),
+    ("finalizing", signal.SIGINT), ("marking", signal.SIGTERM),
+    ("opening", signal.SIGINT), ("reading", signal.SIGINT), ("exporting", signal.SIGTERM)])
+def test_a_signal_at_any_point_leaves_nothing_and_says_so_in_one_line(point, sig, medium, tmp_path):
+    dst = tmp_path / "dst"
+    src, to = (medium["converted"], ["--to", "hf"]) if point in EXPORT_POINTS else (medium["source"], [])
+    process = subprocess.Popen([sys.executable, "-c", INTERRUPT_SCRIPT, point, str(src), str(dst), "--no-progress", *to],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cpu_env())
+    watchdog = threading.Timer(300, process.kill)  # bounds the blocking read below
+    watchdog.start()
+    try:
+        reached = process.stdout.readline()
+        assert reached.strip() == f"reached {point}", (reached, process.stderr.read()[-3000:])
+        process.send_signal(sig)
+        finish_interrupted(process, dst, sig)
+    finally:
+        watchdog.cancel()
+        process.kill()
+
+
+def test_ctrl_c_as_soon_as_the_temporary_folder_appears(medium, tmp_path):
+    dst = tmp_path / "dst"
+    process = subprocess.Popen([sys.executable, "-m", "gptoss_jax.convert", str(medium["source"]), str(dst),
+                                "--no-progress"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=cpu_env())
+    try:
+        deadline = time.monotonic() + 120
+        while not leftovers(dst):
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.001)
+        process.send_signal(signal.SIGINT)
+        finish_interrupted(process, dst, signal.SIGINT)
+    finally:
+        process.kill()
+
+
+def test_a_later_conversion_removes_temporary_folders_of_ended_processes(sources, tmp_path, capsys):
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                           text=True, check=True).stdout.strip()
+    stale = tmp_path / f"dst.incomplete-{ended}-0123abcd"
+    running = tmp_path / f"dst.incomplete-{os.getpid()}-4567cdef"  # this process: still at work
+    other = tmp_path / f"dst2.incomplete-{ended}-89abcdef"  # another destination's
+    for folder in (stale, running, other):
+        (folder / "params").mkdir(parents=True)
+    code, _, err = run([sources["hf"], tmp_path / "dst"], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["dst", running.name, other.name])

@@ -82,3 +82,12 @@ def test_paths_that_are_not_checkpoints(tmp_path):
         gptoss_jax.load(tmp_path)
     with pytest.raises(ValueError, match="dtype must be one of"):
         gptoss_jax.load("tiny", dtype="float16")
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors.index.json"])
+def test_a_file_that_is_not_utf8_is_named(tmp_path, name):
+    root = write_random_checkpoint(tmp_path, SMALL, "hf", seed=0, max_shard_bytes=50_000)
+    (root / name).write_bytes(b"\xff\xfe{\"not\": \"utf-8 \x80\"}")
+    with pytest.raises(CheckpointError, match="UTF-8") as info:
+        gptoss_jax.load(root)
+    assert str(root / name) in str(info.value)

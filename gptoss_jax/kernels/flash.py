@@ -1,12 +1,13 @@
 """Flash-style prefill attention (Pallas Triton) with learned sinks, the sliding window and GQA.
 
-`prefill_attention` mirrors `Attention.attend` (docs/architecture.md 2.3) for many query tokens at once:
-scores rounded to the compute dtype, times head_dim^-0.5 in fp32 and rounded again; the sink as an extra logit in the softmax denominator only; fp32 softmax; the
-probabilities rounded to the compute dtype before the tensor-core PV product. The softmax
-is computed online over key blocks, so the [queries, keys] score matrix never exists in
-memory. One difference from the reference: the rounded probabilities are relative to the
-running maximum and normalised at the end, not normalised first, so bf16 results differ
-from the reference by bf16 rounding noise (fp32 results agree to fp32 rounding).
+`prefill_attention` mirrors `Attention.attend` (docs/architecture.md 2.3) for many query tokens at
+once: scores rounded to the compute dtype, times head_dim^-0.5 in fp32 and rounded again; the sink
+as an extra logit in the softmax denominator only; fp32 softmax; the probabilities rounded to the
+compute dtype before the tensor-core PV product. The softmax is computed online over key blocks, so
+the [queries, keys] score matrix never exists in memory. One difference from the reference: the
+rounded probabilities are relative to the running maximum and normalised at the end, not normalised
+first, so bf16 results differ from the reference by bf16 rounding noise (fp32 results agree to fp32
+rounding).
 
 Layout. The G = heads / kv_heads query heads of one kv head, times a run of query tokens,
 are the `block_m` rows (row r = token r // G, group r % G) of one program, so every K/V
