@@ -7,19 +7,19 @@ import dataclasses
 import functools
 
 import jax
-import ml_dtypes
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
+from gptoss_jax.sharding import mesh as mesh_lib
+from gptoss_jax.sharding import moe as sharded_moe
+from gptoss_jax.sharding import rules
+from test_kernels_moe_gemm import random_experts
 
 from gptoss_jax import model as model_lib
 from gptoss_jax import mxfp4
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.kernels import moe_tpu
-from gptoss_jax.sharding import mesh as mesh_lib
-from gptoss_jax.sharding import moe as sharded_moe
-from gptoss_jax.sharding import rules
-from test_kernels_moe_gemm import random_experts
 
 
 def make_moe(num_experts, embed, hidden, dtype, seed):
@@ -184,10 +184,11 @@ def test_kernel_outputs_typecheck_under_shard_map():
     mesh, params, axes = sharded_setup(mlp)
     h, experts, weights = jnp.ones((2, 64), jnp.bfloat16), jnp.zeros((2, 4), jnp.int32), jnp.ones((2, 4), jnp.bfloat16)
     for strategy in ("replicated", "all_to_all"):
-        run = functools.partial(sharded_moe.sharded_expert_mix, mesh, kernel_expert_mix(mlp, False), axes=axes,
-                                strategy=strategy)
-        out = jax.eval_shape(lambda h, e, w, p: run(h, e, w, p), h, experts, weights, params)
-        assert out.shape == (2, 64)
+        def run(h, experts, weights, params, strategy=strategy):
+            return sharded_moe.sharded_expert_mix(mesh, kernel_expert_mix(mlp, False), h, experts, weights, params,
+                                                  axes, strategy=strategy)
+
+        assert jax.eval_shape(run, h, experts, weights, params).shape == (2, 64)
 
 
 @pytest.mark.parametrize("strategy", ["replicated", "all_to_all"])

@@ -2,26 +2,21 @@
 compilers (gptoss_jax.kernels.tpu_aot), at the gpt-oss shapes, on a machine without TPUs:
 they compile, and outside the kernels no op copies, converts or transposes the experts or
 the KV cache. Needs libtpu (`pip install "libtpu==0.0.42.*"`, the version jax[tpu] 0.10.2
-pins). Marked tpu_aot; a few compiles, about a minute on 2 cores."""
-
-import os
+pins). Marked tpu_aot; a few compiles, about 30 s on 2 cores."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from gptoss_jax.sharding import mesh as mesh_lib
+from gptoss_jax.sharding import rules
+from gptoss_jax.sharding.moe import sharded_expert_mix
+from jax.sharding import NamedSharding, PartitionSpec
 
-os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # another JAX process may hold libtpu's lock file
+from gptoss_jax.kernels import moe_tpu, tpu_aot
+
 pytest.importorskip("libtpu", reason="libtpu is not installed: no TPU compiler for the AOT checks "
                                      "(pip install 'libtpu==0.0.42.*')")
-
-from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
-
-from gptoss_jax.kernels import moe_tpu  # noqa: E402
-from gptoss_jax.kernels import tpu_aot  # noqa: E402
-from gptoss_jax.sharding import mesh as mesh_lib  # noqa: E402
-from gptoss_jax.sharding import rules  # noqa: E402
-from gptoss_jax.sharding.moe import sharded_expert_mix  # noqa: E402
 
 pytestmark = pytest.mark.tpu_aot
 MB = 2**20

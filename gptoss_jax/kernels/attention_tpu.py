@@ -55,7 +55,7 @@ def _kernel(qpos_ref, valid_ref, steps_ref, q_ref, k_new_ref, v_new_ref, sinks_r
     b, j = pl.program_id(0), pl.program_id(1)
     passes = steps_ref[0]
     qp, valid = qpos_ref[b], valid_ref[b]
-    kv, groups, hd = q_ref.shape
+    kv, groups, _ = q_ref.shape
     dtype = q_ref.dtype
     rounded = lambda x: x.astype(dtype).astype(F32)
     sink = sinks_ref[...].astype(F32)[..., None]  # [kv, g, 1]
@@ -115,7 +115,7 @@ def _kernel(qpos_ref, valid_ref, steps_ref, q_ref, k_new_ref, v_new_ref, sinks_r
 
 def default_block(slots: int) -> int:
     """Cache slots per grid step: 512, or the whole cache when it is shorter."""
-    return slots if slots <= 512 else 512
+    return min(slots, 512)
 
 
 @functools.partial(jax.jit, static_argnames=("window", "block", "vmem_limit_bytes", "interpret"))
@@ -129,7 +129,7 @@ def decode_attention_tpu(q, k_new, v_new, positions, cache_k, cache_v, cache_pos
     (full layer: slot p holds position p). block: cache slots per grid step, a multiple of
     128 or the whole cache (default `default_block`). vmem_limit_bytes: Mosaic's scoped
     VMEM limit (default: what the scores of the whole cache need plus 16 MiB)."""
-    batch, t, heads, hd = q.shape
+    batch, _, heads, hd = q.shape
     slots, kv = cache_k.shape[1], cache_k.shape[2]
     _check_shapes(q, k_new, v_new, positions, cache_k, cache_v, cache_positions, sinks)
     groups = heads // kv

@@ -237,7 +237,7 @@ def expert_projection(x_planes, tile_expert, tile_rows, w_bytes, w_scales, tile_
     if planes != (1 if swiglu_params is None else 2) or (tile_bias is None) != (swiglu_params is None):
         raise ValueError(f"expert_projection: SwiGLU takes 2 weight planes (gate, up) and tile_bias, a plain "
                          f"projection 1 plane and no bias; got {planes} planes, bias {tile_bias is not None}")
-    block_n = outputs if block_n >= outputs else block_n
+    block_n = min(outputs, block_n)
     if block_n < outputs and block_n % 128:
         raise ValueError(f"expert_projection: block_n must be a multiple of 128 or cover all {outputs} columns, "
                          f"got {block_n}")
@@ -312,7 +312,7 @@ def experts_tpu(h, experts, w: TpuExperts, *, limit: float, alpha: float, interp
     # Empty tiles reuse the last real tile's expert: its weight blocks stay put (no DMA).
     last_real = jnp.maximum(jnp.sum(schedule.tile_rows > 0) - 1, 0)
     tile_expert = jnp.where(schedule.tile_rows > 0, schedule.tile_expert, schedule.tile_expert[last_real])
-    common = dict(interpret=interpret, vmem_limit_bytes=vmem_limit_bytes)
+    common = {"interpret": interpret, "vmem_limit_bytes": vmem_limit_bytes}
     a = expert_projection(parity_planes(x), tile_expert, schedule.tile_rows, w.mlp1_bytes, w.mlp1_scales,
                           w.mlp1_bias[tile_expert], swiglu_params=(float(limit), float(alpha)), block_n=block_n,
                           **common)

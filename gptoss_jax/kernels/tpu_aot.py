@@ -25,6 +25,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gptoss_jax.kernels import attention_tpu, moe_tpu
+from gptoss_jax.kernels.moe_gemm import max_tiles
 
 LANES = 128
 # Chips per host for the topologies used here (a v5e/v6e host holds up to 2x2 chips).
@@ -184,16 +185,17 @@ def kernel_calls(hlo_text: str) -> int:
 # ------------------------------------------------------------------ bytes per kernel call
 def moe_block_bytes(m: Shapes, tokens: int, hidden_shards: int = 1, expert_shards: int = 1,
                     dtype=jnp.bfloat16) -> int:
-    """HBM bytes the two expert kernels move on one device for a decode step of `tokens`
-    tokens whose k experts all differ (the worst case; each routed expert's blocks are read
-    once): every column block of its packed bytes and scales (lanes padded to 128, as
-    HBM tiles hold them), the tiles' inputs, outputs and mlp1 bias, and the mlp2 bias rows
-    the XLA add reads. Experts of other devices move nothing."""
+    """HBM bytes the two expert kernels move on one device for `tokens` tokens whose
+    (token, expert) pairs go to as many different experts as they can (the worst case;
+    each routed expert's blocks are read once): every column block of its packed bytes
+    and scales (lanes padded to 128, as HBM tiles hold them), the tiles' inputs, outputs
+    and mlp1 bias, and the mlp2 bias rows the XLA add reads. Experts of other devices move
+    nothing."""
     hidden = m.hidden // hidden_shards
     pairs = tokens * m.experts_per_token
     routed = min(pairs, m.experts // expert_shards)
     block_m = moe_tpu.default_block_m(pairs, m.experts // expert_shards)
-    tiles = pairs  # at most one tile per pair for decode-sized steps
+    tiles = max_tiles(pairs, m.experts // expert_shards, block_m)
     item = jnp.dtype(dtype).itemsize
     mlp1_rows = m.embed // 2 + _padded(m.embed // 32, moe_tpu.SCALE_ROWS)
     mlp2_rows = hidden // 2 + _padded(hidden // 32, moe_tpu.SCALE_ROWS)
