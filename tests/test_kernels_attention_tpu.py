@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental.pallas import tpu as pltpu
 
 from gptoss_jax import model as model_lib
 from gptoss_jax.config import GptOssConfig
@@ -71,6 +72,20 @@ def test_bf16_matches_attend(sliding, slots, query_positions):
     assert np.mean(got == want) > 0.99
     padding = np.array(query_positions) < 0
     assert not np.any(got[padding]) and np.all(np.any(got[~padding] != 0, axis=(1, 2, 3)))
+
+
+@pytest.mark.parametrize("sliding, slots, query_positions", CASES)
+def test_tpu_interpreter_dmas_and_dynamic_grid(sliding, slots, query_positions):
+    """Pallas' TPU interpreter simulates the DMAs and VMEM (uninitialized VMEM reads NaN,
+    out-of-bounds reads raise): the dynamic grid, the clamped block indices and the block
+    past the cache's end give the reference's values."""
+    attn = layer(jnp.bfloat16, sliding, seed=1)
+    inputs = step_inputs(jnp.bfloat16, sliding, slots, query_positions, seed=2)
+    got = attention_tpu.decode_attention_tpu(*inputs, attn.sinks[...], window=WINDOW if sliding else None,
+                                             interpret=pltpu.InterpretParams(), block=128)
+    want = np.asarray(reference(attn, *inputs), np.float32)
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=1e-2, atol=1e-2 * np.abs(want).max())
+    assert np.mean(np.asarray(got, np.float32) == want) > 0.99
 
 
 @pytest.mark.parametrize("sliding, slots, query_positions", [(False, 300, [5, 200, 0]), (True, WINDOW, [400, 127, -1])])

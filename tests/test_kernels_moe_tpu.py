@@ -14,6 +14,7 @@ import pytest
 from gptoss_jax.sharding import mesh as mesh_lib
 from gptoss_jax.sharding import moe as sharded_moe
 from gptoss_jax.sharding import rules
+from jax.experimental.pallas import tpu as pltpu
 from test_kernels_moe_gemm import random_experts
 
 from gptoss_jax import model as model_lib
@@ -137,6 +138,21 @@ def test_bf16_matches_gathered_and_grouped():
         np.testing.assert_allclose(got, other, rtol=2e-2, atol=2e-2 * np.abs(other).max())
         assert np.mean(got == other) > 0.98
     assert not np.any(got[~known])
+
+
+def test_tpu_interpreter_dmas_and_partial_blocks():
+    """Pallas' TPU interpreter simulates the kernel's DMAs and VMEM (uninitialized VMEM reads
+    NaN, out-of-bounds reads raise): partial column blocks, skipped empty tiles and weight
+    blocks kept across tiles give the reference's values."""
+    mlp = make_moe(6, 288, 160, jnp.bfloat16, seed=3)
+    h = jnp.asarray(np.random.default_rng(12).normal(0, 2, (3, 288)), jnp.bfloat16)
+    experts = jnp.asarray([[0, 1, 2, 4], [1, 1, 5, 0], [2, 3, 4, 5]], jnp.int32)
+    got = moe_tpu.experts_tpu(h, experts, moe_tpu.tpu_experts(mlp.expert_weights()), limit=mlp.config.swiglu_limit,
+                              alpha=mlp.config.swiglu_alpha, interpret=pltpu.InterpretParams(), block_n=128,
+                              mlp2_block_n=128)
+    want = reference(mlp, h, experts)
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=2e-2, atol=2e-2 * np.abs(want).max())
+    assert np.mean(np.asarray(got, np.float32) == want) > 0.98
 
 
 def test_no_pairs_and_mismatched_shapes():

@@ -120,7 +120,7 @@ def default_block(slots: int) -> int:
 
 @functools.partial(jax.jit, static_argnames=("window", "block", "vmem_limit_bytes", "interpret"))
 def decode_attention_tpu(q, k_new, v_new, positions, cache_k, cache_v, cache_positions, sinks, *,
-                         window: int | None, interpret: bool, block: int | None = None,
+                         window: int | None, interpret: bool | pltpu.InterpretParams, block: int | None = None,
                          vmem_limit_bytes: int | None = None):
     """q [b, 1, heads, hd] and k_new, v_new [b, 1, kv, hd] (RoPE applied), positions [b, 1]
     (NO_POSITION: padding), cache_* as model.LayerCache before this step's write, sinks
@@ -128,7 +128,8 @@ def decode_attention_tpu(q, k_new, v_new, positions, cache_k, cache_v, cache_pos
     followed by the new key. window: the sliding window (the cache is its ring) or None
     (full layer: slot p holds position p). block: cache slots per grid step, a multiple of
     128 or the whole cache (default `default_block`). vmem_limit_bytes: Mosaic's scoped
-    VMEM limit (default: what the scores of the whole cache need plus 16 MiB)."""
+    VMEM limit (default: what the scores of the whole cache need plus 16 MiB). interpret:
+    Pallas interpret mode (CPU tests; pltpu.InterpretParams: the TPU interpreter)."""
     batch, _, heads, hd = q.shape
     slots, kv = cache_k.shape[1], cache_k.shape[2]
     _check_shapes(q, k_new, v_new, positions, cache_k, cache_v, cache_positions, sinks)

@@ -216,7 +216,8 @@ def out_struct(shape, dtype, *inputs):
 
 @functools.partial(jax.jit, static_argnames=("swiglu_params", "block_n", "vmem_limit_bytes", "interpret"))
 def expert_projection(x_planes, tile_expert, tile_rows, w_bytes, w_scales, tile_bias=None, *, swiglu_params=None,
-                      block_n: int = 512, vmem_limit_bytes: int | None = None, interpret: bool = False):
+                      block_n: int = 512, vmem_limit_bytes: int | None = None,
+                      interpret: bool | pltpu.InterpretParams = False):
     """One expert projection over tiles of pairs.
 
     x_planes [T, 2, bm, K/2]: each tile's inputs, even features in plane 0, odd in plane 1.
@@ -290,14 +291,15 @@ def default_block_m(num_pairs: int, num_experts: int) -> int:
     return min(128, max(16, 1 << math.ceil(math.log2(per_expert))))
 
 
-def experts_tpu(h, experts, w: TpuExperts, *, limit: float, alpha: float, interpret: bool,
+def experts_tpu(h, experts, w: TpuExperts, *, limit: float, alpha: float, interpret: bool | pltpu.InterpretParams,
                 block_m: int | None = None, block_n: int = 512, mlp2_block_n: int = 1024,
                 vmem_limit_bytes: int | None = None):
     """Same as MoE.experts_grouped: h [n, d] (compute dtype), experts [n, k] -> [n, k, d];
     ids outside [0, E) give zero rows. w: the layer's experts as `tpu_experts` made them.
     block_m: pairs per tile (default `default_block_m`); block_n, mlp2_block_n: output
     columns per mlp1 / mlp2 program; vmem_limit_bytes: Mosaic's scoped VMEM limit (None:
-    its default). interpret: run the kernels in Pallas interpret mode (CPU tests)."""
+    its default). interpret: run the kernels in Pallas interpret mode (CPU tests; a
+    pltpu.InterpretParams selects the TPU interpreter, which simulates DMAs and VMEM)."""
     n, k = experts.shape
     d = h.shape[1]
     if n * k == 0:
