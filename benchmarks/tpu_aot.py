@@ -97,7 +97,7 @@ def main(argv=None):
         mesh = tpu_aot.one_chip(chip)
         for tokens in (1, 8):
             rows.append(measure(f"moe experts 20b, {tokens} token(s), {chip}", tpu_aot.moe_decode_fn(),
-                                moe_args(m20, tokens, mesh), tpu_aot.moe_block_bytes(m20, tokens), m20.layers))
+                                moe_args(m20, tokens, mesh), tpu_aot.moe_block_bytes(m20, tokens), m20.layers, tokens))
     rows.append(measure("moe experts 20b, 64-token prefill chunk, v5e:1x1", tpu_aot.moe_decode_fn(),
                         moe_args(m20, 64, tpu_aot.one_chip()), tpu_aot.moe_block_bytes(m20, 64), m20.layers, 64))
     step, step_args = moe_120b_4x2(1)
@@ -109,7 +109,8 @@ def main(argv=None):
             rows.append(measure(f"attention full, batch {batch}, {slots} slots at {position + 1}, {chip}",
                                 tpu_aot.attention_fn(None),
                                 tpu_aot.placed(tpu_aot.attention_shapes(m20, batch, slots), mesh),
-                                tpu_aot.attention_block_bytes(m20, batch, slots, position, None), m20.layers // 2))
+                                tpu_aot.attention_block_bytes(m20, batch, slots, position, None), m20.layers // 2,
+                                batch))
         rows.append(measure(f"attention sliding ring, batch 1, 128 slots, {chip}", tpu_aot.attention_fn(m20.window),
                             tpu_aot.placed(tpu_aot.attention_shapes(m20, 1, m20.window), mesh),
                             tpu_aot.attention_block_bytes(m20, 1, m20.window, 4095, m20.window), m20.layers // 2))
