@@ -123,7 +123,7 @@ def _reduce_axes(layout: ExpertLayout) -> tuple[str, ...]:
 
 
 def _replicated(layout: ExpertLayout, expert_mix, h, experts, weights, params):
-    num_local = params.mlp1_fp4.shape[0]
+    num_local = params[0].shape[0]
     local = experts - _axis_index(layout.expert_axis) * num_local
     mine = (local >= 0) & (local < num_local)
     out = expert_mix(h, jnp.where(mine, local, num_local), jnp.where(mine, weights, 0),
@@ -134,7 +134,7 @@ def _replicated(layout: ExpertLayout, expert_mix, h, experts, weights, params):
 
 def _all_to_all(layout: ExpertLayout, expert_mix, h, experts, weights, params):
     axis = layout.expert_axis
-    devices, num_local = _axis_size(axis), params.mlp1_fp4.shape[0]
+    devices, num_local = _axis_size(axis), params[0].shape[0]
     n, k = experts.shape
     d = h.shape[1]
 

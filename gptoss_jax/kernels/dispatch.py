@@ -15,7 +15,6 @@ docs/kernels.md walks through an example.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 
@@ -237,14 +236,15 @@ def run_expert_mix(kernels: Kernels, h, experts, weights, w, residual, *, swiglu
         return moe.experts_mix_decode(h, experts, *packed_experts(w), weights=weights, residual=residual, limit=limit,
                                       alpha=alpha, interpret=kernels.interpret)
     if rule == "moe_gemm":
-        kernel = functools.partial(moe_gemm.experts_grouped_kernel, bf16_decode=scales_fit_bf16)
+        def outputs(h, experts, w):
+            return moe_gemm.experts_grouped_kernel(h, experts, *packed_experts(w), limit=limit, alpha=alpha,
+                                                   bf16_decode=scales_fit_bf16, interpret=kernels.interpret)
     elif rule == "moe_tpu":
-        kernel = moe_tpu.experts_tpu
+        def outputs(h, experts, w):
+            return moe_tpu.experts_tpu(h, experts, moe_tpu.tpu_experts(w), limit=limit, alpha=alpha,
+                                       interpret=kernels.interpret)
     else:
         return reference(h, experts, weights, w, residual, None)
-
-    def outputs(h, experts, w):
-        return kernel(h, experts, *packed_experts(w), limit=limit, alpha=alpha, interpret=kernels.interpret)
 
     return reference(h, experts, weights, w, residual, outputs)
 

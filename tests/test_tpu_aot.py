@@ -1,0 +1,111 @@
+"""The TPU kernels compiled ahead of time for TPU v5e and v6e by the real XLA:TPU and Mosaic
+compilers (gptoss_jax.kernels.tpu_aot), at the gpt-oss shapes, on a machine without TPUs:
+they compile, and outside the kernels no op copies, converts or transposes the experts or
+the KV cache. Needs libtpu (`pip install "libtpu==0.0.42.*"`, the version jax[tpu] 0.10.2
+pins). Marked tpu_aot; a few compiles, about 30 s on 2 cores."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec
+
+from gptoss_jax.kernels import moe_tpu, tpu_aot
+from gptoss_jax.sharding import mesh as mesh_lib
+from gptoss_jax.sharding import rules
+from gptoss_jax.sharding.moe import sharded_expert_mix
+
+pytest.importorskip("libtpu", reason="libtpu is not installed: no TPU compiler for the AOT checks "
+                                     "(pip install 'libtpu==0.0.42.*')")
+
+pytestmark = pytest.mark.tpu_aot
+MB = 2**20
+EXPERT_ARRAYS = ("mlp1_bytes", "mlp1_scales", "mlp2_bytes", "mlp2_scales")
+
+
+def assert_read_in_place(text, names, count):
+    """The `count` named arrays (entry parameters) are read by the kernels alone."""
+    users = tpu_aot.non_kernel_users(text, names)
+    assert len(users) == count and not any(users.values()), users
+
+
+def compile_moe(m, tokens, chip="v5e:1x1"):
+    mesh = tpu_aot.one_chip(chip)
+    s = jax.ShapeDtypeStruct
+    args = tpu_aot.placed((s((tokens, m.embed), jnp.bfloat16), s((tokens, m.experts_per_token), jnp.int32),
+                           tpu_aot.expert_shapes(m)), mesh)
+    return tpu_aot.compile_for(tpu_aot.moe_decode_fn(), *args)
+
+
+@pytest.mark.parametrize("chip", ["v5e:1x1", "v6e:1x1"])
+def test_moe_decode_step_20b_moves_no_expert_copies(chip):
+    compiled = compile_moe(tpu_aot.GPT_OSS_20B, tokens=1, chip=chip)
+    text = compiled.as_text()
+    assert tpu_aot.kernel_calls(text) == 2  # mlp1 + SwiGLU, mlp2
+    assert_read_in_place(text, EXPERT_ARRAYS, 4)
+    assert tpu_aot.large_ops(text, 1 * MB) == []
+    memory = compiled.memory_analysis()
+    assert memory.temp_size_in_bytes < 1 * MB
+    # The layer's experts are passed as they are stored: arguments = the TpuExperts + h + ids.
+    stored = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in tpu_aot.expert_shapes(tpu_aot.GPT_OSS_20B))
+    assert stored <= memory.argument_size_in_bytes < stored * 1.03  # HBM tiles pad 2880 lanes to 2944
+
+
+def test_moe_prefill_20b_reads_the_experts_in_place():
+    text = compile_moe(tpu_aot.GPT_OSS_20B, tokens=64).as_text()
+    assert tpu_aot.kernel_calls(text) == 2
+    assert_read_in_place(text, EXPERT_ARRAYS, 4)
+
+
+def test_moe_120b_under_shard_map_on_a_4x2_mesh():
+    """gpt-oss-120b's experts split over a v5e-8 as 4 (experts) x 2 (hidden units): each chip
+    runs the kernels on its 32 experts inside sharded_expert_mix's shard_map (check_vma on)."""
+    m = tpu_aot.GPT_OSS_120B
+    mesh = mesh_lib.make_mesh("4x2", devices=tpu_aot.topology("v5e:2x4").devices)
+    shapes = tpu_aot.expert_shapes(m, hidden_shards=2)
+    params = ShardedTpuExperts(*(jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rules.named_sharding(a, s.shape, mesh))
+                                 for s, a in zip(shapes, moe_tpu.TPU_EXPERT_AXES)))
+    s, replicated = jax.ShapeDtypeStruct, NamedSharding(mesh, PartitionSpec())
+    tokens = [s((1, m.embed), jnp.bfloat16, sharding=replicated), s((1, 4), jnp.int32, sharding=replicated),
+              s((1, 4), jnp.bfloat16, sharding=replicated)]
+    mix = tpu_aot.moe_decode_fn()
+
+    def expert_mix(h, experts, weights, w):
+        y = mix(h, experts, moe_tpu.TpuExperts(*w))
+        return jnp.einsum("nko,nk->no", y, weights, preferred_element_type=jnp.float32)
+
+    def step(h, experts, weights, params):
+        return sharded_expert_mix(mesh, expert_mix, h, experts, weights, params,
+                                  ShardedTpuExperts(*moe_tpu.TPU_EXPERT_AXES))
+
+    compiled = tpu_aot.compile_for(step, *tokens, params)
+    text = compiled.as_text()
+    assert tpu_aot.kernel_calls(text) == 2
+    assert_read_in_place(text, EXPERT_ARRAYS, 4)
+    assert tpu_aot.large_ops(text, 1 * MB) == []
+    # Each chip holds a quarter of the experts and half of their hidden units.
+    stored = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in shapes)
+    assert compiled.memory_analysis().argument_size_in_bytes < stored / 8 * 1.07
+
+
+class ShardedTpuExperts(moe_tpu.TpuExperts):
+    """sharding/moe.py counts a device's experts on `mlp1_fp4`; TpuExperts names it mlp1_bytes."""
+
+    @property
+    def mlp1_fp4(self):
+        return self.mlp1_bytes
+
+
+@pytest.mark.parametrize("chip, slots, window", [("v5e:1x1", 4096, None), ("v5e:1x1", 128, 128),
+                                                 ("v5e:1x1", 131072, None), ("v6e:1x1", 4096, None)])
+def test_decode_attention_reads_the_cache_in_place(chip, slots, window):
+    m = tpu_aot.GPT_OSS_20B
+    args = tpu_aot.placed(tpu_aot.attention_shapes(m, batch=1, slots=slots), tpu_aot.one_chip(chip))
+    compiled = tpu_aot.compile_for(tpu_aot.attention_fn(window), *args)
+    text = compiled.as_text()
+    assert tpu_aot.kernel_calls(text) == 1
+    assert_read_in_place(text, ("cache_k", "cache_v"), 2)
+    # No copy or transpose of the cache: the kernel's [b, kv, hd, slots] view is a bitcast.
+    cache_bytes = slots * m.kv_heads * m.head_dim * 2
+    assert tpu_aot.large_ops(text, min(cache_bytes, 64 * 1024)) == []
+    assert compiled.memory_analysis().temp_size_in_bytes < 1 * MB
