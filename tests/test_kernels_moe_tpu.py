@@ -83,7 +83,8 @@ def test_tpu_experts_layout():
         byte = int(np.asarray(t.mlp1_bytes)[e, plane, j, c])
         assert (byte & 15, byte >> 4) == (codes1[e, 2 * c + plane, j // 16, (2 * j) % 32],
                                          codes1[e, 2 * c + plane, j // 16, (2 * j + 1) % 32])
-        assert np.asarray(t.mlp1_scales)[e, plane, j // 16, c] == np.asarray(w.mlp1_scales).view(np.uint8)[e, 2 * c + plane, j // 16]
+        want_scale = np.asarray(w.mlp1_scales).view(np.uint8)[e, 2 * c + plane, j // 16]
+        assert np.asarray(t.mlp1_scales)[e, plane, j // 16, c] == want_scale
         assert np.asarray(t.mlp1_bias)[e, plane, c] == np.asarray(w.mlp1_bias)[e, 2 * c + plane]
     byte = int(np.asarray(t.mlp2_bytes)[e, j, c])
     assert (byte & 15, byte >> 4) == (codes2[e, c, j // 16, (2 * j) % 32], codes2[e, c, j // 16, (2 * j + 1) % 32])
