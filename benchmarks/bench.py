@@ -48,7 +48,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import bandwidth  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from gptoss_jax import mxfp4  # noqa: E402
@@ -359,11 +360,13 @@ def measure_profile(model, context: int, reps: int = 32) -> dict:
 
 
 def measure_copy() -> dict:
-    x = jnp.ones((1 << 30,), jnp.bfloat16)  # 2 GiB
-    # First in a process, 1 warm-up and 5 repeats read 2.18 TB/s on an H200; 4 and 20 read 2.78
-    # (docs/performance-log.md entry 53).
-    t = timed(jax.jit(lambda x: x * 2), x, repeats=20, warmups=4)
-    return {"bytes": 2 * x.size * 2, "seconds": t, "tb_per_s": 2 * x.size * 2 / t / 1e12}
+    """Copy bandwidth the device sustains (benchmarks/bandwidth.py: a donated 4 GiB x + 1, calls
+    queued back to back; torch's device-to-device copy where torch is installed)."""
+    out = {"jax_donated": bandwidth.jax_donated(4096)}
+    torch_result = bandwidth.torch_copy(4096)
+    if torch_result is not None:
+        out["torch_copy"] = torch_result
+    return out
 
 
 def measure_ttft(args) -> dict:
@@ -506,7 +509,8 @@ def main(argv=None) -> int:
                                   "in_use_gib": stats.get("bytes_in_use", 0) / 2**30,
                                   "limit_gib": stats.get("bytes_limit", 0) / 2**30})
 
-    copy_tb = results.get("copy", {}).get("tb_per_s")
+    copy = results.get("copy", {})
+    copy_tb = copy.get("torch_copy", copy.get("jax_donated", {})).get("tb_per_s")
     print(f"\n{args.model}  kernels={args.kernels}  {device.device_kind}  {report['date']}  {report['commit']}")
     print(f"{'measurement':32s} {'tokens/s':>10s} {'ms/step':>9s} {'limit tok/s':>12s}")
     for name, r in results.items():

@@ -21,7 +21,7 @@ import gptoss_jax
 from gptoss_jax import CheckpointError
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.converters import convert as convert_module
-from gptoss_jax.converters import orbax_io
+from gptoss_jax.converters import destination, orbax_io
 from gptoss_jax.converters.convert import Progress, main
 from gptoss_jax.converters.layouts import HF_INDEX, Checkpoint
 from gptoss_jax.converters.safetensors_io import SafetensorsFile
@@ -500,7 +500,7 @@ def test_a_converted_file_that_is_not_utf8_is_named(name, converted, tmp_path, c
 
 def test_the_free_space_message_counts_the_margin_it_asks_for(sources, tmp_path, capsys, monkeypatch):
     data = convert_module.source_bytes(Checkpoint(sources["hf"]))
-    free = data + convert_module.SPACE_MARGIN // 2  # room for the data, not for the margin
+    free = data + destination.SPACE_MARGIN // 2  # room for the data, not for the margin
     monkeypatch.setattr(convert_module.shutil, "disk_usage", lambda path: type("U", (), {"free": free})())
     dst = tmp_path / "dst"
     code, _, err = run([sources["hf"], dst], capsys)

@@ -73,10 +73,10 @@ class Kernels:
     @classmethod
     def auto(cls, choice: str = "auto", *, mesh=None, devices=None) -> Kernels:
         """`choose` for the devices a program will run on: those of `mesh`, else `devices`,
-        else JAX's default devices."""
+        else JAX's default device (where a model without a mesh is placed)."""
         if mesh is not None:
             devices = list(mesh.devices.flat)
-        devices = list(jax.devices() if devices is None else devices)
+        devices = list(jax.devices()[:1] if devices is None else devices)
         return cls.choose(choice, target_platform(devices), several_devices=len(devices) > 1)
 
     def names(self) -> tuple[str, ...]:

@@ -25,7 +25,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gptoss_jax.kernels import attention_tpu, moe_tpu
-from gptoss_jax.kernels.moe_gemm import max_tiles
+from gptoss_jax.kernels.common import max_tiles
 
 LANES = 128
 # Chips per host for the topologies used here (a v5e/v6e host holds up to 2x2 chips).
