@@ -104,7 +104,7 @@ def main():
                         help="only the router logits kernel (kernels/router.py), with --tilings")
     parser.add_argument("--tokens", help="only projection.tokens_linear against XLA at these token counts, "
                         "e.g. 8,64, with --tilings ({bn, bk, num_warps, num_stages})")
-    parser.add_argument("--loops", type=json.loads, help='--pipeline: GEMV loop options, e.g. [{}, {"fma": true}]')
+    parser.add_argument("--loops", type=json.loads, help='--pipeline: GEMV loop options, e.g. [{}, {"use_ptx": false}]')
     parser.add_argument("--tilings", type=json.loads, help='--pipeline: e.g. [{"rows": 8, "num_warps": 8}]')
     parser.add_argument("--cases", help="--pipeline: comma-separated subset of mlp1+swiglu,mlp2,mlp2_sum4")
     args = parser.parse_args()
@@ -118,7 +118,7 @@ def main():
         bias = jnp.zeros((32, 5760), jnp.bfloat16)
         x = jnp.ones((1, 2880), jnp.bfloat16)
         pe = jnp.arange(4, dtype=jnp.int32)
-        for loop in ({}, dict(fma=False)):  # in this order in ncu's report
+        for loop in ({}, dict(use_ptx=False)):  # in this order in ncu's report
             jax.block_until_ready(moe.expert_gemv(x, pe, raw, scales, bias, pairs_per_x=4, swiglu_params=(7.0, 1.702),
                                                   **loop))
         w = jnp.ones((5120, 2880), jnp.bfloat16)
@@ -370,7 +370,7 @@ def tokens_sweep(key, record, token_counts):
                 record(row)
 
 
-LOOPS = [{}, dict(fma=False)]  # --loops
+LOOPS = [{}, dict(use_ptx=False)]  # --loops
 TILINGS = None  # --tilings
 CASES = None  # --cases
 

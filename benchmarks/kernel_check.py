@@ -211,11 +211,9 @@ def main():
         return
     key = jax.random.key(0)
     shapes = {"mlp1+swiglu": (5760, 2880, (7.0, 1.702)), "mlp2": (2880, 2880, None)}
-    variants = [dict(use_ptx=p, rows=r, blocks_per_step=b, num_warps=w, num_stages=st, elementwise_acc=ea)
-                for p, r, b, w, st, ea in [
-                    (True, 4, 32, 4, 1, False), (True, 4, 32, 2, 1, False), (True, 4, 32, 1, 1, False),
-                    (True, 2, 32, 1, 1, False), (True, 4, 16, 2, 1, False), (True, 4, 64, 4, 1, False),
-                    (True, 16, 32, 4, 3, False)]]
+    variants = [dict(use_ptx=True, rows=r, blocks_per_step=b, num_warps=w, num_stages=st)
+                for r, b, w, st in [(4, 32, 4, 1), (4, 32, 2, 1), (4, 32, 1, 1), (2, 32, 1, 1), (4, 16, 2, 1),
+                                    (4, 64, 4, 1), (16, 32, 4, 3)]]
     if args.quick:
         variants = variants[:2]
     for name, (rows, features, swiglu_params) in shapes.items():

@@ -56,7 +56,7 @@ def _fma(a, b, c):
 # --------------------------------------------------------------------- grouped GEMV (Triton)
 def _gemv_kernel(expert_ref, weight_ref, x_ref, w_ref, s_ref, bias_ref, residual_ref, out_ref, *, rows: int,
                  blocks_per_step: int, num_blocks: int, pairs_per_x: int, pairs_per_program: int, use_ptx: bool,
-                 swiglu_params, elementwise_acc: bool, fma: bool, add_residual: bool):
+                 swiglu_params, add_residual: bool):
     """One program: `rows` outputs of `pairs_per_program` (token, expert) pairs, looping over
     the contraction in steps of `blocks_per_step` 32-element blocks. Per pair, the output is
     round(round(x @ W^T) + bias) (the reference's roundings: dot in fp32, round, add the bias
@@ -82,7 +82,6 @@ def _gemv_kernel(expert_ref, weight_ref, x_ref, w_ref, s_ref, bias_ref, residual
     # One accumulator per (pair, row slice); streams[i] = (pair index j, row slice).
     streams = [(j, sl) for j in range(pairs_per_program) for sl in row_slices]
     steps = -(-num_blocks // blocks_per_step)
-    acc_shape = (rows, blocks_per_step, 16) if elementwise_acc else (rows,)
     half = blocks_per_step * 16
 
     def load(i):
@@ -116,17 +115,12 @@ def _gemv_kernel(expert_ref, weight_ref, x_ref, w_ref, s_ref, bias_ref, residual
             w, s_ = weights[2 * n], weights[2 * n + 1]
             scale = block_scale(s_)
             low, high = decode_nibbles_ptx(w) if use_ptx else decode_nibbles(w.astype(jnp.int32))
-            if elementwise_acc:
-                new.append(acc + (low * xe + high * xo) * scale[:, :, None])
-            else:
-                pair_sums = _fma(high, xo, low * xe) if fma else low * xe + high * xo
-                new.append(acc + jnp.sum(jnp.sum(pair_sums, axis=2) * scale, axis=1))
+            pair_sums = _fma(high, xo, low * xe) if use_ptx else low * xe + high * xo
+            new.append(acc + jnp.sum(jnp.sum(pair_sums, axis=2) * scale, axis=1))
         return tuple(new)
 
-    zeros = tuple(jnp.zeros(acc_shape, F32) for _ in streams)
+    zeros = tuple(jnp.zeros((rows,), F32) for _ in streams)
     accs = jax.lax.fori_loop(0, steps, lambda i, accs: accumulate(accs, load(i)), zeros)
-    if elementwise_acc:
-        accs = [jnp.sum(jnp.sum(a, axis=2), axis=1) for a in accs]
     dt = x_ref.dtype
     outs = [round_to(round_to(a, dt) + bias_ref[experts[j], pair_slice, half_slice].reshape(rows).astype(F32), dt)
             for a, (j, (pair_slice, half_slice)) in zip(accs, streams)]
@@ -147,11 +141,11 @@ def _gemv_kernel(expert_ref, weight_ref, x_ref, w_ref, s_ref, bias_ref, residual
 
 @functools.partial(jax.jit, static_argnames=("pairs_per_x", "pairs_per_program", "swiglu_params", "rows",
                                              "blocks_per_step", "num_warps", "num_stages", "use_ptx",
-                                             "elementwise_acc", "fma", "interpret"))
+                                             "interpret"))
 def expert_gemv(x, pair_expert, w_bytes, w_scales, bias, pair_weight=None, residual=None, *, pairs_per_x=1,
                 pairs_per_program=1,
                 swiglu_params=None, rows=8, blocks_per_step=32, num_warps=4, num_stages=1, use_ptx=True,
-                elementwise_acc=False, fma=True, interpret=False):
+                interpret=False):
     """Grouped GEMV over (token, expert) pairs, reading only pair_expert's packed FP4 rows.
 
     x [X, D] in the compute dtype; pair p uses row p // pairs_per_x of x and expert
@@ -182,7 +176,6 @@ def expert_gemv(x, pair_expert, w_bytes, w_scales, bias, pair_weight=None, resid
     kernel = functools.partial(_gemv_kernel, rows=rows, blocks_per_step=blocks_per_step, num_blocks=num_blocks,
                                pairs_per_x=pairs_per_x, pairs_per_program=pairs_per_program,
                                use_ptx=use_ptx and not interpret, swiglu_params=swiglu_params,
-                               elementwise_acc=elementwise_acc, fma=fma and use_ptx and not interpret,
                                add_residual=residual is not None)
     if pair_weight is None:
         pair_weight = jnp.zeros((num_pairs,), x.dtype)
@@ -206,8 +199,7 @@ def expert_gemv(x, pair_expert, w_bytes, w_scales, bias, pair_weight=None, resid
 
 
 def experts_mix_decode(h, experts, mlp1_bytes, mlp1_scales, mlp1_bias, mlp2_bytes, mlp2_scales, mlp2_bias,
-                       *, weights, limit: float, alpha: float, residual=None, interpret: bool = False,
-                       mlp1_tuning: dict | None = None, mlp2_tuning: dict | None = None):
+                       *, weights, limit: float, alpha: float, residual=None, interpret: bool = False):
     """Same as MoE.expert_mix for few tokens: h [n, d], experts [n, k] (ids outside [0, E):
     another device's experts, which add nothing), weights [n, k] -> fp32 [n, d], the
     weighted sum of the token's expert outputs; with residual [n, d], residual + that sum in
@@ -216,6 +208,6 @@ def experts_mix_decode(h, experts, mlp1_bytes, mlp1_scales, mlp1_bias, mlp2_byte
     k = experts.shape[1]
     pair_expert = experts.reshape(-1)  # ids outside [0, E) read nothing and add nothing
     a = expert_gemv(h, pair_expert, mlp1_bytes, mlp1_scales, mlp1_bias, pairs_per_x=k,
-                    swiglu_params=(float(limit), float(alpha)), interpret=interpret, **(mlp1_tuning or {}))
+                    swiglu_params=(float(limit), float(alpha)), interpret=interpret)
     return expert_gemv(a, pair_expert, mlp2_bytes, mlp2_scales, mlp2_bias, weights.reshape(-1), residual,
-                       pairs_per_program=k, interpret=interpret, **(mlp2_tuning or {}))
+                       pairs_per_program=k, interpret=interpret)

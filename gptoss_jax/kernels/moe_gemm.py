@@ -249,14 +249,12 @@ def default_tuning(num_pairs: int, num_experts: int) -> dict:
 
 
 def experts_grouped_kernel(h, experts, mlp1_bytes, mlp1_scales, mlp1_bias, mlp2_bytes, mlp2_scales, mlp2_bias,
-                           *, limit: float, alpha: float, interpret: bool = False,
-                           mlp1_tuning: dict | None = None, mlp2_tuning: dict | None = None, **tuning):
+                           *, limit: float, alpha: float, interpret: bool = False, **tuning):
     """Same as MoE.experts_grouped: h [n, d] (compute dtype), experts [n, k] -> [n, k, d].
     Expert weights as packed views (kernels.moe.packed_bytes, uint8 or E8M0 scales).
     Pairs whose id is outside [0, E) give zeros. `tuning` (block_m, block_n,
-    blocks_per_step, num_warps, num_stages, use_ptx, swap_ab; unset ones from `default_tuning`)
-    applies to both kernels, `mlp1_tuning`/`mlp2_tuning` override it per projection
-    (except block_m: one tile schedule)."""
+    blocks_per_step, num_warps, num_stages, use_ptx, swap_ab, bf16_decode; unset ones from
+    `default_tuning`) applies to both kernels."""
     n, k = experts.shape
     d = h.shape[1]
     if n * k == 0:
@@ -267,8 +265,8 @@ def experts_grouped_kernel(h, experts, mlp1_bytes, mlp1_scales, mlp1_bias, mlp2_
     x = parity_planes(h[schedule.order // k])
     common = dict(interpret=interpret, **tuning)
     a = grouped_gemm(x, schedule, mlp1_bytes, mlp1_scales, mlp1_bias, swiglu_params=(float(limit), float(alpha)),
-                     **{**common, **(mlp1_tuning or {})})
-    y = grouped_gemm(a, schedule, mlp2_bytes, mlp2_scales, mlp2_bias, **{**common, **(mlp2_tuning or {})})[0]
+                     **common)
+    y = grouped_gemm(a, schedule, mlp2_bytes, mlp2_scales, mlp2_bias, **common)[0]
     sorted_position = jnp.zeros_like(schedule.order).at[schedule.order].set(jnp.arange(n * k, dtype=jnp.int32))
     y = jnp.where(schedule.known[:, None], y[sorted_position], jnp.zeros((), y.dtype))
     return y.reshape(n, k, d)
