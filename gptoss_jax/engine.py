@@ -392,8 +392,8 @@ class ContinuousBatch:
         stops = assistant_stop_tokens() if generation.stop_tokens is None else list(generation.stop_tokens)
         if len(stops) > self.max_stop_tokens:
             raise ValueError(f"{len(stops)} stop tokens; the batch takes at most {self.max_stop_tokens}")
-        if any(not 0 <= t < config.vocab_size for t in stops):
-            raise ValueError(f"stop tokens must be in [0, {config.vocab_size}), got {stops}")
+        if any(not isinstance(t, (int, np.integer)) or t < 0 for t in stops):
+            raise ValueError(f"stop tokens must be token ids (integers >= 0), got {stops}")
 
     def add(self, generation: Generation) -> None:
         """Prefills `generation` and puts it into a free slot (ValueError if none is free or the

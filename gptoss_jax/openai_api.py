@@ -733,7 +733,7 @@ class Usage:
                 "completion_tokens_details": {"reasoning_tokens": self.reasoning_tokens}}
 
     def responses(self) -> dict:
-        return {"input_tokens": self.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
+        return {"input_tokens": self.prompt_tokens, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
                 "output_tokens": self.completion_tokens,
                 "output_tokens_details": {"reasoning_tokens": self.reasoning_tokens},
                 "total_tokens": self.prompt_tokens + self.completion_tokens}

@@ -267,6 +267,38 @@ class ClientGone(Exception):
     pass
 
 
+class BodyTooLarge(HTTPException):
+    def __init__(self):
+        super().__init__(413)
+
+
+class BodyLimit:
+    """ASGI middleware refusing request bodies over `limit` bytes (413, as an OpenAI error)
+    without reading more than that: at once by Content-Length, else as the bytes arrive."""
+
+    def __init__(self, app, limit: int, refuse):
+        self.app, self.limit, self.refuse = app, limit, refuse
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            return await self.refuse()(scope, receive, send)
+        received = 0
+
+        async def receive_limited():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise BodyTooLarge
+            return message
+
+        await self.app(scope, receive_limited, send)
+
+
 async def wait_for_disconnect(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
@@ -298,11 +330,31 @@ def sse(data: dict, event: str | None = None) -> str:
     return f"event: {event}\ndata: {text}\n\n" if event else f"data: {text}\n\n"
 
 
+UNION_LABELS = ("body", "str", "int", "float", "bool", "none")
+
+
+def field_path(location) -> list:
+    """Pydantic's error location without "body" and the labels of union members (types such as
+    'str' or 'list[...]', model names, the tags of tagged unions)."""
+    path, tagged, skip_tag = [], False, False
+    for part in location:
+        if isinstance(part, int):
+            path.append(part)
+            skip_tag = tagged
+        elif skip_tag:
+            skip_tag = tagged = False
+        elif "tagged-union[" in part:
+            tagged = True
+        elif part not in UNION_LABELS and not any(c in part for c in "[]'(),") and not part[:1].isupper():
+            path.append(part)
+    return path
+
+
 def validation_message(error: RequestValidationError) -> tuple[str, str | None]:
-    """One line for the first problem pydantic found: where, what, how to fix."""
-    first = error.errors()[0]
-    location = [part for part in first.get("loc", ()) if part != "body"]
-    param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in location).lstrip(".") or None
+    """One line for the most specific problem pydantic found: where, what, how to fix."""
+    first = max(error.errors(), key=lambda e: len(field_path(e.get("loc", ()))))
+    path = field_path(first.get("loc", ()))
+    param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".") or None
     kind = first.get("type", "")
     if kind == "json_invalid":
         return f"the request body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}", None
@@ -340,8 +392,7 @@ def create_app(model: GptOss, *, model_name: str = "tiny", slots: int = DEFAULT_
         yield
         scheduler.stop()
 
-    app = FastAPI(title="gptoss-jax", lifespan=lifespan, max_body_size=max_body_bytes, docs_url=None,
-                  redoc_url=None)
+    app = FastAPI(title="gptoss-jax", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.scheduler, app.state.metrics = scheduler, metrics
 
     def error_response(error: APIError) -> JSONResponse:
@@ -358,13 +409,22 @@ def create_app(model: GptOss, *, model_name: str = "tiny", slots: int = DEFAULT_
         message, param = validation_message(error)
         return error_response(invalid(message, param))
 
+    def messages_by_status(status: int, request: Request | None = None) -> str | None:
+        if status == 413:
+            return f"the request body is larger than {max_body_bytes} bytes (--max-body-bytes)"
+        if status == 404:
+            return f"no endpoint {request.method} {request.url.path}"
+        if status == 405:
+            return f"{request.method} is not allowed on {request.url.path}"
+        return None
+
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException):
-        messages = {404: f"no endpoint {request.method} {request.url.path}",
-                    405: f"{request.method} is not allowed on {request.url.path}",
-                    413: f"the request body is larger than {max_body_bytes} bytes"}
-        message = messages.get(error.status_code, str(error.detail))
+        message = messages_by_status(error.status_code, request) or str(error.detail)
         return error_response(APIError(error.status_code, message))
+
+    app.add_middleware(BodyLimit, limit=max_body_bytes,
+                       refuse=lambda: error_response(APIError(413, messages_by_status(413))))
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, error: Exception):
@@ -410,15 +470,13 @@ def create_app(model: GptOss, *, model_name: str = "tiny", slots: int = DEFAULT_
     def finished(endpoint: str, output: HarmonyOutput) -> None:
         metrics.requests.labels(endpoint, output.finish_reason).inc()
 
-    def hung_up(endpoint: str) -> Response:
-        metrics.requests.labels(endpoint, "cancelled").inc()
-        return Response(status_code=499)  # nobody reads it
 
-    async def follow(job: Job, request: Request, output: HarmonyOutput):
+    async def follow(endpoint: str, job: Job, request: Request, output: HarmonyOutput):
         """Yields the events (and the tokens) of each batch of the job's tokens as `output`
         reads them, then the events that finish `output`. Stops the job once `output` needs no
-        more tokens (a stop string, a broken format) or the handler stops listening."""
-        reason = None
+        more tokens (a stop string, a broken format), or when the client hangs up (ClientGone,
+        or the response's task cancelled)."""
+        reason, hung_up = None, True
         try:
             async with contextlib.aclosing(updates(job, request)) as stream:
                 async for tokens, finish_reason in stream:
@@ -427,9 +485,15 @@ def create_app(model: GptOss, *, model_name: str = "tiny", slots: int = DEFAULT_
                     yield output.feed(tokens), tokens
                     if output.done:
                         break
+            hung_up = False
+        except APIError:
+            hung_up = False
+            raise
         finally:
             if reason is None:  # the engine is still generating for it
                 scheduler.cancel(job)
+            if hung_up:
+                metrics.requests.labels(endpoint, "cancelled").inc()
         yield output.finish(reason or "stop"), []
 
     def usage(job: Job, prompt: Prompt, output: HarmonyOutput) -> Usage:
@@ -471,10 +535,10 @@ def create_app(model: GptOss, *, model_name: str = "tiny", slots: int = DEFAULT_
 
         if not body.stream:
             try:
-                async for _ in follow(job, request, output):
+                async for _ in follow("chat", job, request, output):
                     pass
             except ClientGone:
-                return hung_up("chat")
+                return Response(status_code=499)  # nobody reads it
             finished("chat", output)
             ids = dict(prompt_token_ids=prompt.tokens, token_ids=job.received) if body.return_token_ids else {}
             return chat_completion(id=id, created=created, model=model_name, output=output,
@@ -487,11 +551,10 @@ def create_app(model: GptOss, *, model_name: str = "tiny", slots: int = DEFAULT_
         async def stream():
             yield sse(chunks.first(prompt.tokens))
             try:
-                async for events, tokens in follow(job, request, output):
+                async for events, tokens in follow("chat", job, request, output):
                     for chunk in chunks.deltas(events, tokens):
                         yield sse(chunk)
             except ClientGone:
-                hung_up("chat")
                 return
             except APIError as error:
                 yield sse(error.body())
@@ -513,10 +576,10 @@ def create_app(model: GptOss, *, model_name: str = "tiny", slots: int = DEFAULT_
 
         if not body.stream:
             try:
-                async for _ in follow(job, request, output):
+                async for _ in follow("responses", job, request, output):
                     pass
             except ClientGone:
-                return hung_up("responses")
+                return Response(status_code=499)
             finished("responses", output)
             return response(output=output, usage=usage(job, prompt, output), **fields)
 
@@ -526,11 +589,10 @@ def create_app(model: GptOss, *, model_name: str = "tiny", slots: int = DEFAULT_
             for event in events.first():
                 yield sse(event, event["type"])
             try:
-                async for harmony_events, _ in follow(job, request, output):
+                async for harmony_events, _ in follow("responses", job, request, output):
                     for event in events.events(harmony_events):
                         yield sse(event, event["type"])
             except ClientGone:
-                hung_up("responses")
                 return
             except APIError as error:
                 yield sse(events.event("error", message=error.message, code=error.code, param=None), "error")
@@ -594,9 +656,9 @@ def run(args) -> int:
             datetime.date.fromisoformat(args.current_date)
         except ValueError:
             raise ValueError(f"--current-date must be a date as YYYY-MM-DD, got {args.current_date!r}") from None
-    for flag in ("slots", "chunk", "max_body_bytes"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    for flag, least in (("slots", 1), ("chunk", 1), ("max_body_bytes", 1), ("max_context", 2), ("max_queue", 0)):
+        if getattr(args, flag) < least:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= {least}, got {getattr(args, flag)}")
     # Bind first: a port in use is one error line, before the model loads.
     try:
         sock = socket.create_server((args.host, args.port))
@@ -608,7 +670,10 @@ def run(args) -> int:
                      max_body_bytes=args.max_body_bytes, current_date=args.current_date)
     host, port = sock.getsockname()[:2]
     print(f"serving '{served_name(args)}' on http://{host}:{port}/v1", file=sys.stderr, flush=True)
-    uvicorn.Server(uvicorn.Config(app, log_level=args.log_level)).run(sockets=[sock])
+    try:
+        uvicorn.Server(uvicorn.Config(app, log_level=args.log_level)).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn shuts down gracefully, then raises the signal again
+        pass
     return 0
 
 
