@@ -469,6 +469,8 @@ def create_app(model: GptOss, *, model_name: str = "tiny", slots: int = DEFAULT_
 
     def finished(endpoint: str, output: HarmonyOutput) -> None:
         metrics.requests.labels(endpoint, output.finish_reason).inc()
+        if output.error is not None:
+            log.warning("a completion broke the harmony format: %s", output.error)
 
 
     async def follow(endpoint: str, job: Job, request: Request, output: HarmonyOutput):
