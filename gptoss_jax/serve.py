@@ -382,8 +382,9 @@ def create_app(model: GptOss, *, model_name: str = "tiny", slots: int = DEFAULT_
     positions = model.config.initial_context_length * model.config.rope_scaling_factor
     if not 2 <= max_context <= positions:
         raise ValueError(f"max_context must be in [2, {positions:g}] (the model's context), got {max_context}")
+    batch = ContinuousBatch(model, slots=slots, max_len=max_context, chunk=chunk)
     metrics = Metrics(slots)
-    scheduler = Scheduler(ContinuousBatch(model, slots=slots, max_len=max_context, chunk=chunk), max_queue, metrics)
+    scheduler = Scheduler(batch, max_queue, metrics)
     started = int(time.time())
 
     @contextlib.asynccontextmanager
@@ -680,7 +681,13 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    return cli(run, build_parser(), argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.coordinator or args.num_processes or args.process_id is not None or args.distributed:
+        print("error: the server runs in one process; serve a mesh of this host's devices with --mesh",
+              file=sys.stderr)
+        return 2
+    return cli(run, parser, argv)
 
 
 if __name__ == "__main__":

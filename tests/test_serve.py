@@ -388,21 +388,27 @@ def test_a_full_queue_answers_429(server, client):
     assert server.metrics()['gptoss_rejected_requests_total{"status": "429"}'] >= 1
 
 
-def run_cli(*args, timeout=60):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, "-m", "gptoss_jax.serve", *args], capture_output=True, text=True, env=env,
-                          timeout=timeout)
-
-
 @pytest.mark.parametrize("args, message", [
     (["--slots", "0"], "--slots must be >= 1"),
     (["--current-date", "tomorrow"], "--current-date"),
     (["--max-context", "1"], "--max-context must be >= 2"),
+    (["--num-processes", "2"], "one process"),
 ])
-def test_cli_bad_arguments(args, message):
-    result = run_cli(*args, "--port", "0")
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2 and lines[-1].startswith("error:") and message in lines[-1], result.stderr
+def test_cli_bad_arguments(capsys, args, message):
+    from gptoss_jax.serve import main
+
+    assert main([*args, "--port", "0", "--no-compilation-cache"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], lines
+
+
+def test_cli_port_in_use(capsys):
+    from gptoss_jax.serve import main
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        assert main(["--port", str(taken.getsockname()[1]), "--no-compilation-cache"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: cannot listen on 127.0.0.1:"), lines  # before loading
 
 
 def test_app_settings_are_checked(model):
@@ -410,13 +416,6 @@ def test_app_settings_are_checked(model):
         create_app(model, max_context=10**7)
     with pytest.raises(ValueError, match="slots"):
         create_app(model, slots=0)
-
-
-def test_cli_port_in_use():
-    with socket.create_server(("127.0.0.1", 0)) as taken:
-        result = run_cli("--port", str(taken.getsockname()[1]))
-    assert result.returncode == 2 and result.stderr.strip().startswith("error: cannot listen on 127.0.0.1:")
-    assert "tiny" not in result.stderr  # refused before the model loads
 
 
 def test_cli_serves_the_built_in_model():

@@ -4,13 +4,15 @@ between chunks, each producing exactly what `generate` produces for it alone.
 In fp32: in bf16 a row's logits can depend on how many rows the batch has (see
 docs/serving.md, "Batching and numerics"), as in any batched server."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.engine import ContinuousBatch, Generation, decode_slots, generate, insert_slot
-from gptoss_jax.loader import random_model
+from gptoss_jax.loader import random_model, shard_model
+from gptoss_jax.sharding.mesh import make_mesh
 
 WINDOW = 4
 
@@ -43,15 +45,15 @@ def solo(model, generation, **kwargs):
 
 
 def test_generations_join_and_leave_and_match_generate_alone(model):
-    lengths, limits = [3, 11, 6, 20, 2, 9, 14], [9, 4, 12, 7, 10, 3, 8]
+    lengths, limits = [3, 11, 6, 20, 2, 14], [9, 4, 12, 7, 10, 8]
     generations = [Generation(prompt_of(n, i), m, temperature=0, stop_tokens=[]) for i, (n, m) in
                    enumerate(zip(lengths, limits))]
     expected = [solo(model, g) for g in generations]
-    # A stop token that one generation meets early, another later, one never.
+    # A stop token that one generation meets, and one it may not.
     stop = expected[2][4]
     generations += [Generation(g.prompt, g.max_new_tokens, temperature=0, stop_tokens=[stop, 511])
-                    for g in generations[:4]]
-    expected += [solo(model, g) for g in generations[7:]]
+                    for g in generations[1:3]]
+    expected += [solo(model, g) for g in generations[6:]]
     batch = ContinuousBatch(model, slots=3, max_len=40, chunk=3)
     occupancy = run(batch, generations)
     assert [g.tokens for g in generations] == expected
@@ -118,3 +120,15 @@ def test_joining_reuses_compiled_code(model):
     decode_sizes, insert_sizes = decode_slots._cache_size(), insert_slot._cache_size()
     run(batch, [Generation(prompt_of(n, 71 + n), 5, temperature=0, stop_tokens=[]) for n in (4, 9, 13, 2)])
     assert decode_slots._cache_size() == decode_sizes and insert_slot._cache_size() == insert_sizes
+
+
+def test_on_a_mesh(model):
+    """Rows split over a data axis (3 slots: 4 rows on 2x2x2), experts and heads over the others:
+    the same tokens as one device, and one decode executable for every chunk."""
+    meshed = shard_model(model, make_mesh("2x2x2", jax.devices()[:8]))
+    generations = [Generation(prompt_of(n, 80 + n), 6, temperature=0, stop_tokens=[]) for n in (4, 9, 2, 7)]
+    batch = ContinuousBatch(meshed, slots=3, max_len=24, chunk=3)
+    decode_slots.clear_cache()
+    assert max(run(batch, generations)) == 3
+    assert [g.tokens for g in generations] == [solo(model, g) for g in generations]
+    assert decode_slots._cache_size() == 1
