@@ -5,6 +5,10 @@ decodes in chunks of `chunk` tokens: each chunk is one jitted `lax.while_loop` o
 (`decode_chunk`), and the host only sees the tokens between chunks (for streaming and to stop
 once every sequence has finished). Padding and finished sequences use position -1, which the
 model neither attends nor writes into the cache.
+
+`ContinuousBatch` runs the same decode loop (`decode_steps`) over a fixed number of slots that
+generations join and leave between chunks, each with its own cache rows, limits, stop tokens
+and sampling settings: the engine of the HTTP server (gptoss_jax.serve).
 """
 
 from __future__ import annotations
