@@ -245,11 +245,9 @@ class Scheduler:
                 if job.first_token_at is None:
                     job.first_token_at = now
                     self.metrics.ttft.observe(now - job.arrived)
-                    later = len(tokens) - 1
-                else:
-                    later = len(tokens)
-                for _ in range(later):
-                    self.metrics.inter_token.observe((now - job.last_token_at) / len(tokens))
+                else:  # the gap since the last delivery, shared by the tokens this one brought
+                    for _ in tokens:
+                        self.metrics.inter_token.observe((now - job.last_token_at) / len(tokens))
                 job.last_token_at = now
             if generation.finish_reason is not None:
                 del self.running[generation]
