@@ -5,12 +5,17 @@ decodes in chunks of `chunk` tokens: each chunk is one jitted `lax.while_loop` o
 (`decode_chunk`), and the host only sees the tokens between chunks (for streaming and to stop
 once every sequence has finished). Padding and finished sequences use position -1, which the
 model neither attends nor writes into the cache.
+
+`ContinuousBatch` runs the same decode loop (`decode_steps`) over a fixed number of slots that
+generations join and leave between chunks, each with its own cache rows, limits, stop tokens
+and sampling settings: the engine of the HTTP server (gptoss_jax.serve).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +24,7 @@ from flax import nnx
 
 from gptoss_jax.chat_format import assistant_stop_tokens
 from gptoss_jax.model import CACHE_AXES, NO_POSITION, GptOss, LayerCache
-from gptoss_jax.sampling import check_sampling, sample
+from gptoss_jax.sampling import check_sampling, sample, sample_rows
 from gptoss_jax.sharding.placement import fetch, put
 from gptoss_jax.sharding.rules import DATA, named_sharding
 
@@ -72,16 +77,28 @@ def decode_chunk(graphdef, state, caches, logits, position, count, done, step, l
     global decode step (the sampling key is `fold_in(key, step)`). Returns the new state
     and the tokens [b, chunk] (-1 where a sequence produced none)."""
     model = nnx.merge(graphdef, state)
+    pick = lambda logits, i, count: sample(logits, jax.random.fold_in(key, step + i), temperature, top_p,
+                                           greedy=greedy, top_k=top_k, use_top_p=use_top_p)
+    caches, logits, position, count, done, out = decode_steps(model, pick, caches, logits, position, count, done,
+                                                              limit, stop_tokens, chunk)
+    return caches, logits, position, count, done, step + chunk, out
+
+
+def decode_steps(model, pick, caches, logits, position, count, done, limit, stop_tokens, chunk):
+    """The decode loop of `decode_chunk` and `decode_slots`: `chunk` steps, each choosing every
+    sequence's next token with `pick(logits, i, count)` (i: the step within the chunk) and
+    running the tokens still wanted through the model. `stop_tokens`: [n] for every sequence,
+    or [b, n] per sequence (-1 matches nothing)."""
     batch = logits.shape[0]
+    stops = stop_tokens if stop_tokens.ndim == 2 else stop_tokens[None, :]
 
     def body(carry):
-        i, caches, logits, position, count, done, step, out = carry
-        token = sample(logits, jax.random.fold_in(key, step), temperature, top_p,
-                       greedy=greedy, top_k=top_k, use_top_p=use_top_p)
+        i, caches, logits, position, count, done, out = carry
+        token = pick(logits, i, count)
         active = ~done
         out = out.at[:, i].set(jnp.where(active, token, -1))
         count = count + active
-        hit_stop = jnp.any(token[:, None] == stop_tokens[None, :], axis=-1)
+        hit_stop = jnp.any(token[:, None] == stops, axis=-1)
         now_done = done | (active & (hit_stop | (count >= limit)))
         # Only tokens whose successor is still wanted go through the model.
         feed = ~now_done
@@ -89,15 +106,15 @@ def decode_chunk(graphdef, state, caches, logits, position, count, done, step, l
         positions = jnp.where(feed, position, NO_POSITION)[:, None]
         new_logits, caches = model.extend(tokens, positions, caches)
         logits = jnp.where(feed[:, None], new_logits[:, 0].astype(jnp.float32), logits)
-        return i + 1, caches, logits, position + feed, count, now_done, step + 1, out
+        return i + 1, caches, logits, position + feed, count, now_done, out
 
     # A fixed trip count: XLA then queues the steps back to back, where a data-dependent
     # exit (all sequences done) would copy the predicate to the host and wait for the device
     # after every step. Steps after every sequence is done change nothing.
     out = jnp.full((batch, chunk), -1, jnp.int32)
-    carry = (jnp.int32(0), caches, logits, position, count, done, step, out)
-    _, caches, logits, position, count, done, step, out = jax.lax.while_loop(lambda c: c[0] < chunk, body, carry)
-    return caches, logits, position, count, done, step, out
+    carry = (jnp.int32(0), caches, logits, position, count, done, out)
+    _, caches, logits, position, count, done, out = jax.lax.while_loop(lambda c: c[0] < chunk, body, carry)
+    return caches, logits, position, count, done, out
 
 
 def generate(
@@ -218,3 +235,254 @@ def init_caches(model: GptOss, batch: int, max_len: int) -> list[LayerCache]:
     shardings = [LayerCache(*(named_sharding(axes, leaf.shape, model.mesh) for axes, leaf in zip(CACHE_AXES, cache)))
                  for cache in jax.eval_shape(make)]
     return jax.jit(make, out_shardings=shardings)()
+
+
+# ----------------------------------------------------------------------------------------
+# Continuous batching: generations join and leave a running decode batch between chunks.
+# ----------------------------------------------------------------------------------------
+
+
+class SlotState(NamedTuple):
+    """The device side of a ContinuousBatch: one row per slot."""
+
+    caches: list[LayerCache]
+    logits: jax.Array  # [slots, vocab] fp32: what the slot's next token is sampled from
+    position: jax.Array  # [slots] where the slot's next token goes
+    count: jax.Array  # [slots] tokens generated (the key of the next draw is fold_in(key, count))
+    done: jax.Array  # [slots] bool
+    limit: jax.Array  # [slots] tokens the slot may generate
+    stop_tokens: jax.Array  # [slots, max_stop_tokens], -1 where unused
+    keys: jax.Array  # [slots, ...] raw PRNG key data
+    temperature: jax.Array  # [slots] fp32, 0 = greedy
+    top_p: jax.Array  # [slots] fp32, 1 = off
+    top_k: jax.Array  # [slots] int32, 0 = off
+
+
+@partial(jax.jit, static_argnames=("graphdef", "chunk", "sampled", "filtered"), donate_argnames=("slots",))
+def decode_slots(graphdef, state, slots: SlotState, *, chunk, sampled, filtered):
+    """`decode_chunk` for a ContinuousBatch: the same loop, with sampling settings, stop tokens
+    and keys per slot. Returns the new SlotState and the tokens [slots, chunk] (-1: none)."""
+    model = nnx.merge(graphdef, state)
+    keys = jax.random.wrap_key_data(slots.keys)
+    pick = lambda logits, i, count: sample_rows(logits, jax.vmap(jax.random.fold_in)(keys, count), slots.temperature,
+                                                slots.top_p, slots.top_k, sampled=sampled, filtered=filtered)
+    caches, logits, position, count, done, out = decode_steps(
+        model, pick, slots.caches, slots.logits, slots.position, slots.count, slots.done, slots.limit,
+        slots.stop_tokens, chunk)
+    return slots._replace(caches=caches, logits=logits, position=position, count=count, done=done), out
+
+
+@partial(jax.jit, donate_argnames=("slots",))
+def insert_slot(slots: SlotState, row, caches, logits, length, limit, stop_tokens, key, temperature, top_p, top_k):
+    """Puts one prefilled generation (row 0 of `caches`, which may hold fewer cache slots than
+    the batch: the positions they hold go to the same slots) into batch row `row`."""
+    def put_row(batch, value, fill):
+        value = value[:1]
+        pad = [(0, 0)] + [(0, b - v) for b, v in zip(batch.shape[1:], value.shape[1:])]
+        value = jnp.pad(value, pad, constant_values=fill).astype(batch.dtype)
+        return jax.lax.dynamic_update_slice(batch, value, (row,) + (0,) * (batch.ndim - 1))
+
+    caches = [LayerCache(put_row(b.k, c.k, 0), put_row(b.v, c.v, 0), put_row(b.positions, c.positions, NO_POSITION))
+              for b, c in zip(slots.caches, caches)]
+    set_row = lambda batch, value: batch.at[row].set(value)
+    return SlotState(caches, put_row(slots.logits, logits, 0), set_row(slots.position, length),
+                     set_row(slots.count, 0), set_row(slots.done, limit <= 0), set_row(slots.limit, limit),
+                     set_row(slots.stop_tokens, stop_tokens), set_row(slots.keys, key),
+                     set_row(slots.temperature, temperature), set_row(slots.top_p, top_p), set_row(slots.top_k, top_k))
+
+
+@partial(jax.jit, donate_argnames=("slots",))
+def release_slot(slots: SlotState, row):
+    return slots._replace(done=slots.done.at[row].set(True))
+
+
+FINISH_REASONS = ("stop", "length", "cancelled")
+
+
+@dataclass(eq=False)
+class Generation:
+    """One request for a ContinuousBatch: the prompt, how many tokens it may generate, its
+    sampling settings (as `generate` takes them) and stop tokens (None: the harmony assistant
+    stops). While it runs, `tokens` collects what it generated and `finish_reason` becomes
+    "stop" (a stop token, included in `tokens`), "length" (max_new_tokens or the batch's
+    max_len reached) or "cancelled"."""
+
+    prompt: list[int]
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    stop_tokens: list[int] | None = None
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    slot: int | None = None
+    limit: int = 0  # max_new_tokens, or fewer where the prompt leaves less room in max_len
+    tokens_queued: int = 0  # tokens the chunks dispatched so far can produce
+
+
+class ContinuousBatch:
+    """A decode batch of `slots` rows that generations join and leave while it runs.
+
+    `add(generation)` prefills the prompt alone (batch 1, bucketed lengths as `generate` does)
+    and writes its cache rows, position, limits, stop tokens and sampling settings into a free
+    slot; `step()` decodes one chunk of `chunk` tokens for every occupied slot (the loop of
+    `decode_chunk`) and returns the tokens of the chunk before it, so that the device already
+    runs the next chunk while the host reads one; `cancel(generation)` stops a generation and frees
+    its slot. A generation that finishes frees its slot when its last tokens are returned.
+    `max_len` bounds prompt plus generated tokens of every generation.
+
+    Not thread-safe: one thread calls add, cancel and step. A sampled generation draws its n-th
+    token with `fold_in(key(seed), n)`, as `generate` does for a batch of one."""
+
+    def __init__(self, model: GptOss, *, slots: int, max_len: int, chunk: int = DEFAULT_CHUNK,
+                 max_stop_tokens: int = 4):
+        if slots < 1:
+            raise ValueError(f"slots must be >= 1, got {slots}")
+        if max_len < 2:
+            raise ValueError(f"max_len must be >= 2, got {max_len}")
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        self.model, self.slots, self.max_len, self.chunk = model, slots, max_len, chunk
+        self.max_stop_tokens = max_stop_tokens
+        mesh = model.mesh
+        data = 1 if mesh is None else mesh.shape.get(DATA, 1)
+        rows = round_up(slots, data)  # rows beyond `slots` stay idle
+        self.prefill_rows = data
+        self.cache_len = bucket(max_len, 64)
+        self.place = placer(mesh)
+        self.graphdef, self.params = nnx.split(model)
+        place = self.place
+        key_data = np.asarray(jax.random.key_data(jax.random.key(0)))
+        self.state = SlotState(
+            caches=init_caches(model, rows, self.cache_len),
+            logits=place(np.zeros((rows, model.config.vocab_size), np.float32), ("batch", "vocab")),
+            position=place(np.zeros(rows, np.int32), ("batch",)),
+            count=place(np.zeros(rows, np.int32), ("batch",)),
+            done=place(np.ones(rows, bool), ("batch",)),
+            limit=place(np.zeros(rows, np.int32), ("batch",)),
+            stop_tokens=place(np.full((rows, max_stop_tokens), -1, np.int32), ("batch", None)),
+            keys=place(np.zeros((rows, *key_data.shape), key_data.dtype), ("batch",) + (None,) * key_data.ndim),
+            temperature=place(np.zeros(rows, np.float32), ("batch",)),
+            top_p=place(np.ones(rows, np.float32), ("batch",)),
+            top_k=place(np.zeros(rows, np.int32), ("batch",)))
+        self.owners: list[Generation | None] = [None] * slots
+        self.pending = None  # (tokens, [(row, generation)]) of the chunk dispatched last
+        self.occupancy = 0  # occupied slots in the chunk dispatched last
+
+    @property
+    def free_slots(self) -> int:
+        return self.owners.count(None)
+
+    @property
+    def generations(self) -> list[Generation]:
+        return [s for s in self.owners if s is not None]
+
+    @property
+    def busy(self) -> bool:
+        """Whether `step` has work: occupied slots, or a chunk whose tokens are not read yet."""
+        return self.pending is not None or self.free_slots < self.slots
+
+    def check(self, generation: Generation) -> None:
+        """Raises ValueError saying what is wrong with a generation that `add` would refuse."""
+        config = self.model.config
+        generation.prompt = check_prompts([generation.prompt], config.vocab_size)[0]
+        check_sampling(generation.temperature, generation.top_p, generation.top_k)
+        if generation.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {generation.max_new_tokens}")
+        if len(generation.prompt) >= self.max_len:
+            raise ValueError(f"a prompt of {len(generation.prompt)} tokens leaves no room to generate in the batch's "
+                             f"max_len={self.max_len}; shorten the prompt")
+        stops = assistant_stop_tokens() if generation.stop_tokens is None else list(generation.stop_tokens)
+        if len(stops) > self.max_stop_tokens:
+            raise ValueError(f"{len(stops)} stop tokens; the batch takes at most {self.max_stop_tokens}")
+        if any(not isinstance(t, (int, np.integer)) or t < 0 for t in stops):
+            raise ValueError(f"stop tokens must be token ids (integers >= 0), got {stops}")
+
+    def add(self, generation: Generation) -> None:
+        """Prefills `generation` and puts it into a free slot (ValueError if none is free or the
+        generation is invalid). One that may generate nothing finishes at once, in no slot."""
+        self.check(generation)
+        if not self.free_slots:
+            raise ValueError("no free slot: wait for a generation to finish or cancel one")
+        generation.limit = min(generation.max_new_tokens, self.max_len - len(generation.prompt))
+        if generation.limit <= 0:
+            generation.finish_reason = "length"
+            return
+        row = self.owners.index(None)
+        place, length = self.place, len(generation.prompt)
+        padded = bucket(length, 16)
+        tokens = np.full((self.prefill_rows, padded), PAD_TOKEN, np.int32)
+        positions = np.full((self.prefill_rows, padded), NO_POSITION, np.int32)
+        tokens[0, :length], positions[0, :length] = generation.prompt, np.arange(length)
+        caches = init_caches(self.model, self.prefill_rows, min(bucket(padded, 64), self.cache_len))
+        logits, caches = prefill(self.graphdef, self.params, place(tokens, ("batch", "seq")),
+                                 place(positions, ("batch", "seq")), caches,
+                                 place(np.full(self.prefill_rows, length - 1, np.int32), ("batch",)))
+        stops = assistant_stop_tokens() if generation.stop_tokens is None else list(generation.stop_tokens)
+        stop_row = np.full(self.max_stop_tokens, -1, np.int32)
+        stop_row[:len(stops)] = stops
+        key = np.asarray(jax.random.key_data(jax.random.key(generation.seed % 2**32)))
+        self.state = insert_slot(self.state, np.int32(row), caches, logits, np.int32(length), np.int32(generation.limit),
+                                 stop_row, key, np.float32(generation.temperature), np.float32(generation.top_p),
+                                 np.int32(min(generation.top_k, self.model.config.vocab_size)))
+        generation.slot, generation.tokens_queued = row, 0
+        self.owners[row] = generation
+
+    def cancel(self, generation: Generation) -> None:
+        """Stops `generation` (finish_reason "cancelled" unless it had finished) and frees its slot;
+        tokens of chunks already dispatched for it are dropped."""
+        if generation.finish_reason is None:
+            generation.finish_reason = "cancelled"
+        self._free(generation)
+
+    def step(self) -> list[tuple[Generation, list[int]]]:
+        """Dispatches the next chunk (when a slot still wants tokens), then waits for the chunk
+        dispatched before it and returns each generation's new tokens from it (finished
+        generations come with an empty list when the chunk held none for them)."""
+        dispatched = self._dispatch()
+        results = self._read(self.pending) if self.pending is not None else []
+        self.pending = dispatched
+        return results
+
+    def _dispatch(self):
+        running = [(row, s) for row, s in enumerate(self.owners) if s is not None]
+        self.occupancy = len(running)
+        if not any(s.tokens_queued < s.limit for _, s in running):
+            self.occupancy = 0
+            return None
+        sampled = any(s.temperature > 0 for _, s in running)
+        filtered = any(s.temperature > 0 and (s.top_k > 0 or s.top_p < 1) for _, s in running)
+        self.state, out = decode_slots(self.graphdef, self.params, self.state, chunk=self.chunk, sampled=sampled,
+                                       filtered=filtered)
+        for _, generation in running:
+            generation.tokens_queued += self.chunk
+        return out, running
+
+    def _read(self, pending):
+        out, running = pending
+        out = fetch(out, self.model.mesh)
+        results = []
+        for row, generation in running:
+            if generation.finish_reason is not None:  # cancelled after this chunk was dispatched
+                continue
+            new = [int(t) for t in out[row] if t >= 0]
+            generation.tokens.extend(new)
+            # The loop's own test: a stop token, or the limit reached.
+            stops = assistant_stop_tokens() if generation.stop_tokens is None else generation.stop_tokens
+            if new and new[-1] in stops:
+                generation.finish_reason = "stop"
+            elif len(generation.tokens) >= generation.limit:
+                generation.finish_reason = "length"
+            if generation.finish_reason is not None:
+                self._free(generation)
+            if new or generation.finish_reason is not None:
+                results.append((generation, new))
+        return results
+
+    def _free(self, generation: Generation) -> None:
+        row = generation.slot
+        if row is not None and self.owners[row] is generation:
+            self.owners[row] = None
+            self.state = release_slot(self.state, np.int32(row))
+        generation.slot = None
