@@ -326,6 +326,18 @@ def test_long_prompts_prefill_in_chunks_like_one_call(model, monkeypatch):
     assert batch == [greedy_by_full_forward(model, p, 2) for p in prompts]
 
 
+def test_long_prompts_prefill_in_chunks_with_the_flash_kernel(model, monkeypatch):
+    """The flash prefill kernel (Pallas interpret mode on a CPU) takes the same steps."""
+    from gptoss_jax import engine
+    from gptoss_jax.kernels import Kernels
+
+    monkeypatch.setattr(engine, "PREFILL_TOKENS", 16)
+    prompts = [prompt_of(21, 53), prompt_of(6, 54)]
+    flash = model.with_kernels(Kernels(prefill_attention=True, interpret=True))
+    kw = dict(max_new_tokens=3, temperature=0, stop_tokens=[])
+    assert generate(flash, prompts, **kw) == generate(model, prompts, **kw)
+
+
 def prefill_temp_bytes(model, prompt_length, monkeypatch):
     """The most temporary memory one of generate's prefill calls needs for a prompt of
     `prompt_length` tokens, read from the compiled calls (which are compiled, not run)."""
