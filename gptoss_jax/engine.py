@@ -214,8 +214,8 @@ def generate(
     # Bucketed shapes let nearby prompt lengths share compiled code; extra slots stay empty.
     padded = bucket(longest, 16)
     slots = bucket(max(max_len, padded), 64)
-    step = _prefill_step(model, rows, slots, padded)
-    width = round_up(longest, step)  # whole steps
+    step_tokens = _prefill_step(model, rows, slots, padded)
+    width = round_up(longest, step_tokens)  # whole steps
     tokens = np.full((rows, width), PAD_TOKEN, np.int32)
     positions = np.full((rows, width), NO_POSITION, np.int32)
     for i, prompt in enumerate(prompts):
@@ -230,7 +230,7 @@ def generate(
     place = placer(mesh)
     caches = init_caches(model, rows, slots)
     graphdef, state = nnx.split(model)
-    logits, caches = _prefill_in_steps(graphdef, state, tokens, positions, lengths, caches, step, place)
+    logits, caches = _prefill_in_steps(graphdef, state, tokens, positions, lengths, caches, step_tokens, place)
 
     position, count = place(lengths, ("batch",)), place(np.zeros(rows, np.int32), ("batch",))
     done, step = place(limit <= 0, ("batch",)), place(np.int32(0), ())
