@@ -15,17 +15,25 @@ from gptoss_jax.cli import (
     COMPILATION_CACHE_NOTE,
     add_model_arguments,
     add_sampling_arguments,
+    check_positions,
     check_sampling_arguments,
     cli,
+    finish_harmony_stream,
     load_model,
+    model_source,
 )
 from gptoss_jax.engine import generate
 from gptoss_jax.python_tool import PythonTool, SandboxUnavailable, is_python_call
 from gptoss_jax.streaming import HarmonyStream, decode_tokens
 from gptoss_jax.tokenizer import get_tokenizer
 
-COMMANDS = """commands: /reset (forget the conversation), /effort low|medium|high, /quit (or Ctrl-D)"""
+COMMANDS = ("commands: /reset (forget the conversation), /effort low|medium|high, /quit (or Ctrl-D); "
+            "Ctrl-C stops an answer")
 MAX_TOOL_CALLS = 16  # python calls answered within one turn
+
+
+class ConversationFull(Exception):
+    """The conversation leaves no room for an answer in the model's positions."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,8 +75,25 @@ class Chat:
     def turn(self, text: str) -> str:
         """Answers one user message; returns the final-channel text (or the raw text when the
         model's output is not harmony). With --python-tool, each call to python is run, its
-        output appended as a tool message, and the model continues the same turn from there."""
+        output appended as a tool message, and the model continues the same turn from there.
+        Ctrl-C stops the answer and keeps what was said so far, as --max-new-tokens does; a
+        message for which the model's positions leave no room is dropped with a note."""
+        start = len(self.messages)
         self.messages.append(chat_format.user(text))
+        try:
+            return self._answer()
+        except KeyboardInterrupt:
+            if self.echo:
+                print("note: answer interrupted (Ctrl-C); the conversation keeps what was said so far",
+                      file=sys.stderr, flush=True)
+            return self._answer_so_far()
+        except ConversationFull as full:
+            del self.messages[start:]
+            if self.echo:
+                print(f"note: {full}", file=sys.stderr, flush=True)
+            return ""
+
+    def _answer(self) -> str:
         for _ in range(MAX_TOOL_CALLS + 1):
             parsed, tokens = self._generate()
             if parsed is None:  # not harmony
@@ -87,27 +112,50 @@ class Chat:
             print("note: the model produced no final-channel message", file=sys.stderr)
         return answer or ""
 
+    def _answer_so_far(self) -> str:
+        """The text of the last answer since the last user message ('' if none)."""
+        for message in reversed(self.messages):
+            if message.role == "user":
+                break
+            if message.role == "assistant" and message.channel == "final":
+                return message.content
+        return ""
+
     def _generate(self):
         """Samples one assistant completion for the conversation so far and appends its
-        messages; returns the parsed completion (None when the output is not harmony) and its
-        tokens."""
+        messages, also when interrupted; returns the parsed completion (None when the output
+        is not harmony) and its tokens."""
         prompt = chat_format.render_for_completion(self.conversation())
+        positions = self.model.config.max_position_embeddings
+        if len(prompt) >= positions:
+            raise ConversationFull(f"the conversation ({len(prompt)} tokens) leaves no room for an answer in the "
+                                   f"model's {positions} positions; the message is dropped; /reset to start a new one")
         stream = HarmonyStream(self.tokenizer, echo=self.echo, show_analysis=self.args.show_analysis)
         a = self.args
-        tokens = generate(self.model, [prompt], max_new_tokens=a.max_new_tokens, temperature=a.temperature,
-                          top_p=a.top_p, top_k=a.top_k, seed=a.seed + self.turns, stop_tokens=None,
-                          on_tokens=lambda new: stream.feed(new[0]))[0]
+        seed = (a.seed + self.turns) % 2**32
         self.turns += 1
+        try:
+            generate(self.model, [prompt], max_new_tokens=a.max_new_tokens,
+                     max_len=min(len(prompt) + a.max_new_tokens, positions), temperature=a.temperature, top_p=a.top_p,
+                     top_k=a.top_k, seed=seed, stop_tokens=None, on_tokens=lambda new: stream.feed(new[0]))
+        finally:  # what was said so far, also when interrupted
+            parsed = self._keep(stream)
+        return parsed, stream.tokens
+
+    def _keep(self, stream: HarmonyStream):
+        """Appends the messages of a (possibly cut off) completion; returns it parsed (None
+        when it is not harmony)."""
+        harmony = finish_harmony_stream(stream)
         if self.echo and stream.printed_anything:
             print(flush=True)
-        if stream.not_harmony:
-            self.messages.append(chat_format.assistant(decode_tokens(self.tokenizer, tokens)))
-            return None, tokens
+        if not harmony:
+            self.messages.append(chat_format.assistant(decode_tokens(self.tokenizer, stream.tokens)))
+            return None
         parsed = stream.parser.result()
         self.messages.extend(parsed.messages)
-        if parsed.partial_message is not None:  # cut off by --max-new-tokens: keep what was said
+        if parsed.partial_message is not None:  # cut off by --max-new-tokens or Ctrl-C: keep what was said
             self.messages.append(parsed.partial_message)
-        return parsed, tokens
+        return parsed
 
     def command(self, line: str) -> bool:
         """Handles a /command; returns False to quit."""
@@ -136,8 +184,10 @@ def python_tool_from_args(args) -> PythonTool | None:
 
 def run(args) -> int:
     check_sampling_arguments(args)
-    python_tool_from_args(args)  # a machine that cannot sandbox the tool fails before the model loads
-    chat = Chat(load_model(args), get_tokenizer(), args)
+    chat = Chat(None, get_tokenizer(), args)  # a machine that cannot sandbox the tool fails before the model loads
+    check_positions(model_source(args)[1], len(chat_format.render_for_completion(chat.conversation())),
+                    args.max_new_tokens, "the system prompt")
+    chat.model = load_model(args)
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"gptoss-jax chat. {COMMANDS}", file=sys.stderr)
@@ -145,7 +195,9 @@ def run(args) -> int:
         if interactive:
             print("> ", end="", file=sys.stderr, flush=True)
         line = sys.stdin.readline()
-        if not line:
+        if not line:  # end of input (Ctrl-D)
+            if interactive:
+                print(file=sys.stderr)
             return 0
         line = line.strip()
         if not line:

@@ -1,6 +1,7 @@
 """What the command-line programs share: model and sampling arguments, loading the model
-onto the devices (and the mesh, and the processes), the compilation cache, and turning bad
-input into one `error:` line and exit status 2."""
+onto the devices (and the mesh, and the processes), the compilation cache, the end of a
+streamed completion, and turning bad input into one `error:` line and exit status 2 (and
+Ctrl-C into one line and exit status 130)."""
 
 from __future__ import annotations
 
@@ -11,13 +12,26 @@ from pathlib import Path
 
 import jax
 
+from gptoss_jax.config import PRESETS, GptOssConfig
+from gptoss_jax.converters.layouts import detect_layout, read_config
+from gptoss_jax.converters.orbax_io import is_converted
 from gptoss_jax.hub import resolve_checkpoint
 from gptoss_jax.kernels.dispatch import CHOICES
 from gptoss_jax.loader import load
 from gptoss_jax.model import GptOss
 from gptoss_jax.sampling import check_sampling
 from gptoss_jax.sharding.memory import bytes_per_device, format_bytes
-from gptoss_jax.sharding.mesh import Distributed, check_mesh_fits_model, make_mesh, parse_mesh_spec, start_devices
+from gptoss_jax.sharding.mesh import (
+    DEFAULT_JOIN_TIMEOUT,
+    Distributed,
+    check_mesh_fits_model,
+    make_mesh,
+    parse_mesh_spec,
+    start_devices,
+)
+from gptoss_jax.streaming import HarmonyStream
+
+INTERRUPTED = 130  # the shell's status for a process ended by Ctrl-C (128 + SIGINT)
 
 COMPILATION_CACHE_DIR = Path(os.environ.get("GPTOSS_JAX_CACHE_DIR") or
                              Path.home() / ".cache" / "gptoss_jax" / "jax_cache")
@@ -31,8 +45,9 @@ def enable_compilation_cache(path: Path = COMPILATION_CACHE_DIR) -> None:
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint",
-                        help="checkpoint directory (either MXFP4 layout), or a Hugging Face repo id such as "
-                             "openai/gpt-oss-20b (local HF cache first, else downloaded); "
+                        help="checkpoint directory (either MXFP4 layout, or converted), or a Hugging Face repo id "
+                             "such as openai/gpt-oss-20b (local HF cache first, else downloaded), or a preset name "
+                             f"({', '.join(PRESETS)}) for random weights at that shape; "
                              "default: the built-in 'tiny' model with random weights")
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     parser.add_argument("--no-compilation-cache", action="store_true")
@@ -58,6 +73,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     mesh.add_argument("--process-id", type=int, metavar="I", help="this process's index in [0, --num-processes)")
     mesh.add_argument("--distributed", action="store_true",
                       help="join processes with jax.distributed's cluster detection (TPU pod slices, SLURM, ...)")
+    mesh.add_argument("--join-timeout", type=float, default=DEFAULT_JOIN_TIMEOUT, metavar="SECONDS",
+                      help=f"stop with an error when the processes have not all joined after this long "
+                           f"(default {DEFAULT_JOIN_TIMEOUT})")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
@@ -74,6 +92,20 @@ def check_sampling_arguments(args) -> None:
     check_sampling(args.temperature, args.top_p, args.top_k)
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if not 0 <= args.seed < 2**32:
+        raise ValueError(f"--seed must be an integer in [0, 2**32), got {args.seed}")
+
+
+def check_positions(config: GptOssConfig, prompt_tokens: int, max_new_tokens: int, prompt: str) -> None:
+    """Refuses `prompt` (its description) plus --max-new-tokens beyond the model's positions."""
+    limit = config.max_position_embeddings
+    where = f"the model's {limit} positions (max_position_embeddings)"
+    if prompt_tokens > limit:
+        raise ValueError(f"{prompt} ({prompt_tokens} tokens) exceeds {where}; shorten it")
+    if prompt_tokens + max_new_tokens > limit:
+        raise ValueError(f"{prompt} ({prompt_tokens} tokens) + --max-new-tokens {max_new_tokens} = "
+                         f"{prompt_tokens + max_new_tokens} positions exceed {where}; lower --max-new-tokens to at "
+                         f"most {limit - prompt_tokens}")
 
 
 COMPILATION_CACHE_NOTE = (f"Compiled code is cached across runs in {COMPILATION_CACHE_DIR} (JAX's persistent "
@@ -81,22 +113,55 @@ COMPILATION_CACHE_NOTE = (f"Compiled code is cached across runs in {COMPILATION_
                           "to disable it).")
 
 
+def model_source(args) -> tuple[str | Path, GptOssConfig]:
+    """What --checkpoint names, a preset (random weights) or a checkpoint directory, and the
+    model's config, read without the weights; looked up once per run."""
+    if getattr(args, "resolved_source", None) is None:
+        if args.checkpoint is None or (args.checkpoint in PRESETS and not Path(args.checkpoint).exists()):
+            name = args.checkpoint or "tiny"
+            args.resolved_source = (name, GptOssConfig.preset(name))
+        else:
+            path = resolve_checkpoint(args.checkpoint, log=lambda message: print(message, file=sys.stderr))
+            config_file = path / "config.json" if is_converted(path) else detect_layout(path)[1] / "config.json"
+            args.resolved_source = (path, read_config(config_file))
+    return args.resolved_source
+
+
 def load_model(args) -> GptOss:
+    source, _ = model_source(args)
     mesh = make_mesh(parse_mesh_spec(args.mesh)) if args.mesh else None
     if args.checkpoint is None:
         print("note: no --checkpoint given; using the built-in 'tiny' model with random weights "
               "(its output is random tokens)", file=sys.stderr)
-        model = load("tiny", dtype=args.dtype, mesh=mesh, kernels=args.kernels)
-    else:
-        path = resolve_checkpoint(args.checkpoint, log=lambda message: print(message, file=sys.stderr))
-        model = load(path, dtype=args.dtype, mesh=mesh, kernels=args.kernels)
+    elif isinstance(source, str):
+        print(f"note: --checkpoint {source} is a preset: random weights at its shape", file=sys.stderr)
+    model = load(source, dtype=args.dtype, mesh=mesh, kernels=args.kernels)
     if mesh is not None:
         _report_mesh(model, args.mesh)
     return model
 
 
+def finish_harmony_stream(stream: HarmonyStream) -> bool:
+    """Ends a streamed completion; returns whether it followed the harmony format. The stream
+    gives up on harmony while it streams; output too short for it to tell (a header that never
+    ended, as from random weights) is not harmony either: it is shown now as raw text on
+    stdout, as longer output is while it streams."""
+    if stream.not_harmony:
+        return False
+    parsed = stream.parser.result()
+    if parsed.messages or parsed.partial_message is not None or not stream.tokens:
+        return True
+    stream.not_harmony = True
+    if stream.echo:
+        print("note: the output does not follow the harmony format; showing the raw tokens", file=sys.stderr,
+              flush=True)
+        print(stream.raw.feed(stream.tokens), end="", flush=True)
+    return False
+
+
 def cli(run_fn, parser: argparse.ArgumentParser, argv=None) -> int:
-    """Parses arguments, runs, and turns bad input into one `error:` line and exit status 2."""
+    """Parses arguments, runs, and turns bad input into one `error:` line and exit status 2,
+    Ctrl-C into the line `interrupted` and exit status 130 (no traceback)."""
     args = parser.parse_args(argv)
     errors = sys.stderr
     try:
@@ -109,6 +174,9 @@ def cli(run_fn, parser: argparse.ArgumentParser, argv=None) -> int:
         where = "" if jax.process_count() == 1 else f" (process {jax.process_index()})"
         print(f"error{where}: {message}", file=errors)
         return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=errors)  # after the ^C the terminal shows, on a line of its own
+        return INTERRUPTED
     finally:
         sys.stdout.flush()
 
@@ -125,21 +193,23 @@ def _report_mesh(model: GptOss, spec: str) -> None:
 def _start_devices(args):
     """Host devices and jax.distributed must be set up before JAX starts its backends.
     Returns the stream for error messages (every process reports its errors)."""
-    distributed = Distributed(args.coordinator, args.num_processes, args.process_id, args.distributed)
+    distributed = Distributed(args.coordinator, args.num_processes, args.process_id, args.distributed,
+                              args.join_timeout)
     distributed.check()
     spec = parse_mesh_spec(args.mesh) if args.mesh else None
     if spec is None:
         if distributed.enabled:
             raise ValueError("multi-process runs need --mesh (the mesh spans the devices of all processes)")
         return sys.stderr
+    check_mesh_fits_model(model_source(args)[1], spec)  # before a single device is provisioned
     errors = sys.stderr
     if distributed.enabled:
-        # gloo (CPU collectives between processes) prints to the C-level stdout: send that to
-        # stderr and keep Python's stdout for the output.
+        # gloo (CPU collectives between processes) prints a line per connection to the C-level
+        # stdout: that goes nowhere, and Python's stdout keeps the output.
         sys.stdout.flush()
         sys.stdout = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
         errors = os.fdopen(os.dup(2), "w", buffering=1, encoding="utf-8")
-        os.dup2(2, 1)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
     notes = start_devices(spec, distributed)
     if jax.process_index() != 0:  # only process 0 prints
         quiet = os.open(os.devnull, os.O_WRONLY)

@@ -1,10 +1,11 @@
 """The decode engine: batched generation with the KV cache.
 
-`generate` prefills all (ragged, right-padded) prompts in one jitted call (`prefill`), then
-decodes in chunks of `chunk` tokens: each chunk is one jitted `lax.while_loop` on the device
-(`decode_chunk`), and the host only sees the tokens between chunks (for streaming and to stop
-once every sequence has finished). Padding and finished sequences use position -1, which the
-model neither attends nor writes into the cache.
+`generate` prefills all (ragged, right-padded) prompts with jitted `prefill` calls of a bounded
+number of tokens each, so that memory grows linearly with the prompt, then decodes in chunks
+of `chunk` tokens: each chunk is one jitted `lax.while_loop` on the device (`decode_chunk`),
+and the host only sees the tokens between chunks (for streaming and to stop once every
+sequence has finished). Padding and finished sequences use position -1, which the model
+neither attends nor writes into the cache.
 
 `ContinuousBatch` runs the same decode loop (`decode_steps`) over a fixed number of slots that
 generations join and leave between chunks, each with its own cache rows, limits, stop tokens
@@ -30,9 +31,19 @@ from gptoss_jax.sharding.rules import DATA, named_sharding
 
 DEFAULT_CHUNK = 8
 PAD_TOKEN = 0  # fed at position -1, so its value never matters
+# Prompts go through `prefill` in steps of at most PREFILL_TOKENS tokens (all sequences
+# together), each attending to the cache the steps before wrote: a step's logits and
+# activations do not grow with the prompt. The XLA attention also holds a step's scores
+# against every cache slot ([sequences, heads, step, slots]); there steps shrink as the cache
+# grows, to keep those under XLA_SCORE_ELEMENTS. (The flash kernel never holds them.)
+PREFILL_TOKENS = 1024
+XLA_SCORE_ELEMENTS = 2**26
+SEEDS = 2**32  # keys are drawn from 32-bit seeds
 
 
 def check_prompts(prompts, vocab_size: int) -> list[list[int]]:
+    if isinstance(prompts, (np.ndarray, jax.Array)):
+        prompts = _rows_of(prompts)
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
         raise ValueError("prompts must be a non-empty list of token-id lists")
     checked = []
@@ -46,6 +57,59 @@ def check_prompts(prompts, vocab_size: int) -> list[list[int]]:
             raise ValueError(f"prompt {i} has token ids outside [0, {vocab_size})")
         checked.append([int(t) for t in ids])
     return checked
+
+
+def _rows_of(array) -> list:
+    """The prompts of a 2-D array [batch, length]."""
+    if array.ndim == 1:
+        raise ValueError("prompts is one flat array of token ids; pass a list of prompts ([ids] for one prompt, "
+                         "or a 2-D array [batch, length])")
+    if array.ndim != 2:
+        raise ValueError(f"prompts has shape {tuple(array.shape)}; expected a list of token-id lists or a 2-D "
+                         f"array [batch, length]")
+    return list(np.asarray(array))
+
+
+def _is_integer(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _check_integer(name: str, value, low: int) -> int:
+    if not _is_integer(value) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    return int(value)
+
+
+def _check_seed(seed) -> int:
+    if not _is_integer(seed) or not 0 <= seed < SEEDS:
+        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
+    return int(seed)
+
+
+def _check_stop_tokens(stop_tokens, vocab_size: int) -> list[int]:
+    if isinstance(stop_tokens, (str, bytes)) or not isinstance(stop_tokens, (Sequence, np.ndarray)):
+        raise ValueError(f"stop_tokens must be a list of token ids (None: the harmony assistant stops), "
+                         f"got {stop_tokens!r}")
+    for token in stop_tokens:
+        if not _is_integer(token) or not 0 <= token < vocab_size:
+            raise ValueError(f"stop_tokens must be token ids in [0, {vocab_size}), got {token!r}")
+    return [int(t) for t in stop_tokens]
+
+
+def _check_positions(longest: int, max_new_tokens: int, max_len: int | None, positions: int) -> int:
+    """max_len (default: longest prompt + max_new_tokens), refused beyond the model's positions."""
+    where = f"the model's {positions} positions (config.max_position_embeddings)"
+    if longest > positions:
+        raise ValueError(f"a prompt of {longest} tokens exceeds {where}; shorten it")
+    if max_len is not None:
+        if max_len > positions:
+            raise ValueError(f"max_len={max_len} exceeds {where}")
+        return max_len
+    if longest + max_new_tokens > positions:
+        raise ValueError(f"{longest} prompt tokens + max_new_tokens {max_new_tokens} = {longest + max_new_tokens} "
+                         f"positions exceed {where}; lower max_new_tokens to at most {positions - longest}, or pass "
+                         f"max_len={positions} to stop there")
+    return longest + max_new_tokens
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -142,20 +206,18 @@ def generate(
     config = model.config
     prompts = check_prompts(prompts, config.vocab_size)
     check_sampling(temperature, top_p, top_k)
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if chunk < 1:
-        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    max_new_tokens = _check_integer("max_new_tokens", max_new_tokens, 0)
+    chunk = _check_integer("chunk", chunk, 1)
+    seed = _check_seed(seed)
+    if max_len is not None:
+        max_len = _check_integer("max_len", max_len, 1)
     lengths = np.array([len(p) for p in prompts], np.int32)
     longest = int(lengths.max())
-    if max_len is None:
-        max_len = longest + max_new_tokens
+    max_len = _check_positions(longest, max_new_tokens, max_len, config.max_position_embeddings)
     if longest > max_len:
         raise ValueError(f"a prompt of {longest} tokens is longer than the cache context "
                          f"max_len={max_len}; shorten the prompt or raise max_len")
-    if stop_tokens is None:
-        stop_tokens = assistant_stop_tokens()
-    stop_tokens = [int(t) for t in stop_tokens]
+    stop_tokens = _check_stop_tokens(assistant_stop_tokens() if stop_tokens is None else stop_tokens, config.vocab_size)
 
     batch = len(prompts)
     results: list[list[int]] = [[] for _ in range(batch)]
@@ -168,8 +230,11 @@ def generate(
     rows = batch if mesh is None else round_up(batch, mesh.shape.get(DATA, 1))
     # Bucketed shapes let nearby prompt lengths share compiled code; extra slots stay empty.
     padded = bucket(longest, 16)
-    tokens = np.full((rows, padded), PAD_TOKEN, np.int32)
-    positions = np.full((rows, padded), NO_POSITION, np.int32)
+    slots = bucket(max(max_len, padded), 64)
+    step_tokens = _prefill_step(model, rows, slots, padded)
+    width = round_up(longest, step_tokens)  # whole steps
+    tokens = np.full((rows, width), PAD_TOKEN, np.int32)
+    positions = np.full((rows, width), NO_POSITION, np.int32)
     for i, prompt in enumerate(prompts):
         tokens[i, : len(prompt)] = prompt
         positions[i, : len(prompt)] = np.arange(len(prompt))
@@ -180,10 +245,9 @@ def generate(
     if not np.any(limit > 0):  # every prompt already fills max_len
         return results
     place = placer(mesh)
-    caches = init_caches(model, rows, bucket(max(max_len, padded), 64))
+    caches = init_caches(model, rows, slots)
     graphdef, state = nnx.split(model)
-    logits, caches = prefill(graphdef, state, place(tokens, ("batch", "seq")), place(positions, ("batch", "seq")),
-                              caches, place(lengths - 1, ("batch",)))
+    logits, caches = _prefill_in_steps(graphdef, state, tokens, positions, lengths, caches, step_tokens, place)
 
     position, count = place(lengths, ("batch",)), place(np.zeros(rows, np.int32), ("batch",))
     done, step = place(limit <= 0, ("batch",)), place(np.int32(0), ())
@@ -217,6 +281,38 @@ def generate(
             break
         carry = queued
     return results
+
+
+def _prefill_step(model: GptOss, rows: int, slots: int, padded: int) -> int:
+    """Prompt tokens per sequence in one prefill step: a power of two within the budgets
+    above (at least 1), or the whole bucketed prompt when that is shorter."""
+    budget = PREFILL_TOKENS // rows
+    if not model.kernels.prefill_attention:
+        budget = min(budget, XLA_SCORE_ELEMENTS // (rows * model.config.num_attention_heads * slots))
+    return min(1 << max(budget.bit_length() - 1, 0), padded)
+
+
+def _prefill_in_steps(graphdef, state, tokens, positions, lengths, caches, step: int, place):
+    """Runs the prompts [rows, n * step] through `prefill` `step` tokens at a time. Returns
+    the logits after each sequence's last prompt token [rows, vocab] and the caches."""
+    last = lengths - 1
+    logits = queued = None
+    for start in range(0, tokens.shape[1], step):
+        part = slice(start, start + step)
+        step_logits, caches = prefill(graphdef, state, place(tokens[:, part], ("batch", "seq")),
+                                      place(positions[:, part], ("batch", "seq")), caches,
+                                      place(np.clip(last - start, 0, step - 1), ("batch",)))
+        ends_here = (last >= start) & (last < start + step)
+        if logits is None or ends_here.all():
+            logits = step_logits
+        elif ends_here.any():
+            logits = jnp.where(place(ends_here, ("batch",))[:, None], step_logits, logits)
+        # One step queued behind the running one keeps the device busy; waiting for the one
+        # before lets Ctrl-C through between steps of a long prompt.
+        if queued is not None:
+            queued.block_until_ready()
+        queued = step_logits
+    return logits, caches
 
 
 def placer(mesh):
@@ -341,6 +437,8 @@ class ContinuousBatch:
             raise ValueError(f"slots must be >= 1, got {slots}")
         if max_len < 2:
             raise ValueError(f"max_len must be >= 2, got {max_len}")
+        if max_len > model.config.max_position_embeddings:
+            raise ValueError(f"max_len={max_len} is beyond the model's {model.config.max_position_embeddings} positions")
         if chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
         self.model, self.slots, self.max_len, self.chunk = model, slots, max_len, chunk
@@ -412,13 +510,17 @@ class ContinuousBatch:
         row = self.owners.index(None)
         place, length = self.place, len(generation.prompt)
         padded = bucket(length, 16)
-        tokens = np.full((self.prefill_rows, padded), PAD_TOKEN, np.int32)
-        positions = np.full((self.prefill_rows, padded), NO_POSITION, np.int32)
+        cache_len = min(bucket(padded, 64), self.cache_len)
+        step_tokens = _prefill_step(self.model, self.prefill_rows, cache_len, padded)
+        width = round_up(length, step_tokens)
+        tokens = np.full((self.prefill_rows, width), PAD_TOKEN, np.int32)
+        positions = np.full((self.prefill_rows, width), NO_POSITION, np.int32)
         tokens[0, :length], positions[0, :length] = generation.prompt, np.arange(length)
-        caches = init_caches(self.model, self.prefill_rows, min(bucket(padded, 64), self.cache_len))
-        logits, caches = prefill(self.graphdef, self.params, place(tokens, ("batch", "seq")),
-                                 place(positions, ("batch", "seq")), caches,
-                                 place(np.full(self.prefill_rows, length - 1, np.int32), ("batch",)))
+        lengths = np.ones(self.prefill_rows, np.int32)
+        lengths[0] = length
+        caches = init_caches(self.model, self.prefill_rows, cache_len)
+        logits, caches = _prefill_in_steps(self.graphdef, self.params, tokens, positions, lengths, caches, step_tokens,
+                                           place)
         stops = assistant_stop_tokens() if generation.stop_tokens is None else list(generation.stop_tokens)
         stop_row = np.full(self.max_stop_tokens, -1, np.int32)
         stop_row[:len(stops)] = stops

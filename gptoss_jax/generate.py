@@ -17,15 +17,20 @@ from gptoss_jax.cli import (
     COMPILATION_CACHE_NOTE,
     add_model_arguments,
     add_sampling_arguments,
+    check_positions,
     check_sampling_arguments,
     cli,
+    finish_harmony_stream,
     load_model,
+    model_source,
 )
 from gptoss_jax.engine import generate
 from gptoss_jax.streaming import HarmonyStream, TextStream, decode_tokens
 from gptoss_jax.tokenizer import ENDOFTEXT, get_tokenizer
 
 __all__ = ["generate", "main"]
+
+EXAMPLE_PROMPT = "Why is the sky blue?"  # answered when no prompt is given
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,8 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate text with gpt-oss in JAX (harmony chat format unless --raw).",
         epilog=COMPILATION_CACHE_NOTE)
     add_model_arguments(parser)
-    parser.add_argument("--prompt", action="append", help="prompt text; repeat for a batch")
-    parser.add_argument("--prompt-file", help="file with one prompt per line")
+    parser.add_argument("--prompt", action="append",
+                        help=f"prompt text; repeat for a batch (with neither --prompt nor --prompt-file: the example "
+                             f"prompt {EXAMPLE_PROMPT!r})")
+    parser.add_argument("--prompt-file", help="UTF-8 text file with one prompt per line (blank lines are skipped)")
     add_sampling_arguments(parser, max_new_tokens=64)
     parser.add_argument("--raw", action="store_true",
                         help="no chat format: encode the prompt text as is and stop on <|endoftext|>")
@@ -47,20 +54,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _read_prompts(args) -> list[str]:
     prompts = list(args.prompt or [])
+    if any(not text.strip() for text in prompts):
+        raise ValueError("--prompt is empty; give the text to answer")
     if args.prompt_file:
         try:
             text = Path(args.prompt_file).read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--prompt-file {args.prompt_file} is not UTF-8 text (byte {e.start}: {e.reason}); "
+                             f"save it as UTF-8") from None
         except OSError as e:
             raise ValueError(f"cannot read --prompt-file {args.prompt_file}: {e.strerror or e}") from None
-        prompts += [line for line in text.splitlines() if line.strip()]
-    return prompts or ["Why is the sky blue?"]
+        lines = [line for line in text.splitlines() if line.strip()]
+        if not lines:
+            raise ValueError(f"--prompt-file {args.prompt_file} has no prompt (it is empty or blank); write one "
+                             f"prompt per line")
+        prompts += lines
+    return prompts or [EXAMPLE_PROMPT]
 
 
 def run(args) -> int:
     check_sampling_arguments(args)
     texts = _read_prompts(args)
-    model = load_model(args)
-
     tokenizer = get_tokenizer()
     if args.raw:
         prompts = [tokenizer.encode(text, allowed_special="all") for text in texts]
@@ -69,6 +83,11 @@ def run(args) -> int:
         prompts = [render_for_completion(Conversation([user(text)], reasoning_effort=args.reasoning_effort))
                    for text in texts]
         stop_tokens = None
+    check_positions(model_source(args)[1], max(map(len, prompts)), args.max_new_tokens,
+                    "the longest prompt" if len(prompts) > 1 else "the prompt")
+    model = load_model(args)
+    if not args.prompt and not args.prompt_file:
+        print(f"note: no --prompt given; answering the example prompt {EXAMPLE_PROMPT!r}", file=sys.stderr)
 
     stream_one = len(prompts) == 1 and not args.json
     streams = [HarmonyStream(tokenizer, echo=stream_one, show_analysis=args.show_analysis) for _ in prompts]
@@ -90,6 +109,7 @@ def run(args) -> int:
                        top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop_tokens=stop_tokens,
                        on_tokens=on_tokens)
     elapsed = time.perf_counter() - start
+    harmony = [not args.raw and finish_harmony_stream(stream) for stream in streams]
     if stream_one and (args.raw or streams[0].printed_anything):
         print()
 
@@ -100,7 +120,7 @@ def run(args) -> int:
             record = {"prompt": text, "prompt_tokens": prompt, "tokens": tokens,
                       "text": raw_text if args.raw else (final or "")}
             if not args.raw:
-                record.update(final_found=final is not None, harmony=not stream.not_harmony,
+                record.update(final_found=final is not None, harmony=harmony[i],
                               raw_text=raw_text, analysis="".join(stream.analysis))
             print(json.dumps(record, ensure_ascii=False))
             continue

@@ -7,6 +7,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from gptoss_jax.config import PRESETS
+
 # The HF layout (config, index, shards); the original/ and metal/ copies are not needed.
 HF_LAYOUT_FILES = ["config.json", "model*.safetensors", "model.safetensors.index.json",
                    "generation_config.json"]
@@ -26,8 +28,9 @@ def resolve_checkpoint(name: str, *, log=print) -> Path:
     if path.exists():
         return path
     if not looks_like_repo_id(name):
-        raise CheckpointNotFound(f"checkpoint directory not found: {name} "
-                                 "(give a local directory or a Hugging Face repo id such as openai/gpt-oss-20b)")
+        raise CheckpointNotFound(f"checkpoint directory not found: {name} (give a local directory, a Hugging Face "
+                                 f"repo id such as openai/gpt-oss-20b, or a preset for random weights: "
+                                 f"{', '.join(PRESETS)})")
     return Path(_from_hub(name, log))
 
 

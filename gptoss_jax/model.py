@@ -381,7 +381,7 @@ class GptOss(nnx.Module):
         self.unembedding = _param((c.vocab_size, c.hidden_size), dtype, ("vocab", "embed"))
 
     def __call__(self, tokens, positions=None):
-        tokens = jnp.asarray(tokens, jnp.int32)
+        tokens = self._checked_tokens(tokens, positions)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
         logits, _ = self.forward(tokens, positions, None)
@@ -390,7 +390,26 @@ class GptOss(nnx.Module):
     def extend(self, tokens, positions, caches: list[LayerCache]):
         """Runs new tokens at the given positions against the caches.
         Returns (logits [b, t, vocab], updated caches)."""
-        return self.forward(jnp.asarray(tokens, jnp.int32), positions, caches)
+        return self.forward(self._checked_tokens(tokens, positions), positions, caches)
+
+    def _checked_tokens(self, tokens, positions=None):
+        """tokens as int32 [batch, seq], or a ValueError saying what is wrong. The ids' values
+        are checked when they are known (not while jit traces)."""
+        if not isinstance(tokens, jax.Array | np.ndarray):
+            tokens = np.asarray(tokens)
+        shape = tuple(tokens.shape)
+        if len(shape) != 2:
+            raise ValueError(f"tokens must be a 2-D array [batch, seq] of token ids, got shape {shape}; for one "
+                             f"sequence pass tokens[None]")
+        if not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise ValueError(f"tokens must be integer token ids, got {tokens.dtype}")
+        if positions is not None and tuple(np.shape(positions)) != shape:
+            raise ValueError(f"positions must have the tokens' shape {shape}, got {tuple(np.shape(positions))}")
+        if not isinstance(tokens, jax.core.Tracer) and tokens.size:
+            low, high = int(tokens.min()), int(tokens.max())
+            if low < 0 or high >= self.config.vocab_size:
+                raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got {low if low < 0 else high}")
+        return jnp.asarray(tokens, jnp.int32)
 
     def with_kernels(self, kernels: Kernels) -> GptOss:
         """The same model (the same parameter arrays) running `kernels`."""

@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import sys
+import threading
 
 import jax
 from jax.sharding import AxisType, Mesh
@@ -23,6 +25,10 @@ from gptoss_jax.sharding.rules import DATA, EXPERT, MODEL
 
 MESH_AXES = (DATA, EXPERT, MODEL)
 HOST_DEVICE_FLAG = "xla_force_host_platform_device_count"
+# No host has more devices than this; asking XLA for a million host devices takes minutes and
+# gigabytes before anything can say that the mesh does not fit.
+MAX_LOCAL_DEVICES = 1024
+DEFAULT_JOIN_TIMEOUT = 120  # seconds
 
 
 class MeshError(ValueError):
@@ -138,20 +144,45 @@ class Distributed:
     num_processes: int | None = None
     process_id: int | None = None
     auto: bool = False
+    join_timeout: float = DEFAULT_JOIN_TIMEOUT  # seconds to wait for every process to join
 
     @property
     def enabled(self) -> bool:
         return self.auto or self.coordinator is not None
 
     def check(self) -> None:
+        if not self.join_timeout > 0:
+            raise MeshError(f"--join-timeout must be > 0 seconds, got {self.join_timeout}")
         if self.auto or (self.coordinator is None and self.num_processes is None and self.process_id is None):
             return
         if self.coordinator is None or self.num_processes is None or self.process_id is None:
             raise MeshError("multi-process runs need --coordinator HOST:PORT, --num-processes N and "
                             "--process-id I together (or --distributed to detect a TPU pod / cluster)")
+        host, colon, port = self.coordinator.rpartition(":")
+        if not (colon and host and port.isdigit()):
+            example = f"{host if colon else self.coordinator}:1234"
+            raise MeshError(f"--coordinator '{self.coordinator}' is not HOST:PORT; give the port too, e.g. {example}")
+        if not 0 < int(port) < 65536:
+            raise MeshError(f"--coordinator '{self.coordinator}': the port must be in 1..65535")
         if self.num_processes < 1 or not 0 <= self.process_id < self.num_processes:
             raise MeshError(f"--process-id must be in [0, {self.num_processes}) for --num-processes "
                             f"{self.num_processes}, got {self.process_id}")
+
+    def join_failure(self) -> str:
+        """What to say when the processes did not all join within the timeout."""
+        within = f"within {self.join_timeout:g} s"
+        if self.auto:
+            return (f"error: the processes did not all join {within} (jax.distributed cluster detection); check that "
+                    f"every process of the job was started, or raise --join-timeout")
+        address, n = self.coordinator, self.num_processes
+        same = f"--coordinator {address} --num-processes {n}"
+        if self.process_id == 0:
+            return (f"error (process 0): not all {n} processes joined at {address} {within}; check that each was "
+                    f"started with {same} and its own --process-id, that {address} is reachable from every host "
+                    f"(firewall, host name), or raise --join-timeout")
+        return (f"error (process {self.process_id}): could not join process 0 at {address} {within}; check that "
+                f"process 0 runs with {same}, that {address} is reachable from this host (firewall, host name), "
+                f"or raise --join-timeout")
 
 
 def start_devices(spec: MeshSpec, distributed: Distributed = Distributed()) -> list[str]:
@@ -164,20 +195,41 @@ def start_devices(spec: MeshSpec, distributed: Distributed = Distributed()) -> l
             raise MeshError(f"--mesh {spec} ({spec.size} devices) does not split evenly over "
                             f"{distributed.num_processes} processes")
         local = spec.size // distributed.num_processes
+    if local > MAX_LOCAL_DEVICES:
+        raise MeshError(f"--mesh {spec} needs {local} devices in one process; no host has more than "
+                        f"{MAX_LOCAL_DEVICES} (spread it over processes with --num-processes, or use a smaller mesh)")
     provisioned = local > 1 and provision_host_devices(local)
     if distributed.enabled:
-        # Collectives between processes on CPU go through gloo (TCP); accelerators use their own.
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        try:
-            if distributed.auto:
-                jax.distributed.initialize()
-            else:
-                jax.distributed.initialize(distributed.coordinator, distributed.num_processes,
-                                           distributed.process_id)
-        except (ValueError, RuntimeError) as e:
-            raise MeshError(f"could not join the processes with jax.distributed: {' '.join(str(e).split())}") from None
+        _join(distributed)
     notes = []
     if provisioned and jax.default_backend() == "cpu":
         notes.append(f"no accelerator found: --mesh {spec} runs on {spec.size} host (CPU) devices "
                      f"({local} in this process), provisioned by this command")
     return notes
+
+
+def _join(distributed: Distributed) -> None:
+    """jax.distributed.initialize, bounded by `join_timeout`. When a process never comes, JAX
+    waits its own (longer) timeout and then aborts the interpreter with a C++ stack trace; the
+    wait happens outside Python (no exception can interrupt it), so a timer thread reports the
+    failure in one line and ends the process with status 2 first."""
+    # Collectives between processes on CPU go through gloo (TCP); accelerators use their own.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+
+    def give_up():
+        print(distributed.join_failure(), file=sys.stderr, flush=True)
+        os._exit(2)
+
+    timer = threading.Timer(distributed.join_timeout, give_up)
+    timer.daemon = True
+    timer.start()
+    try:
+        if distributed.auto:
+            jax.distributed.initialize(initialization_timeout=int(distributed.join_timeout) + 60)
+        else:
+            jax.distributed.initialize(distributed.coordinator, distributed.num_processes, distributed.process_id,
+                                       initialization_timeout=int(distributed.join_timeout) + 60)
+    except (ValueError, RuntimeError) as e:
+        raise MeshError(f"could not join the processes with jax.distributed: {' '.join(str(e).split())}") from None
+    finally:
+        timer.cancel()

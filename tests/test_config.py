@@ -76,3 +76,10 @@ def test_bad_json_file(tmp_path):
         GptOssConfig.from_json(tmp_path / "c.json")
     with pytest.raises(ConfigError, match="unknown preset"):
         GptOssConfig.preset("gpt-oss-7b")
+
+
+def test_config_file_not_utf8_names_the_file(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_bytes(b'{"name": "caf\xe9"}')
+    with pytest.raises(ConfigError, match=f"config file {path} is not UTF-8 text"):
+        GptOssConfig.from_json(path)

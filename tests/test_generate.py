@@ -303,3 +303,210 @@ def test_cli_and_library_choose_the_same_kernels(argv):
     assert model.kernels == Kernels.auto(argv[1], mesh=model.mesh)
     if "--mesh" in argv:
         assert model.kernels.names() == ("moe_gemv", "moe_gemm")
+
+
+# ----------------------------------------------------------------------- long prompts
+def test_long_prompts_prefill_in_chunks_like_one_call(model, monkeypatch):
+    """Prompts longer than a prefill step run in several steps against the cache, ragged rows
+    ending in different steps: the tokens are those of the whole-sequence forward."""
+    from gptoss_jax import engine
+
+    monkeypatch.setattr(engine, "PREFILL_TOKENS", 24)  # 3 rows of 8 tokens per step: a 29-token prompt takes 4
+    prompts = [prompt_of(29, 50), prompt_of(13, 51), prompt_of(3, 52)]
+    steps = []
+    real = engine.prefill
+
+    def counting(graphdef, state, tokens, *args):
+        steps.append(tokens.shape)
+        return real(graphdef, state, tokens, *args)
+
+    monkeypatch.setattr(engine, "prefill", counting)
+    batch = generate(model, prompts, max_new_tokens=2, temperature=0, stop_tokens=[])
+    assert steps == [(3, 8)] * 4  # three rows of 8 tokens per step, whatever the longest prompt's bucket
+    assert batch == [greedy_by_full_forward(model, p, 2) for p in prompts]
+
+
+def test_long_prompts_prefill_in_chunks_with_the_flash_kernel(model, monkeypatch):
+    """The flash prefill kernel (Pallas interpret mode on a CPU) takes the same steps."""
+    from gptoss_jax import engine
+    from gptoss_jax.kernels import Kernels
+
+    monkeypatch.setattr(engine, "PREFILL_TOKENS", 16)
+    prompts = [prompt_of(21, 53), prompt_of(6, 54)]
+    flash = model.with_kernels(Kernels(prefill_attention=True, interpret=True))
+    kw = dict(max_new_tokens=3, temperature=0, stop_tokens=[])
+    assert generate(flash, prompts, **kw) == generate(model, prompts, **kw)
+
+
+def prefill_temp_bytes(model, prompt_length, monkeypatch):
+    """The most temporary memory one of generate's prefill calls needs for a prompt of
+    `prompt_length` tokens, read from the compiled calls (which are compiled, not run)."""
+    import jax
+
+    from gptoss_jax import engine
+
+    peak, real = [], engine.prefill
+
+    def measured(graphdef, state, tokens, positions, caches, last_index):
+        compiled = real.lower(graphdef, state, tokens, positions, caches, last_index).compile()
+        peak.append(compiled.memory_analysis().temp_size_in_bytes)
+        logits = jax.numpy.zeros((tokens.shape[0], model.config.vocab_size), jax.numpy.float32)
+        return jax.device_put(logits, jax.devices()[0]), caches
+
+    with monkeypatch.context() as patch:
+        patch.setattr(engine, "prefill", measured)
+        generate(model, [[1] * prompt_length], max_new_tokens=1, temperature=0, stop_tokens=[])
+    return max(peak)
+
+
+def test_prefill_memory_grows_at_most_linearly_with_the_prompt(monkeypatch):
+    """On the XLA path a prefill call holds its queries' scores against every key: in one
+    call that is quadratic in the prompt (a 32k prompt of the tiny model: ~70 GB). Prompts
+    go through in steps sized so that a step's memory stays bounded."""
+    tiny = random_model(GptOssConfig.preset("tiny").replace(vocab_size=4096), seed=2)
+    short, long = (prefill_temp_bytes(tiny, n, monkeypatch) for n in (4096, 32768))
+    assert long <= 4 * short * 1.1 and long < 2**30, (short, long)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(max_len=200_000), "max_len=200000 exceeds the model's 131072 positions"),
+    (dict(max_new_tokens=131_070), r"3 prompt tokens \+ max_new_tokens 131070 = 131073 positions exceed the model's 131072"),
+    (dict(max_new_tokens=10**9), "exceed the model's 131072 positions"),
+    (dict(prompts=[[1] * 131_073], max_new_tokens=1), "a prompt of 131073 tokens exceeds the model's 131072 positions"),
+])
+def test_the_models_positions_are_enforced_before_any_work(model, kwargs, message, monkeypatch):
+    from gptoss_jax import engine
+
+    monkeypatch.setattr(engine, "init_caches", lambda *a: pytest.fail("allocated a cache"))
+    args = dict(prompts=[[1, 2, 3]], max_new_tokens=2) | kwargs
+    with pytest.raises(ValueError, match=message):
+        generate(model, args.pop("prompts"), **args)
+
+
+def test_max_len_up_to_the_positions_caps_a_huge_max_new_tokens(model):
+    assert generate(model, [[1, 2, 3]], max_new_tokens=10**9, max_len=6, temperature=0, stop_tokens=[])[0] != []
+
+
+def test_a_2d_array_is_a_batch_of_prompts(model):
+    rows = np.array([prompt_of(5, 60), prompt_of(5, 61)], np.int64)
+    kw = dict(max_new_tokens=3, temperature=0, stop_tokens=[])
+    assert generate(model, rows, **kw) == generate(model, rows.tolist(), **kw)
+    assert generate(model, jnp.asarray(rows), **kw) == generate(model, rows.tolist(), **kw)
+
+
+@pytest.mark.parametrize("prompts, message", [
+    (np.array([1, 2, 3]),
+     r"one flat array of token ids; pass a list of prompts \(\[ids\] for one prompt, or a 2-D array \[batch, length\]\)"),
+    (np.zeros((1, 2, 3), np.int32), r"shape \(1, 2, 3\); expected .* 2-D array \[batch, length\]"),
+    (np.array([[1.0, 2.0]]), "integer token ids"),
+])
+def test_arrays_of_other_shapes_are_refused_with_the_expected_shape(model, prompts, message):
+    with pytest.raises(ValueError, match=message):
+        generate(model, prompts, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(seed=2**70), r"seed must be an integer in \[0, 2\*\*32\), got 1180591620717411303424"),
+    (dict(seed=-1), r"seed must be an integer in \[0, 2\*\*32\)"),
+    (dict(seed=1.5), r"seed must be an integer"),
+    (dict(stop_tokens=[2**40]), r"stop_tokens must be token ids in \[0, 512\), got 1099511627776"),
+    (dict(stop_tokens=[-3]), r"stop_tokens must be token ids in \[0, 512\), got -3"),
+    (dict(stop_tokens=5), r"stop_tokens must be a list of token ids"),
+    (dict(max_new_tokens=2.5), r"max_new_tokens must be an integer"),
+])
+def test_out_of_range_numbers_get_a_clear_error(model, kwargs, message):
+    args = dict(max_new_tokens=2) | kwargs
+    with pytest.raises(ValueError, match=message):
+        generate(model, [[1, 2, 3]], **args)
+
+
+# ----------------------------------------------------------------------- the CLI
+def one_error_line(result):
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("content", [b"", b"\n  \n\t\n"])
+def test_cli_empty_prompt_file_is_an_error(content, tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_bytes(content)
+    line = one_error_line(run_cli("--prompt-file", str(path)))
+    assert str(path) in line and "no prompt" in line
+
+
+def test_cli_prompt_file_not_utf8_names_the_file(tmp_path):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("caf\xe9\n".encode("latin-1"))
+    line = one_error_line(run_cli("--prompt-file", str(path)))
+    assert str(path) in line and "UTF-8" in line and "byte 3" in line
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-new-tokens", "1000000000"], "exceed the model's 131072 positions"),
+    (["--max-new-tokens", "200000"], "exceed the model's 131072 positions"),
+    (["--seed", str(2**70)], "--seed must be an integer in [0, 2**32)"),
+    (["--checkpoint", "tinyy"], "tiny, gpt-oss-20b, gpt-oss-120b"),
+    (["--prompt", "  "], "--prompt is empty"),
+])
+def test_cli_numbers_and_names_out_of_range(args, message):
+    line = one_error_line(run_cli(*args))
+    assert message in line
+
+
+def test_cli_without_a_prompt_says_which_prompt_it_answers():
+    result = run_cli("--max-new-tokens", "2")
+    assert result.returncode == 0, result.stderr
+    assert "note: no --prompt given; answering the example prompt 'Why is the sky blue?'" in result.stderr
+
+
+def test_cli_short_output_that_is_not_harmony_goes_to_stdout():
+    """Too few tokens for the stream to see a header that never ends: still raw text on stdout."""
+    result = run_cli("--max-new-tokens", "5", "--temperature", "0", "--prompt", "hi")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() and "raw output" not in result.stderr
+    assert "does not follow the harmony format" in result.stderr
+    batch = run_cli("--max-new-tokens", "5", "--temperature", "0", "--prompt", "hi", "--prompt", "hi")
+    answers = [line.strip() for line in batch.stdout.splitlines() if not line.startswith("===")]
+    assert answers == [result.stdout.strip()] * 2
+
+
+def test_cli_preset_names_load_random_weights():
+    result = run_cli("--checkpoint", "tiny", "--max-new-tokens", "2", "--raw", "--json", "--prompt", "hi")
+    assert result.returncode == 0, result.stderr
+    assert len(json.loads(result.stdout)["tokens"]) == 2
+
+
+def test_cli_ctrl_c_stops_without_a_traceback():
+    import signal
+    import time
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.Popen([sys.executable, "-m", "gptoss_jax.generate", "--max-new-tokens", "100000", "--temperature", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    line = ""
+    while "does not follow the harmony format" not in line:  # it is generating
+        line = proc.stderr.readline()
+        assert line, "the CLI ended before generating"
+    time.sleep(1)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == "interrupted"
+    assert out.strip()  # what was generated so far stays printed
+
+
+def test_readme_first_command_runs_on_one_device():
+    """The README's first command is the quick one on any machine: no mesh (on a CPU a mesh
+    of host devices is several times slower than one device)."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    first_block = re.search(r"```bash\n(.*?)```", readme, re.S).group(1)
+    command = first_block.split("&&")[-1].strip()
+    assert command.startswith("python -m gptoss_jax.generate ") and "--mesh" not in command
+    argv = shlex.split(command)[3:]
+    result = run_cli(*argv)
+    assert result.returncode == 0 and result.stdout.strip(), result.stderr

@@ -126,3 +126,32 @@ def test_public_smoke_call():
     logits = gptoss_jax.load("tiny")(np.ones((1, 4), "int32"))
     assert logits.shape == (1, 4, 201088) and logits.dtype == jnp.bfloat16
     assert np.isfinite(np.asarray(logits, np.float32)).all()
+
+
+# ------------------------------------------------------------------------ bad input
+@pytest.fixture(scope="module")
+def small_model():
+    return random_model(BASE.replace(vocab_size=512, num_hidden_layers=1), dtype=jnp.float32)
+
+
+@pytest.mark.parametrize("tokens, message", [
+    (np.array([1, 2, 3]), r"tokens must be a 2-D array \[batch, seq\] of token ids, got shape \(3,\); for one sequence "
+                          r"pass tokens\[None\]"),
+    (np.zeros((1, 2, 3), np.int32), r"got shape \(1, 2, 3\)"),
+    (np.array([[1.0, 2.0]]), "tokens must be integer token ids, got float64"),
+    (np.array([[True, False]]), "tokens must be integer token ids, got bool"),
+    (np.array([[5, -1]]), r"token ids must be in \[0, 512\), got -1"),
+    (np.array([[512, 3]]), r"token ids must be in \[0, 512\), got 512"),
+    (jnp.array([[7, 600]]), r"token ids must be in \[0, 512\), got 600"),
+])
+def test_bad_tokens_get_a_clear_error(small_model, tokens, message):
+    with pytest.raises(ValueError, match=message):
+        small_model(tokens)
+    caches = small_model.init_cache(1, 8)
+    with pytest.raises(ValueError, match=message):
+        small_model.extend(tokens, np.zeros(np.shape(tokens), np.int32), caches)
+
+
+def test_positions_must_match_the_tokens(small_model):
+    with pytest.raises(ValueError, match=r"positions must have the tokens' shape \(1, 3\), got \(1, 2\)"):
+        small_model(np.array([[1, 2, 3]]), np.array([[0, 1]]))

@@ -246,8 +246,14 @@ def run_main(capsys, *args):
 
 @pytest.mark.parametrize("args, message", [
     (["--mesh", "4x"], "error: --mesh '4x' is not a mesh spec; use AxB"),
-    (["--mesh", "64x2"], "error: --mesh 64x2 needs 128 devices"),
+    (["--mesh", "4x8x2"], "error: --mesh 4x8x2 needs 64 devices"),
     (["--num-processes", "2"], "--coordinator HOST:PORT, --num-processes N and --process-id I together"),
+    (["--mesh", "2x1", "--coordinator", "localhost", "--num-processes", "2", "--process-id", "0"],
+     "--coordinator 'localhost' is not HOST:PORT; give the port too, e.g. localhost:1234"),
+    (["--mesh", "2x1", "--coordinator", "host:http", "--num-processes", "2", "--process-id", "0"],
+     "--coordinator 'host:http' is not HOST:PORT"),
+    (["--mesh", "2x1", "--coordinator", "host:70000", "--num-processes", "2", "--process-id", "0"],
+     "port must be in 1..65535"),
 ])
 def test_cli_rejects_bad_meshes_in_one_line(capsys, args, message):
     code, out = run_main(capsys, *args)
@@ -301,6 +307,7 @@ def test_two_processes_match_one(tmp_path):
     (out0, err0), (out1, err1) = outputs
     assert out1 == "" and err1 == ""  # only process 0 prints
     assert "runs on 8 host (CPU) devices (4 in this process)" in err0
+    assert all(line.startswith("note: ") for line in err0.splitlines()), err0  # no connection chatter
     records = [json.loads(line) for line in out0.splitlines()]
     assert len(records) == 2
 
@@ -339,3 +346,30 @@ def test_decode_loop_compiles_once_on_a_mesh(spec):
     decode_chunk.clear_cache()
     generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=20, temperature=0, stop_tokens=[], chunk=4)
     assert decode_chunk._cache_size() == 1  # the state comes back with the shardings it went in with
+
+
+@pytest.mark.parametrize("process_id", [0, 1])
+def test_a_process_that_never_joins_is_reported_in_bounded_time(process_id):
+    """Process 0 waits for the others, the others for process 0: when one never comes,
+    each says what to check after --join-timeout seconds, in one line."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
+    address = f"localhost:{free_port()}"
+    result = subprocess.run([sys.executable, "-m", "gptoss_jax.generate", "--mesh", "2x1", "--coordinator", address,
+                             "--num-processes", "2", "--process-id", str(process_id), "--join-timeout", "3",
+                             "--no-compilation-cache"], capture_output=True, text=True, env=env, timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"error (process {process_id}): ") and address in lines[0]
+    assert "within 3 s" in lines[0] and "--num-processes 2" in lines[0]
+
+
+def test_a_mesh_far_larger_than_any_host_is_refused_at_once():
+    """The size checks that need only the spec and the model's config run before JAX
+    provisions a single host device (a million of them take minutes and gigabytes)."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
+    for spec, message in [("1000x1000", "mesh 1000x1000 (expert 1000 x model 1000) for model 'tiny'"),
+                          ("1000000x1x1", "--mesh 1000000x1x1 needs 1000000 devices in one process")]:
+        result = subprocess.run([sys.executable, "-m", "gptoss_jax.generate", "--mesh", spec], capture_output=True,
+                                text=True, env=env, timeout=60)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr
