@@ -41,7 +41,7 @@ def run(batch, generations):
 def solo(model, generation, **kwargs):
     return generate(model, [generation.prompt], max_new_tokens=generation.max_new_tokens,
                     temperature=generation.temperature, top_p=generation.top_p, top_k=generation.top_k,
-                    seed=generation.seed, stop_tokens=generation.stop_tokens, **kwargs)[0]
+                    seed=generation.seed % 2**32, stop_tokens=generation.stop_tokens, **kwargs)[0]
 
 
 def test_generations_join_and_leave_and_match_generate_alone(model):
@@ -132,3 +132,27 @@ def test_on_a_mesh(model):
     assert max(run(batch, generations)) == 3
     assert [g.tokens for g in generations] == [solo(model, g) for g in generations]
     assert decode_slots._cache_size() == 1
+
+
+def test_a_long_prompt_joins_in_bounded_prefill_steps(model, monkeypatch):
+    """`add` prefills a prompt longer than one prefill step in several steps, as `generate` does."""
+    from gptoss_jax import engine
+
+    monkeypatch.setattr(engine, "PREFILL_TOKENS", 8)
+    steps, real = [], engine.prefill
+
+    def counting(graphdef, state, tokens, *args):
+        steps.append(tokens.shape)
+        return real(graphdef, state, tokens, *args)
+
+    monkeypatch.setattr(engine, "prefill", counting)
+    generation = Generation(prompt_of(29, 60), 6, temperature=0, stop_tokens=[])
+    run(ContinuousBatch(model, slots=2, max_len=48, chunk=4), [generation])
+    assert steps == [(1, 8)] * 4
+    monkeypatch.setattr(engine, "prefill", real)
+    assert generation.tokens == solo(model, generation)
+
+
+def test_max_len_within_the_model_positions(model):
+    with pytest.raises(ValueError, match="positions"):
+        ContinuousBatch(model, slots=1, max_len=model.config.max_position_embeddings + 1)
