@@ -28,7 +28,7 @@ from gptoss_jax.converters.orbax_io import ConvertedCheckpoint, is_converted
 from gptoss_jax.kernels.common import ExpertWeights
 from gptoss_jax.kernels.dispatch import XLA, Kernels
 from gptoss_jax.kernels.moe_tpu import TpuExperts
-from gptoss_jax.model import GptOss, abstract_model, expert_hidden_shards, experts_for_tpu
+from gptoss_jax.model import EXPERT_AXES, GptOss, abstract_model, expert_hidden_shards, experts_for_tpu
 from gptoss_jax.sharding.placement import put_host_array
 from gptoss_jax.sharding.rules import named_sharding
 
@@ -84,8 +84,9 @@ def shard_model(model: GptOss, mesh) -> GptOss:
             continue
         values[path] = jax.device_put(current[path][...], leaf_sharding(var, mesh))
     for layer in sorted(relayout.layers):
-        for name, array in zip(ExpertWeights._fields, model.blocks[layer[1]].mlp.expert_weights()):
-            relayout.add((*layer, name), array)
+        weights = model.blocks[layer[1]].mlp.expert_weights()
+        for name, array, axes in zip(ExpertWeights._fields, weights, EXPERT_AXES):
+            relayout.add((*layer, name), jax.device_put(array, named_sharding(axes, array.shape, mesh)))
     return _assemble(graphdef, leaves, values)
 
 

@@ -396,13 +396,19 @@ def lower_steps(config: GptOssConfig, devices, spec: MeshSpec, *, batch: int, co
 
 def plan(model: str | GptOssConfig, target: str | Target, mesh: str | None = None, *, batch: int = 1,
          context: int = 4096, prompt: int | None = None, dtype: str = "bfloat16", kernels: str = "auto",
-         progress=lambda message: None) -> Plan:
+         layers: int | None = None, progress=lambda message: None) -> Plan:
     """What `model` needs per chip of `target` on `mesh` (default: all chips on the expert
     axis) for `batch` sequences of a `context`-slot cache, prefilling `prompt` tokens
     (default min(context, 1024)). TPU targets are compiled (see the module docstring);
-    `progress(message)` hears about each compile. Raises ValueError for an unknown target,
-    a mesh that does not match the chips or divide the model, or bad sizes."""
+    `layers`: plan the model cut to its first `layers` layers (full width: a quick check;
+    the numbers are then that model's). `progress(message)` hears about each compile.
+    Raises ValueError for an unknown target, a mesh that does not match the chips or
+    divide the model, or bad sizes."""
     config = model_config(model)
+    if layers is not None:
+        if not 1 <= layers <= config.num_hidden_layers:
+            raise ValueError(f"--layers must be in [1, {config.num_hidden_layers}], got {layers}")
+        config = config.replace(num_hidden_layers=layers, name=f"{config.name} (first {layers} layers)")
     target = target if isinstance(target, Target) else target_named(target)
     if kernels not in CHOICES:
         raise ValueError(f"kernels must be one of {', '.join(CHOICES)}, got {kernels!r}")
@@ -459,12 +465,15 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt", type=int, help="tokens prefilled in one call (default: min(context, 1024))")
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     parser.add_argument("--kernels", choices=CHOICES, default="auto")
+    parser.add_argument("--layers", type=int,
+                        help="plan only the first N layers (full width): a quick check; the numbers are then for "
+                             "that depth")
     args = parser.parse_args(argv)
     if not os.environ.get("JAX_PLATFORMS"):
         jax.config.update("jax_platforms", "cpu")  # compiling only: no backend but the host's is needed
     try:
         result = plan(args.model, args.target, args.mesh, batch=args.batch, context=args.context, prompt=args.prompt,
-                      dtype=args.dtype, kernels=args.kernels,
+                      dtype=args.dtype, kernels=args.kernels, layers=args.layers,
                       progress=lambda message: print(message, file=sys.stderr, flush=True))
     except (ValueError, OSError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
