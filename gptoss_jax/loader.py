@@ -29,6 +29,7 @@ from gptoss_jax.kernels.common import ExpertWeights
 from gptoss_jax.kernels.dispatch import XLA, Kernels
 from gptoss_jax.kernels.moe_tpu import TpuExperts
 from gptoss_jax.model import EXPERT_AXES, GptOss, abstract_model, expert_hidden_shards, experts_for_tpu
+from gptoss_jax.sharding.memory import TPU_EXPERTS
 from gptoss_jax.sharding.placement import put_host_array
 from gptoss_jax.sharding.rules import named_sharding
 
@@ -88,9 +89,6 @@ def shard_model(model: GptOss, mesh) -> GptOss:
         for name, array, axes in zip(ExpertWeights._fields, weights, EXPERT_AXES):
             relayout.add((*layer, name), jax.device_put(array, named_sharding(axes, array.shape, mesh)))
     return _assemble(graphdef, leaves, values)
-
-
-TPU_EXPERTS = "tpu_experts"  # the MoE attribute that holds experts in the TPU kernel's layout
 
 
 class ExpertRelayout:

@@ -365,12 +365,12 @@ class MoE(nnx.Module):
         out = out.astype(self.dtype).reshape(b, t, d)
         return x + out if add_input and residual is None else out
 
-    def expert_mix(self, h, experts, weights, w: ExpertWeights, residual=None, *, kernels: Kernels = XLA):
+    def expert_mix(self, h, experts, weights, w: ExpertWeights | TpuExperts, residual=None, *,
+                   kernels: Kernels = XLA):
         """sum_k weights[n, k] * expert_{experts[n, k]}(h[n]) [n, embed], in fp32: the
-        per-device expert computation. `w` (ExpertWeights or TpuExperts) may be one
-        device's share of the experts; ids
-        outside [0, experts in w) add nothing. With residual [n, embed]: residual + that sum
-        rounded to the compute dtype."""
+        per-device expert computation. `w` (ExpertWeights or TpuExperts) may be one device's
+        share of the experts; ids outside [0, experts in w) add nothing. With residual
+        [n, embed]: residual + that sum rounded to the compute dtype."""
         c = self.config
         return dispatch.run_expert_mix(kernels, h, experts, weights, w, residual,
                                        swiglu=(c.swiglu_limit, c.swiglu_alpha), scales_fit_bf16=self.scales_fit_bf16,

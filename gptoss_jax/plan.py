@@ -107,7 +107,7 @@ TARGETS = {t.name: t for t in (
     _tpu("v6e-4", 4, 32, 1640e9, "v6e:2x2", (2, 2, 1)),
     _tpu("v6e-8", 8, 32, 1640e9, "v6e:2x4", (2, 4, 1)),
     _tpu("v5p-8", 4, 95, 2765e9, "v5p:2x2x1", (2, 2, 1)),  # 4 chips, 8 TensorCores
-    _tpu("v4-8", 4, 32, 1228e9, "v4:2x2x1", (2, 2, 1), "megacore"),  # 4 chips, 8 TensorCores
+    _tpu("v4-8", 4, 32, 1200e9, "v4:2x2x1", (2, 2, 1), "megacore"),  # 4 chips, 8 TensorCores
     _gpu("h100", 1, 80, 3.35e12), _gpu("h100-8", 8, 80, 3.35e12),
     _gpu("h200", 1, 141, 4.8e12), _gpu("h200-8", 8, 141, 4.8e12),
 )}
@@ -123,8 +123,7 @@ def target_named(name: str) -> Target:
 def available_hbm(target: Target) -> float:
     """The HBM one chip offers a program, as the TPU compiler states it when a program
     exceeds it (less than the chip's HBM: the runtime keeps some)."""
-    mesh = tpu_aot.one_chip(target.topology) if target.chips_per_host is None else jax.sharding.Mesh(
-        np.array(target.devices()[:1]), ("chip",))
+    mesh = jax.sharding.Mesh(np.array(target.devices()[:1]), ("chip",))
     too_big = jax.ShapeDtypeStruct((int(target.hbm_bytes * 2) // 4096, 1024), jnp.float32,
                                    sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     try:
@@ -171,11 +170,14 @@ class Program:
     xla_cost_bytes: float  # XLA's cost analysis "bytes accessed" (also counts VMEM traffic)
     kernel_calls: int
     hlo: str = dataclasses.field(repr=False, default="")
+    needed: float | None = None  # when the compiler refused the program: the bytes it said it needs
 
     @property
-    def total(self) -> int:
+    def total(self) -> float:
         """What the chip holds while the program runs: arguments, temporaries, outputs
         that do not reuse a donated argument, the program itself."""
+        if self.needed is not None:
+            return self.needed
         return self.arguments + self.temporaries + self.outputs - self.aliased + self.code
 
 
@@ -224,9 +226,11 @@ class Plan:
     def largest_context(self) -> int:
         """The longest cache the compiled decode step fits at this batch (its other bytes
         held fixed), a multiple of 1024, at most the model's context."""
-        if not self.cache_per_slot:
-            return 0
         room = self._headroom(self.decode.total) / self.sequences - self.cache_fixed
+        if room < 0:
+            return 0
+        if not self.cache_per_slot:  # only sliding layers: the cache stops growing at the window
+            return self.model_context
         slots = int(room // self.cache_per_slot) // 1024 * 1024
         return max(0, min(slots, self.model_context))
 
@@ -257,6 +261,10 @@ class Plan:
         lines.append(f"  KV cache              {format_bytes(self.cache)}")
         if self.compiled:
             for p in (self.prefill, self.decode):
+                if p.needed is not None:
+                    lines.append(f"  {p.name + ':':21s} does NOT fit: the compiler needs {format_bytes(p.needed)} "
+                                 f"(refused in {p.compile_seconds:.0f} s)")
+                    continue
                 lines.append(f"  {p.name + ':':21s} arguments {format_bytes(p.arguments)}, temporaries "
                              f"{format_bytes(p.temporaries)}, total {format_bytes(p.total)} "
                              f"(compiled in {p.compile_seconds:.0f} s)")
@@ -267,13 +275,14 @@ class Plan:
         verdict = "fits" if self.fits else "does NOT fit"
         lines.append(f"  total                 {format_bytes(self.total)} of {hbm}: {verdict}"
                      f" ({format_bytes(abs(self.hbm - self.total))} {'spare' if self.fits else 'over'})")
-        if self.compiled:
-            lines.append(f"  largest context       {self.largest_context} at batch {self.batch}; largest batch "
-                         f"{self.largest_batch} at context {self.context} (from the compiled decode step)")
+        if self.compiled and self.decode.needed is None:
+            lines.append(f"  decode step fits      context {self.largest_context} at batch {self.batch}, batch "
+                         f"{self.largest_batch} at context {self.context} (extrapolated from its compiled bytes; "
+                         f"prefill grows with the context too: plan that context to check it)")
         bound = self.bound_bytes
         lines.append(f"decode step, per chip: byte bound {bound / 1e9:.3f} GB -> at most "
                      f"{self.tokens_per_second(bound):.0f} tokens/s at {t.bandwidth / 1e9:.0f} GB/s")
-        if self.compiled:
+        if self.compiled and self.decode.needed is None:
             step = self.decode_bytes
             lines.append(f"  compiled: {step / 1e9:.3f} GB of HBM traffic ({step / bound:.2f}x the bound; kernels "
                          f"{self.decode.kernel_bytes / 1e9:.3f} GB in {self.decode.kernel_calls} calls; XLA's cost "
@@ -329,7 +338,17 @@ def cache_bytes(config: GptOssConfig, spec: MeshSpec, context: int, dtype) -> tu
 def _program(name: str, lowered, progress) -> Program:
     progress(f"compiling {name}...")
     start = time.perf_counter()
-    compiled = lowered.compile()
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+        # The compiler refuses a program larger than the chip: it says how much it needs.
+        needed = re.search(r"RESOURCE_EXHAUSTED: Ran out of memory.*?\(([\d.]+)G\) exceeds available HBM", str(e))
+        if not needed:
+            raise
+        seconds = time.perf_counter() - start
+        progress(f"{name} does not fit: the compiler needs {needed.group(1)} GiB")
+        return Program(name, seconds, 0, 0, 0, 0, 0, float("nan"), float("nan"), float("nan"), 0,
+                       needed=float(needed.group(1)) * GiB)
     seconds = time.perf_counter() - start
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis() or {}

@@ -122,12 +122,19 @@ _FREE = {"parameter", "custom-call", "bitcast", "get-tuple-element", "tuple", "c
          "copy-done", "slice-start", "slice-done"}
 
 
+def _bits(dtype: str) -> int:
+    """Bits of an HLO element type ("bf16", "f4e2m1fn", "pred"; 0 for "token")."""
+    if dtype == "pred":
+        return 8
+    digits = re.search(r"\d+", dtype)
+    return int(digits.group()) if digits else 0
+
+
 def _bytes(shape_text: str) -> int:
     """Bytes of the arrays in an HLO result type such as "bf16[4,2880]{1,0:T(4,128)}"."""
     total = 0
     for dtype, dims in _ARRAY.findall(shape_text):
-        bits = 8 if dtype == "pred" else int(re.search(r"\d+", dtype).group())
-        total += int(np.prod([int(d) for d in dims.split(",") if d])) * bits // 8
+        total += int(np.prod([int(d) for d in dims.split(",") if d])) * _bits(dtype) // 8
     return total
 
 
@@ -202,8 +209,7 @@ def _hbm(type_text: str) -> int:
     for dtype, dims, layout in _TYPED.findall(type_text):
         if layout and re.search(r"S\(\d+\)", layout):
             continue
-        bits = 8 if dtype == "pred" else int(re.search(r"\d+", dtype).group())
-        total += int(np.prod([int(d) for d in dims.split(",") if d])) * bits // 8
+        total += int(np.prod([int(d) for d in dims.split(",") if d])) * _bits(dtype) // 8
     return total
 
 
