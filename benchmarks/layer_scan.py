@@ -6,6 +6,9 @@ chip (no TPU needed; libtpu must be installed) in two forms and prints the compi
   each pair's parameters and caches stacked along a leading axis (a prototype: the
   model's parameters are not stored that way).
 
+Each measurement runs in a fresh process (JAX caches the kernels' lowering within one) and
+times tracing, lowering and compiling together.
+
     python benchmarks/layer_scan.py [--layers 2 8 24] [--tokens 1 64]
 """
 
@@ -13,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
+import sys
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compiling only
@@ -83,9 +88,14 @@ def scanned(config, kernels, device, tokens):
     return step, (stacked, *ends, *token_inputs(device, tokens), caches)
 
 
-def compile_seconds(build, config, kernels, device, tokens) -> float:
-    step, args = build(config, kernels, device, tokens)
+def compile_seconds(form: str, layers: int, tokens: int) -> float:
+    """Tracing, lowering and compiling one form, in this process."""
+    target = plan.target_named("v5e-1")
+    device = target.devices()[0]
+    config = GptOssConfig.preset("gpt-oss-20b").replace(num_hidden_layers=layers)
+    build = {"unrolled": unrolled, "scanned": scanned}[form]
     start = time.perf_counter()
+    step, args = build(config, Kernels.auto(devices=[device]), device, tokens)
     jax.jit(step).lower(*args).compile()
     return time.perf_counter() - start
 
@@ -94,15 +104,19 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 8, 24])
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 64], help="tokens per step (1: decode)")
+    parser.add_argument("--one", nargs=3, metavar=("FORM", "LAYERS", "TOKENS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    target = plan.target_named("v5e-1")
-    device = target.devices()[0]
-    kernels = Kernels.auto(devices=[device])
+    if args.one:
+        form, layers, tokens = args.one
+        print(compile_seconds(form, int(layers), int(tokens)))
+        return
     for tokens in args.tokens:
         for layers in args.layers:
-            config = GptOssConfig.preset("gpt-oss-20b").replace(num_hidden_layers=layers)
-            times = {name: compile_seconds(build, config, kernels, device, tokens)
-                     for name, build in (("unrolled", unrolled), ("scanned", scanned))}
+            times = {}
+            for form in ("unrolled", "scanned"):
+                run = subprocess.run([sys.executable, __file__, "--one", form, str(layers), str(tokens)],
+                                     capture_output=True, text=True, check=True)
+                times[form] = float(run.stdout.split()[-1])
             print(f"gpt-oss-20b, {layers:2d} layers, {tokens:3d} token(s) per step, v5e-1: unrolled "
                   f"{times['unrolled']:6.1f} s, scanned over layer pairs {times['scanned']:6.1f} s", flush=True)
 

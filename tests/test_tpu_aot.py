@@ -189,3 +189,14 @@ def test_hbm_traffic_of_plain_programs():
     assert tpu_aot.hbm_traffic(update.as_text())["xla"] <= 3 * 8192 * 4
     lookup = compiled_text(lambda x, i: x[i], big, s((), jnp.int32))
     assert tpu_aot.hbm_traffic(lookup.as_text())["xla"] <= 3 * 8192 * 4
+
+
+def test_programs_larger_than_the_chip_are_reported_as_not_fitting():
+    """The compiler refuses a program larger than the chip's HBM and says what it needs;
+    the plan reports that instead of failing (the tiny model, 256 sequences of 131072 slots)."""
+    result = plan.plan("tiny", "v5e-1", batch=256, context=131072, prompt=16)
+    assert not result.fits
+    for program in (result.prefill, result.decode):
+        assert program.needed > 15.75 * GiB
+    report = result.report()
+    assert report.count("does NOT fit: the compiler needs") == 2 and "GiB over" in report
