@@ -52,11 +52,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     parser.add_argument("--no-compilation-cache", action="store_true")
     parser.add_argument("--kernels", choices=CHOICES, default="auto",
-                        help="auto (default): the Pallas kernels that measured faster than XLA on the devices "
-                             "(GPUs: fused MXFP4 MoE, attention with sinks, fused projections and router; TPUs: the "
-                             "MXFP4 expert kernel), the XLA reference path on a CPU; on a mesh of several devices "
-                             "only the expert kernels, which run per device. pallas: every kernel that compiles "
-                             "for the devices (on a CPU in Pallas interpret mode: slow). xla: none")
+                        help="auto (default): the Pallas kernels chosen for the devices (GPUs: fused MXFP4 MoE, "
+                             "attention with sinks, fused projections and router, measured faster than XLA; TPUs: the "
+                             "MXFP4 expert kernel and decode attention, experts stored in their layout), the XLA "
+                             "reference path on a CPU; on a mesh every kernel runs per device. pallas: every kernel "
+                             "that compiles for the devices (on a CPU in Pallas interpret mode: slow). xla: none")
     mesh = parser.add_argument_group(
         "mesh (several devices)",
         "--mesh AxB spreads the model over A x B devices: A-way expert parallelism (each device holds "

@@ -1,9 +1,15 @@
 """`gptoss_jax.load`: a model from a checkpoint directory (either MXFP4 layout) or from a
 preset name with seeded random weights, placed parameter by parameter onto the devices
-(or the mesh's shardings), so the host never holds more than one tensor at a time."""
+(or the mesh's shardings), so the host never holds more than one tensor at a time.
+
+Every source is read in the model's own layout (ExpertWeights for the experts). When the
+kernels include the TPU expert kernel, each MoE layer's experts are then re-laid out for
+it on the devices (`model.experts_for_tpu`), once, as soon as the layer's six expert
+arrays are in; the checkpoint formats do not change."""
 
 from __future__ import annotations
 
+import collections
 import functools
 import math
 import zlib
@@ -19,8 +25,11 @@ from gptoss_jax import mxfp4
 from gptoss_jax.config import PRESETS, GptOssConfig
 from gptoss_jax.converters.layouts import DENSE, E8M0_SCALES, FP4_VALUES, Checkpoint, tensor_to_leaves
 from gptoss_jax.converters.orbax_io import ConvertedCheckpoint, is_converted
+from gptoss_jax.kernels.common import ExpertWeights
 from gptoss_jax.kernels.dispatch import XLA, Kernels
-from gptoss_jax.model import GptOss, abstract_model
+from gptoss_jax.kernels.moe_tpu import TpuExperts
+from gptoss_jax.model import EXPERT_AXES, GptOss, abstract_model, expert_hidden_shards, experts_for_tpu
+from gptoss_jax.sharding.memory import TPU_EXPERTS
 from gptoss_jax.sharding.placement import put_host_array
 from gptoss_jax.sharding.rules import named_sharding
 
@@ -69,8 +78,51 @@ def shard_model(model: GptOss, mesh) -> GptOss:
     shards."""
     graphdef, leaves = abstract_model(model.config, model.dtype, mesh, model.kernels)
     current = dict(nnx.to_flat_state(nnx.state(model)))
-    values = {path: jax.device_put(current[path][...], leaf_sharding(var, mesh)) for path, var in leaves}
+    values = {}
+    relayout = ExpertRelayout(model.config, leaves, mesh, values)
+    for path, var in leaves:
+        if _in_tpu_layout(path):  # the old mesh may have split the hidden units another way
+            continue
+        values[path] = jax.device_put(current[path][...], leaf_sharding(var, mesh))
+    for layer in sorted(relayout.layers):
+        weights = model.blocks[layer[1]].mlp.expert_weights()
+        for name, array, axes in zip(ExpertWeights._fields, weights, EXPERT_AXES):
+            relayout.add((*layer, name), jax.device_put(array, named_sharding(axes, array.shape, mesh)))
     return _assemble(graphdef, leaves, values)
+
+
+class ExpertRelayout:
+    """Puts parameter values into `values` by path, and for the MoE layers the target
+    model stores in the TPU kernel's layout, gathers each layer's six ExpertWeights arrays
+    and converts them as soon as the last one arrives (so at most one layer is held in
+    both layouts)."""
+
+    def __init__(self, config, target_leaves, mesh, values: dict):
+        self.layers = {path[:-2] for path, _ in target_leaves if _in_tpu_layout(path)}
+        self.shards = expert_hidden_shards(config, mesh)
+        self.mesh, self.values = mesh, values
+        self.pending: dict[tuple, dict] = collections.defaultdict(dict)
+
+    def add(self, path: tuple, array) -> None:
+        layer, name = path[:-1], path[-1]
+        if layer not in self.layers or name not in ExpertWeights._fields:
+            self.values[path] = array
+            return
+        pending = self.pending[layer]
+        pending[name] = array
+        if len(pending) == len(ExpertWeights._fields):
+            converted = experts_for_tpu(ExpertWeights(**self.pending.pop(layer)), self.mesh, self.shards)
+            for field, value in zip(TpuExperts._fields, converted):
+                self.values[(*layer, TPU_EXPERTS, field)] = value
+
+
+def _in_tpu_layout(path: tuple) -> bool:
+    return len(path) > 1 and path[-2] == TPU_EXPERTS
+
+
+def _source_leaves(config, dtype, mesh):
+    """The parameters as the sources hold them (ExpertWeights), with their shardings."""
+    return abstract_model(config, dtype, mesh, XLA)[1]
 
 
 def leaf_sharding(var, mesh):
@@ -80,19 +132,21 @@ def leaf_sharding(var, mesh):
 def model_from_checkpoint(checkpoint: Checkpoint, *, mesh=None, dtype=jnp.bfloat16, kernels: Kernels = XLA
                           ) -> GptOss:
     graphdef, leaves = abstract_model(checkpoint.config, dtype, mesh, kernels)
-    by_path = dict(leaves)
+    by_path = dict(_source_leaves(checkpoint.config, dtype, mesh))
     values = {}
+    relayout = ExpertRelayout(checkpoint.config, leaves, mesh, values)
     for spec in checkpoint.specs:
         for part, piece in tensor_to_leaves(spec, checkpoint.read(spec)):
             var = by_path[part.leaf]
             sharding = leaf_sharding(var, mesh)
             if part.kind == FP4_VALUES:
                 packed = put_host_array(piece, sharding)
-                values[part.leaf] = jax.jit(mxfp4.blocks_to_fp4, out_shardings=sharding)(packed)
+                value = jax.jit(mxfp4.blocks_to_fp4, out_shardings=sharding)(packed)
             elif part.kind == E8M0_SCALES:
-                values[part.leaf] = put_host_array(piece, sharding)
+                value = put_host_array(piece, sharding)
             else:
-                values[part.leaf] = _put_dense(piece, sharding, var.dtype)
+                value = _put_dense(piece, sharding, var.dtype)
+            relayout.add(part.leaf, value)
     return _assemble(graphdef, leaves, values)
 
 
@@ -102,18 +156,20 @@ def model_from_converted(checkpoint: ConvertedCheckpoint, *, mesh=None, dtype=jn
     reads only its shards, dense parameters are cast to `dtype` as they are read, and MXFP4
     bytes become FP4 by a bitcast on the devices."""
     graphdef, leaves = abstract_model(checkpoint.config, dtype, mesh, kernels)
+    sources = _source_leaves(checkpoint.config, dtype, mesh)
     targets = {}
-    for path, var in leaves:
+    for path, var in sources:
         stored = checkpoint.leaves[path]
         target_dtype = var.dtype if stored.kind == DENSE else stored.dtype
         targets[path] = jax.ShapeDtypeStruct(stored.shape, target_dtype, sharding=leaf_sharding(var, mesh))
     restored = checkpoint.restore(targets)
     values = {}
-    for path, _ in leaves:
+    relayout = ExpertRelayout(checkpoint.config, leaves, mesh, values)
+    for path, _ in sources:
         array = restored.pop(path)
         if checkpoint.leaves[path].kind == FP4_VALUES:
             array = jax.jit(mxfp4.blocks_to_fp4, out_shardings=targets[path].sharding)(array)
-        values[path] = array
+        relayout.add(path, array)
     return _assemble(graphdef, leaves, values)
 
 
@@ -129,9 +185,10 @@ def random_model(config: GptOssConfig, *, mesh=None, dtype=jnp.bfloat16, seed: i
     """Random weights created directly on the devices, one parameter at a time."""
     graphdef, leaves = abstract_model(config, dtype, mesh, kernels)
     values = {}
-    for path, var in leaves:
+    relayout = ExpertRelayout(config, leaves, mesh, values)
+    for path, var in _source_leaves(config, dtype, mesh):
         make = _random_leaf_fn(config, path[-1], var.shape, var.dtype, expert_scale_shift, leaf_sharding(var, mesh))
-        values[path] = make(leaf_key(seed, path))
+        relayout.add(path, make(leaf_key(seed, path)))
     return _assemble(graphdef, leaves, values)
 
 

@@ -3,6 +3,9 @@
 Every parameter carries `axes`, its logical axis names; `gptoss_jax.sharding.rules` maps
 them to mesh axes. Expert weights stay FP4 (`float4_e2m1fn` + `float8_e8m0fnu` scales) and
 are dequantized inside the forward: this reference path is the oracle for fused kernels.
+A model whose kernels include the TPU expert kernel stores its experts in that kernel's
+layout instead (`moe_tpu.TpuExperts`, converted once when the weights are loaded), and its
+reference path reads them through the exact inverse re-layout.
 
 Numerics follow the torch reference: activations in the compute dtype (bf16 by default)
 with a rounding after each op, GEMMs accumulated in fp32, softmaxes computed in fp32.
@@ -22,11 +25,13 @@ from flax import nnx
 
 from gptoss_jax import mxfp4
 from gptoss_jax.config import GptOssConfig, yarn_correction_range
-from gptoss_jax.kernels import dispatch
-from gptoss_jax.kernels.common import F32, NO_POSITION
+from gptoss_jax.kernels import dispatch, moe_tpu
+from gptoss_jax.kernels.common import F32, NO_POSITION, ExpertWeights
 from gptoss_jax.kernels.dispatch import XLA, Kernels
+from gptoss_jax.kernels.moe_tpu import TPU_EXPERT_AXES, TpuExperts
 from gptoss_jax.sharding.mesh import check_mesh_fits_model
 from gptoss_jax.sharding.moe import sharded_expert_mix
+from gptoss_jax.sharding.rules import MODEL, named_sharding, partition_spec
 
 
 def _param(shape, dtype, axes):
@@ -126,7 +131,8 @@ class Attention(nnx.Module):
         rope = rope_tables(self.config, positions, self.dtype)
         out, new_cache = dispatch.run_cached_attention(
             kernels, q, k, v, positions, cache, self.sinks[...], rope, self.window,
-            reference=functools.partial(self.rope_attend_write, kernels=kernels))
+            reference=functools.partial(self.rope_attend_write, kernels=kernels), apply_rope=apply_rope,
+            write_cache=self.write_cache)
         out = dispatch.run_output(kernels, out, self.wo[...], self.bo[...], x if add_input else None,
                                   reference=self.output)
         return out, new_cache
@@ -201,24 +207,70 @@ class Attention(nnx.Module):
         )
 
 
-class ExpertWeights(NamedTuple):
-    """The FP4 experts of one MoE layer, or one device's share of them (leading axis: experts)."""
+# Logical axes of the model's ExpertWeights (for gptoss_jax.sharding.rules).
+EXPERT_AXES = ExpertWeights(
+    mlp1_fp4=("experts", "expert_mlp", "embed_blocks", "block"), mlp1_scales=("experts", "expert_mlp", "embed_blocks"),
+    mlp1_bias=("experts", "expert_mlp"), mlp2_fp4=("experts", "embed", "expert_mlp_blocks", "block"),
+    mlp2_scales=("experts", "embed", "expert_mlp_blocks"), mlp2_bias=("experts", "embed"))
 
-    mlp1_fp4: jax.Array  # [experts, 2 * hidden, embed / 32, 32] float4_e2m1fn
-    mlp1_scales: jax.Array  # [experts, 2 * hidden, embed / 32] float8_e8m0fnu
-    mlp1_bias: jax.Array  # [experts, 2 * hidden]
-    mlp2_fp4: jax.Array  # [experts, embed, hidden / 32, 32]
-    mlp2_scales: jax.Array  # [experts, embed, hidden / 32]
-    mlp2_bias: jax.Array  # [experts, embed]
+
+def expert_hidden_shards(config: GptOssConfig, mesh) -> int:
+    """How many ways a mesh splits the experts' hidden units (its model axis, when the
+    rules split them over it; 1 without a mesh)."""
+    if mesh is None or partition_spec(("expert_mlp",), (config.intermediate_size,), mesh)[0] is None:
+        return 1
+    return mesh.shape[MODEL]
+
+
+def tpu_expert_shapes(config: GptOssConfig, dtype, shards: int = 1) -> TpuExperts:
+    """ShapeDtypeStructs of one layer's experts in the TPU kernel's layout (global shapes)."""
+    c, s, block = config, jax.ShapeDtypeStruct, mxfp4.BLOCK
+    e, d, i = c.num_experts, c.hidden_size, c.intermediate_size
+    standard = ExpertWeights(s((e, 2 * i, d // block, block), mxfp4.FP4), s((e, 2 * i, d // block), mxfp4.E8M0),
+                             s((e, 2 * i), dtype), s((e, d, i // block, block), mxfp4.FP4),
+                             s((e, d, i // block), mxfp4.E8M0), s((e, d), dtype))
+    return jax.eval_shape(functools.partial(moe_tpu.tpu_experts, hidden_shards=shards), standard)
+
+
+def experts_for_tpu(w: ExpertWeights, mesh, shards: int) -> TpuExperts:
+    """One layer's experts re-laid out for the TPU kernel, placed by the rules on `mesh`
+    (None: the default device): the once-only conversion at load. Raises ValueError for
+    scales the kernel cannot decode."""
+    moe_tpu.check_scales(w.mlp1_scales, w.mlp2_scales)
+    shapes = jax.eval_shape(functools.partial(moe_tpu.tpu_experts, hidden_shards=shards), w)
+    shardings = TpuExperts(*(named_sharding(axes, a.shape, mesh) for axes, a in zip(TPU_EXPERT_AXES, shapes)))
+    return _tpu_converter(shards, shardings)(w)
+
+
+@functools.lru_cache(maxsize=None)
+def _tpu_converter(shards: int, shardings: TpuExperts):
+    return jax.jit(functools.partial(moe_tpu.tpu_experts, hidden_shards=shards), out_shardings=shardings)
+
+
+class TpuExpertParams(nnx.Module):
+    """One MoE layer's experts in the TPU kernel's layout: the fields of moe_tpu.TpuExperts,
+    each a parameter with its logical axes (moe_tpu.TPU_EXPERT_AXES)."""
+
+    def __init__(self, arrays: TpuExperts):
+        for name, array, axes in zip(TpuExperts._fields, arrays, TPU_EXPERT_AXES):
+            setattr(self, name, nnx.Param(array, axes=axes))
+
+    def arrays(self) -> TpuExperts:
+        return TpuExperts(*(getattr(self, name)[...] for name in TpuExperts._fields))
 
 
 class MoE(nnx.Module):
-    def __init__(self, config: GptOssConfig, dtype, mesh=None):
+    """`tpu_layout`: the experts are stored for the TPU expert kernel (`self.tpu_experts`)
+    instead of as ExpertWeights (`self.mlp1_fp4`, ...)."""
+
+    def __init__(self, config: GptOssConfig, dtype, mesh=None, tpu_layout: bool = False):
         c = config
         self.config = c
         self.dtype = dtype
         # With a mesh, the experts are spread over it (gptoss_jax.sharding.moe).
         self.mesh = mesh
+        self.tpu_layout = tpu_layout
+        self.hidden_shards = expert_hidden_shards(c, mesh)
         # Every E8M0 scale of the layer is at most 128 (true of trained weights), so the
         # grouped GEMM kernel may decode FP4 straight to bf16. A fact about the weights' values:
         # set by `update_weight_facts` when weights are loaded or replaced; False is always safe.
@@ -228,28 +280,49 @@ class MoE(nnx.Module):
         self.norm = RMSNorm(c, dtype)
         self.router_w = _param((e, d), dtype, ("experts", "embed"))
         self.router_b = _param((e,), dtype, ("experts",))
+        if tpu_layout:
+            shapes = tpu_expert_shapes(c, dtype, self.hidden_shards)
+            self.tpu_experts = TpuExpertParams(TpuExperts(*(jnp.zeros(a.shape, a.dtype) for a in shapes)))
+            return
         # mlp1 rows alternate gate, up, gate, up, ... (docs/architecture.md 2.5); blocks run along the input axis.
-        self.mlp1_fp4 = nnx.Param(jnp.zeros((e, 2 * i, d // block, block), mxfp4.FP4),
-                                  axes=("experts", "expert_mlp", "embed_blocks", "block"))
-        self.mlp1_scales = nnx.Param(jnp.zeros((e, 2 * i, d // block), mxfp4.E8M0),
-                                     axes=("experts", "expert_mlp", "embed_blocks"))
-        self.mlp1_bias = _param((e, 2 * i), dtype, ("experts", "expert_mlp"))
-        self.mlp2_fp4 = nnx.Param(jnp.zeros((e, d, i // block, block), mxfp4.FP4),
-                                  axes=("experts", "embed", "expert_mlp_blocks", "block"))
-        self.mlp2_scales = nnx.Param(jnp.zeros((e, d, i // block), mxfp4.E8M0),
-                                     axes=("experts", "embed", "expert_mlp_blocks"))
-        self.mlp2_bias = _param((e, d), dtype, ("experts", "embed"))
+        shapes = ExpertWeights((e, 2 * i, d // block, block), (e, 2 * i, d // block), (e, 2 * i),
+                               (e, d, i // block, block), (e, d, i // block), (e, d))
+        dtypes = ExpertWeights(mxfp4.FP4, mxfp4.E8M0, dtype, mxfp4.FP4, mxfp4.E8M0, dtype)
+        for name, shape, dt, axes in zip(ExpertWeights._fields, shapes, dtypes, EXPERT_AXES):
+            setattr(self, name, _param(shape, dt, axes))
 
     def update_weight_facts(self) -> None:
         """Recomputes `scales_fit_bf16` from the layer's (concrete) expert scales."""
-        self.scales_fit_bf16 = mxfp4.scales_at_most(mxfp4.BF16_DECODE_MAX_SCALE, self.mlp1_scales[...],
-                                                    self.mlp2_scales[...])
+        w = self.stored_experts()
+        self.scales_fit_bf16 = mxfp4.scales_at_most(mxfp4.BF16_DECODE_MAX_SCALE, w.mlp1_scales, w.mlp2_scales)
 
-    def expert_weights(self) -> ExpertWeights:
+    def stored_experts(self) -> ExpertWeights | TpuExperts:
+        """The expert arrays as stored: TpuExperts with the TPU layout, else ExpertWeights."""
+        if self.tpu_layout:
+            return self.tpu_experts.arrays()
         return ExpertWeights(*(getattr(self, name)[...] for name in ExpertWeights._fields))
 
+    def stored_axes(self) -> ExpertWeights | TpuExperts:
+        return TPU_EXPERT_AXES if self.tpu_layout else EXPERT_AXES
+
+    def expert_weights(self) -> ExpertWeights:
+        """The experts as ExpertWeights (with the TPU layout: its exact inverse re-layout)."""
+        if self.tpu_layout:
+            return moe_tpu.expert_weights_of(self.tpu_experts.arrays(), self.hidden_shards)
+        return self.stored_experts()
+
     def expert_axes(self) -> ExpertWeights:
-        return ExpertWeights(*(getattr(self, name).get_metadata()["axes"] for name in ExpertWeights._fields))
+        return EXPERT_AXES
+
+    def store_for_tpu(self) -> None:
+        """Re-lays out this layer's experts for the TPU expert kernel (nothing when they are)."""
+        if self.tpu_layout:
+            return
+        converted = experts_for_tpu(self.stored_experts(), self.mesh, self.hidden_shards)
+        for name in ExpertWeights._fields:
+            delattr(self, name)
+        self.tpu_experts = TpuExpertParams(converted)
+        self.tpu_layout = True
 
     def norm_route(self, x):
         """RMSNorm, then the top-k experts per token and their weights (docs/architecture.md 2.5)."""
@@ -285,27 +358,31 @@ class MoE(nnx.Module):
         residual = x.reshape(b * t, d) if add_input and self.mesh is None else None
         mix = functools.partial(self.expert_mix, kernels=kernels)
         if self.mesh is None:
-            out = mix(h, experts, weights, self.expert_weights(), residual)
+            out = mix(h, experts, weights, self.stored_experts(), residual)
         else:
-            out = sharded_expert_mix(self.mesh, mix, h, experts, weights, self.expert_weights(), self.expert_axes())
+            out = sharded_expert_mix(self.mesh, mix, h, experts, weights, self.stored_experts(), self.stored_axes(),
+                                     check_vma=not kernels.names())
         out = out.astype(self.dtype).reshape(b, t, d)
         return x + out if add_input and residual is None else out
 
-    def expert_mix(self, h, experts, weights, w: ExpertWeights, residual=None, *, kernels: Kernels = XLA):
+    def expert_mix(self, h, experts, weights, w: ExpertWeights | TpuExperts, residual=None, *,
+                   kernels: Kernels = XLA):
         """sum_k weights[n, k] * expert_{experts[n, k]}(h[n]) [n, embed], in fp32: the
-        per-device expert computation. `w` may be one device's share of the experts; ids
-        outside [0, experts in w) add nothing. With residual [n, embed]: residual + that sum
-        rounded to the compute dtype."""
+        per-device expert computation. `w` (ExpertWeights or TpuExperts) may be one device's
+        share of the experts; ids outside [0, experts in w) add nothing. With residual
+        [n, embed]: residual + that sum rounded to the compute dtype."""
         c = self.config
         return dispatch.run_expert_mix(kernels, h, experts, weights, w, residual,
                                        swiglu=(c.swiglu_limit, c.swiglu_alpha), scales_fit_bf16=self.scales_fit_bf16,
                                        reference=self.weighted_sum)
 
-    def weighted_sum(self, h, experts, weights, w: ExpertWeights, residual=None, outputs=None):
+    def weighted_sum(self, h, experts, weights, w: ExpertWeights | TpuExperts, residual=None, outputs=None):
         """expert_mix from the expert outputs [n, k, embed] that `outputs(h, experts, w)`
         gives (None: the XLA reference, gathered for few pairs, grouped for many)."""
         n, k = experts.shape
-        known = (experts >= 0) & (experts < w.mlp1_fp4.shape[0])
+        known = (experts >= 0) & (experts < w[0].shape[0])  # both layouts lead with the experts axis
+        if outputs is None and isinstance(w, TpuExperts):
+            w = moe_tpu.expert_weights_of(w)  # one device's share, or all of it without a mesh
         if outputs is not None:
             y = outputs(h, experts, w)
         elif n * k < self.config.num_experts:  # by the whole model's experts: every mesh takes the same path
@@ -355,9 +432,9 @@ class MoE(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(self, config: GptOssConfig, layer: int, dtype, mesh=None):
+    def __init__(self, config: GptOssConfig, layer: int, dtype, mesh=None, tpu_experts: bool = False):
         self.attn = Attention(config, layer, dtype)
-        self.mlp = MoE(config, dtype, mesh)
+        self.mlp = MoE(config, dtype, mesh, tpu_experts)
 
     def __call__(self, x, positions, cache=None, *, kernels: Kernels = XLA):
         x, cache = self.attn(x, positions, cache, kernels=kernels, add_input=True)
@@ -367,7 +444,8 @@ class Block(nnx.Module):
 class GptOss(nnx.Module):
     """`model(tokens)` -> logits [batch, seq, vocab] for the whole causal sequence.
     `mesh`: the jax.sharding.Mesh its parameters are spread over (None: one device).
-    `kernels`: which kernels run (gptoss_jax.kernels.Kernels; default the XLA path)."""
+    `kernels`: which kernels run (gptoss_jax.kernels.Kernels; default the XLA path); with
+    the TPU expert kernel the experts are stored in its layout (MoE.tpu_layout)."""
 
     def __init__(self, config: GptOssConfig, dtype=jnp.bfloat16, mesh=None, kernels: Kernels = XLA):
         self.config = config
@@ -376,7 +454,7 @@ class GptOss(nnx.Module):
         self.kernels = kernels
         c = config
         self.embedding = _param((c.vocab_size, c.hidden_size), dtype, ("vocab", "embed"))
-        self.blocks = nnx.List([Block(c, i, dtype, mesh) for i in range(c.num_hidden_layers)])
+        self.blocks = nnx.List([Block(c, i, dtype, mesh, kernels.moe_tpu) for i in range(c.num_hidden_layers)])
         self.norm = RMSNorm(c, dtype)
         self.unembedding = _param((c.vocab_size, c.hidden_size), dtype, ("vocab", "embed"))
 
@@ -412,10 +490,14 @@ class GptOss(nnx.Module):
         return jnp.asarray(tokens, jnp.int32)
 
     def with_kernels(self, kernels: Kernels) -> GptOss:
-        """The same model (the same parameter arrays) running `kernels`."""
+        """The same model (the same parameter arrays) running `kernels`; with the TPU expert
+        kernel, experts stored as ExpertWeights are re-laid out for it (new arrays, once)."""
         graphdef, state = nnx.split(self)
         model = nnx.merge(graphdef, state)
         model.kernels = kernels
+        if kernels.moe_tpu:
+            for block in model.blocks:
+                block.mlp.store_for_tpu()
         return model
 
     def update_weight_facts(self) -> None:
@@ -436,9 +518,10 @@ class GptOss(nnx.Module):
 
     def forward(self, tokens, positions, caches):
         x = self.embedding[...][tokens]
+        kernels = self.kernels.on(self.mesh)
         new_caches = []
         for layer, block in enumerate(self.blocks):
-            x, cache = block(x, positions, None if caches is None else caches[layer], kernels=self.kernels)
+            x, cache = block(x, positions, None if caches is None else caches[layer], kernels=kernels)
             new_caches.append(cache)
         h = self.norm(x)
         logits = _einsum("btd,vd->btv", h, self.unembedding[...], self.dtype).astype(self.dtype)

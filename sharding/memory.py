@@ -16,6 +16,7 @@ from flax import nnx
 
 FP4 = np.dtype(ml_dtypes.float4_e2m1fn)
 EXPERT_LEAVES = ("mlp1_fp4", "mlp1_scales", "mlp1_bias", "mlp2_fp4", "mlp2_scales", "mlp2_bias")
+TPU_EXPERTS = "tpu_experts"  # the MoE attribute holding experts in the TPU kernel's layout
 
 
 def packed_bytes(dtype, size: int) -> float:
@@ -25,7 +26,8 @@ def packed_bytes(dtype, size: int) -> float:
 
 
 def is_expert(path) -> bool:
-    return str(path[-1]) in EXPERT_LEAVES
+    """A parameter of the experts, as ExpertWeights or in the TPU kernel's layout."""
+    return str(path[-1]) in EXPERT_LEAVES or TPU_EXPERTS in (str(p) for p in path)
 
 
 def bytes_per_device(model, *, experts_only: bool = False) -> dict[jax.Device, float]:

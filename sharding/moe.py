@@ -82,10 +82,12 @@ def choose_strategy(n_tokens: int, layout: ExpertLayout, mesh: Mesh) -> str:
 
 
 def sharded_expert_mix(mesh: Mesh, expert_mix: ExpertMix, h, experts, weights, params, axes,
-                       *, strategy: str = "auto") -> jax.Array:
+                       *, strategy: str = "auto", check_vma: bool = True) -> jax.Array:
     """The MoE output [n, embed] in fp32 for tokens `h` [n, embed] routed to global expert ids
     `experts` [n, k] with `weights` [n, k]. `params` holds the layer's expert weights as
-    global arrays (a NamedTuple), `axes` their logical axes (the same NamedTuple type)."""
+    global arrays (a NamedTuple), `axes` their logical axes (the same NamedTuple type).
+    check_vma: shard_map's type check of what varies over which mesh axis; kernels whose
+    outputs do not state it, and Pallas' interpreter, need it off."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got '{strategy}'")
     layout = expert_layout(mesh, h, params, axes)
@@ -96,7 +98,7 @@ def sharded_expert_mix(mesh: Mesh, expert_mix: ExpertMix, h, experts, weights, p
     body = _replicated if strategy == "replicated" else _all_to_all
     tokens = PartitionSpec(layout.token_axis, None)
     run = jax.shard_map(lambda h, e, w, p: body(layout, expert_mix, h, e, w, p), mesh=mesh,
-                        in_specs=(tokens, tokens, tokens, layout.weight_specs), out_specs=tokens)
+                        in_specs=(tokens, tokens, tokens, layout.weight_specs), out_specs=tokens, check_vma=check_vma)
     return run(h, experts, weights, params)
 
 

@@ -5,23 +5,28 @@ import dataclasses
 
 import jax
 import pytest
+from jax.sharding import AbstractMesh
 
-from gptoss_jax.kernels import dispatch
+from gptoss_jax.kernels import dispatch, tpu_aot
 from gptoss_jax.kernels.dispatch import Kernels
 
 GPU = ("moe_gemv", "moe_gemm", "decode_attention", "prefill_attention", "projection", "router")
 
 
+TPU = ("moe_tpu", "decode_attention_tpu")
+
+
 @pytest.mark.parametrize("choice, platform, several, names, interpret", [
     ("auto", "cpu", False, (), False),
     ("auto", "gpu", False, GPU, False),
-    ("auto", "gpu", True, ("moe_gemv", "moe_gemm"), False),
-    ("auto", "tpu", False, (), False),
+    ("auto", "gpu", True, GPU, False),  # on a mesh every kernel runs per device
+    ("auto", "tpu", False, TPU, False),
+    ("auto", "tpu", True, TPU, False),
     ("pallas", "cpu", False, GPU, True),
-    ("pallas", "cpu", True, ("moe_gemv", "moe_gemm"), True),
+    ("pallas", "cpu", True, GPU, True),
     ("pallas", "gpu", False, GPU, False),
-    ("pallas", "tpu", False, ("moe_tpu",), False),
-    ("pallas", "tpu", True, ("moe_tpu",), False),
+    ("pallas", "tpu", False, TPU, False),
+    ("pallas", "tpu", True, TPU, False),
     ("xla", "gpu", False, (), False),
     ("xla", "tpu", True, (), False),
 ])
@@ -52,14 +57,10 @@ def test_unknown_choice_and_mixed_platforms_are_refused():
 
 def test_auto_follows_the_target_devices_not_the_host():
     """Compiling for a TPU from this CPU host: the devices of the mesh decide."""
-    from jax.experimental import topologies
-
-    try:
-        devices = topologies.get_topology_desc(platform="tpu", topology_name="v5e:1x1", chip_config_name="default",
-                                               chips_per_host_bounds=(1, 1, 1), num_slices=1).devices
-    except Exception as e:  # noqa: BLE001 - any failure here means no TPU compiler on this machine
-        pytest.skip(f"libtpu (the TPU compiler) is not installed: {e}")
-    assert Kernels.auto("pallas", devices=devices) == Kernels(moe_tpu=True)
+    pytest.importorskip("libtpu", reason="libtpu (the TPU compiler) is not installed")
+    devices = tpu_aot.topology("v5e:1x1").devices
+    assert Kernels.auto("pallas", devices=devices) == Kernels(moe_tpu=True, decode_attention_tpu=True)
+    assert Kernels.auto("auto", devices=devices) == Kernels(moe_tpu=True, decode_attention_tpu=True)
     assert Kernels.auto("pallas", devices=jax.devices("cpu")[:1]).interpret
 
 
@@ -80,27 +81,49 @@ def test_qkv_rule_needs_sizes_the_tensor_core_kernel_takes():
     assert dispatch.qkv_rule(ALL, 8, (4096, 520)) == "xla"
 
 
-@pytest.mark.parametrize("kernels, tokens, residual, want", [
-    (ALL, 1, True, "output_residual"), (ALL, 1, False, "xla"), (ALL, 16, True, "xla"),
-    (ALL, 17, True, "tokens_linear"), (ALL, 64, True, "tokens_linear"), (ALL, 65, True, "xla"),
-    (NONE, 1, True, "xla"),
+@pytest.mark.parametrize("kernels, tokens, residual, heads_split, want", [
+    (ALL, 1, True, False, "output_residual"), (ALL, 1, False, False, "xla"), (ALL, 16, True, False, "xla"),
+    (ALL, 17, True, False, "tokens_linear"), (ALL, 64, True, False, "tokens_linear"), (ALL, 65, True, False, "xla"),
+    (NONE, 1, True, False, "xla"),
+    # heads split over the model axis: one token sums fp32 partial projections over it; the
+    # few-token kernel rounds its output, so XLA takes those
+    (ALL, 1, True, True, "output_residual"), (ALL, 17, True, True, "xla"),
 ])
-def test_output_rule(kernels, tokens, residual, want):
-    assert dispatch.output_rule(kernels, tokens, 2880, residual) == want
+def test_output_rule(kernels, tokens, residual, heads_split, want):
+    assert dispatch.output_rule(kernels, tokens, 2880, residual, heads_split) == want
 
 
-@pytest.mark.parametrize("kernels, new_tokens, has_cache, want", [
-    (ALL, 1, True, "decode_attention"), (ALL, 1, False, "xla"), (ALL, 2, True, "xla"), (NONE, 1, True, "xla"),
+ON_TPU = Kernels.choose("auto", "tpu")
+
+
+def on_mesh(kernels, spec):
+    """The kernels partitioned over an (abstract) mesh of data x expert x model devices."""
+    return kernels.on(AbstractMesh(spec, ("data", "expert", "model")))
+
+
+@pytest.mark.parametrize("kernels, new_tokens, has_cache, heads, want", [
+    (ALL, 1, True, (64, 8), "decode_attention"), (ALL, 1, False, (64, 8), "xla"), (ALL, 2, True, (64, 8), "xla"),
+    (NONE, 1, True, (64, 8), "xla"),
+    (ON_TPU, 1, True, (64, 8), "decode_attention_tpu"), (ON_TPU, 1, False, (64, 8), "xla"),
+    (ON_TPU, 16, True, (64, 8), "xla"),
+    # heads over the model axis: 8 KV heads split 2 ways run per device; 2 KV heads on a
+    # 4-way model axis would be replicated while the query heads split, so XLA runs
+    (on_mesh(ON_TPU, (1, 4, 2)), 1, True, (64, 8), "decode_attention_tpu"),
+    (on_mesh(ALL, (1, 8, 1)), 1, True, (8, 2), "decode_attention"),
+    (on_mesh(ALL, (1, 2, 4)), 1, True, (8, 2), "xla"),
+    (on_mesh(ON_TPU, (2, 2, 2)), 1, True, (8, 2), "decode_attention_tpu"),
 ])
-def test_cached_attention_rule(kernels, new_tokens, has_cache, want):
-    assert dispatch.cached_attention_rule(kernels, new_tokens, has_cache) == want
+def test_cached_attention_rule(kernels, new_tokens, has_cache, heads, want):
+    assert dispatch.cached_attention_rule(kernels, new_tokens, has_cache, heads) == want
 
 
-@pytest.mark.parametrize("kernels, new_tokens, want", [
-    (ALL, 1, "xla"), (ALL, 2, "prefill_attention"), (ALL, 8192, "prefill_attention"), (NONE, 8192, "xla"),
+@pytest.mark.parametrize("kernels, new_tokens, heads, want", [
+    (ALL, 1, (64, 8), "xla"), (ALL, 2, (64, 8), "prefill_attention"), (ALL, 8192, (64, 8), "prefill_attention"),
+    (NONE, 8192, (64, 8), "xla"), (ON_TPU, 8192, (64, 8), "xla"),
+    (on_mesh(ALL, (1, 4, 2)), 64, (64, 8), "prefill_attention"), (on_mesh(ALL, (1, 1, 8)), 64, (8, 2), "xla"),
 ])
-def test_attend_rule(kernels, new_tokens, want):
-    assert dispatch.attend_rule(kernels, new_tokens) == want
+def test_attend_rule(kernels, new_tokens, heads, want):
+    assert dispatch.attend_rule(kernels, new_tokens, heads) == want
 
 
 @pytest.mark.parametrize("kernels, tokens, want", [
@@ -114,7 +137,7 @@ def test_router_rule(kernels, tokens, want):
     (ALL, 4, "moe_gemv"), (ALL, 63, "moe_gemv"), (ALL, 64, "moe_gemm"), (ALL, 8192, "moe_gemm"),
     (ONLY_GEMV, 64, "moe_gemv"), (ONLY_GEMV, 512, "moe_gemv"), (ONLY_GEMV, 513, "xla"),
     (Kernels(moe_gemm=True), 4, "xla"), (Kernels(moe_gemm=True), 64, "moe_gemm"),
-    (Kernels(moe_tpu=True), 4, "moe_tpu"), (Kernels(moe_tpu=True), 8192, "moe_tpu"),
+    (Kernels(moe_tpu=True), 4, "moe_tpu"), (Kernels(moe_tpu=True), 8192, "moe_tpu"),  # prefill: grouped tiles
     (NONE, 4, "xla"),
 ])
 def test_experts_rule(kernels, pairs, want):

@@ -209,13 +209,12 @@ def test_kernel_outputs_typecheck_under_shard_map():
 
 
 @pytest.mark.parametrize("strategy", ["replicated", "all_to_all"])
-def test_sharded_expert_mix_runs_the_kernel_per_device(strategy, monkeypatch):
+def test_sharded_expert_mix_runs_the_kernel_per_device(strategy):
     """Each device of a 4x2 mesh runs the kernel on its experts and hidden units; the sum
     equals the single-device XLA expert mix. Pallas' interpreter cannot evaluate index maps
     on arrays that vary over mesh axes with check_vma on (JAX: 'dynamic_slice requires
     varying manual axes to match'), so this run turns it off; the test above and
     tests/test_tpu_aot.py type-check and compile the kernels with it on."""
-    monkeypatch.setattr(jax, "shard_map", functools.partial(jax.shard_map, check_vma=False))
     mlp = make_moe(8, 64, 64, jnp.float32, seed=9)
     mesh, params, axes = sharded_setup(mlp)
     rng = np.random.default_rng(10)
@@ -223,7 +222,7 @@ def test_sharded_expert_mix_runs_the_kernel_per_device(strategy, monkeypatch):
     experts = jnp.asarray(rng.integers(0, 8, (6, 4)), jnp.int32)
     weights = jax.nn.softmax(jnp.asarray(rng.normal(0, 1, (6, 4)), jnp.float32), axis=-1)
     got = sharded_moe.sharded_expert_mix(mesh, kernel_expert_mix(mlp, True), h, experts, weights, params, axes,
-                                         strategy=strategy)
+                                         strategy=strategy, check_vma=False)
     want = mlp.expert_mix(h, experts, weights, mlp.expert_weights())
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5 * np.abs(want).max())
 

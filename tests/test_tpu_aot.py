@@ -1,8 +1,14 @@
-"""The TPU kernels compiled ahead of time for TPU v5e and v6e by the real XLA:TPU and Mosaic
+"""The TPU programs compiled ahead of time for TPU v5e and v6e by the real XLA:TPU and Mosaic
 compilers (gptoss_jax.kernels.tpu_aot), at the gpt-oss shapes, on a machine without TPUs:
-they compile, and outside the kernels no op copies, converts or transposes the experts or
-the KV cache. Needs libtpu (`pip install "libtpu==0.0.42.*"`, the version jax[tpu] 0.10.2
-pins). Marked tpu_aot; a few compiles, about 30 s on 2 cores."""
+the kernels alone, and the engine's prefill and decode step of the real-width models cut
+to two layers, through `python -m gptoss_jax.plan` (20b on a v5e-1, 120b on a v5e-8 split
+4x2). Outside the kernels no op copies, converts or transposes the experts or the KV
+cache, and a decode step moves about the bytes it must. Needs libtpu (`pip install
+"libtpu==0.0.42.*"`, the version jax[tpu] 0.10.2 pins). Marked tpu_aot; a few minutes on
+2 cores."""
+
+import contextlib
+import io
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +16,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
+from gptoss_jax import plan
 from gptoss_jax.kernels import moe_tpu, tpu_aot
 from gptoss_jax.sharding import mesh as mesh_lib
 from gptoss_jax.sharding import rules
@@ -109,3 +116,87 @@ def test_decode_attention_reads_the_cache_in_place(chip, slots, window):
     cache_bytes = slots * m.kv_heads * m.head_dim * 2
     assert tpu_aot.large_ops(text, min(cache_bytes, 64 * 1024)) == []
     assert compiled.memory_analysis().temp_size_in_bytes < 1 * MB
+
+
+# ------------------------------------------------------------------- whole programs
+GiB = 2**30
+PLANS = {
+    "20b-v5e-1": ["--model", "gpt-oss-20b", "--target", "v5e-1", "--context", "8192"],
+    "120b-v5e-8-4x2": ["--model", "gpt-oss-120b", "--target", "v5e-8", "--mesh", "4x2", "--context", "32768"],
+}
+
+
+@pytest.fixture(scope="module", params=list(PLANS))
+def planned(request):
+    """`python -m gptoss_jax.plan` on two layers of the real width: (exit status, what it
+    printed, the Plan it printed)."""
+    capture = pytest.MonkeyPatch()
+    made = []
+    real = plan.plan
+    capture.setattr(plan, "plan", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        status = plan.main([*PLANS[request.param], "--layers", "2", "--prompt", "64"])
+    capture.undo()
+    return status, out.getvalue(), made[0]
+
+
+def test_plan_command_reports_the_compiled_programs(planned):
+    status, printed, result = planned
+    assert status == 0 and result.compiled and result.fits
+    assert "moe_tpu, decode_attention_tpu" in printed and "fits" in printed and "not measured on a TPU" in printed
+    assert result.decode.kernel_calls == 2 * (2 + 1)  # per layer: mlp1 + SwiGLU, mlp2, decode attention
+    assert result.available == 15.75 * GiB
+
+
+def test_experts_are_read_by_the_kernels_alone(planned):
+    """No op outside a kernel reads (so none copies, converts or transposes) a layer's
+    stored experts, in the decode step or in prefill."""
+    _, _, result = planned
+    for program in (result.decode, result.prefill):
+        assert_read_in_place(program.hlo, EXPERT_ARRAYS, 2 * 4)
+
+
+def test_decode_step_moves_about_the_bytes_it_must(planned):
+    _, _, result = planned
+    assert result.decode_bytes <= 1.25 * result.bound_bytes
+    assert result.decode.kernel_bytes > 0
+
+
+@pytest.mark.parametrize("name, want", [("v5e-1", 15.75), ("v6e-1", 31.25), ("v5p-8", 95.74), ("v4-8", 30.75)])
+def test_available_hbm_as_the_compiler_states_it(name, want):
+    assert plan.available_hbm(plan.target_named(name)) == want * GiB
+
+
+def compiled_text(fn, *args, donate=()):
+    return jax.jit(fn, donate_argnums=donate).lower(*tpu_aot.placed(args, tpu_aot.one_chip())).compile()
+
+
+def test_hbm_traffic_of_plain_programs():
+    """The walk over the compiled HLO against what the programs must move: an elementwise
+    op too large for VMEM reads and writes its array, an in-place row update moves the row,
+    a row lookup reads the row."""
+    s = jax.ShapeDtypeStruct
+    big = s((16384, 8192), jnp.float32)  # 512 MiB
+    compiled = compiled_text(lambda x: x * 2, big)
+    traffic = tpu_aot.hbm_traffic(compiled.as_text())
+    assert traffic == {"kernels": 0.0, "xla": 2 * 512 * 2**20}
+    cost = compiled.cost_analysis()
+    assert traffic["xla"] == (cost[0] if isinstance(cost, list) else cost)["bytes accessed"]
+    row = s((1, 8192), jnp.float32)
+    update = compiled_text(lambda x, r, i: jax.lax.dynamic_update_slice(x, r, (i, 0)), big, row, s((), jnp.int32),
+                           donate=(0,))
+    assert tpu_aot.hbm_traffic(update.as_text())["xla"] <= 3 * 8192 * 4
+    lookup = compiled_text(lambda x, i: x[i], big, s((), jnp.int32))
+    assert tpu_aot.hbm_traffic(lookup.as_text())["xla"] <= 3 * 8192 * 4
+
+
+def test_programs_larger_than_the_chip_are_reported_as_not_fitting():
+    """The compiler refuses a program larger than the chip's HBM and says what it needs;
+    the plan reports that instead of failing (the tiny model, 256 sequences of 131072 slots)."""
+    result = plan.plan("tiny", "v5e-1", batch=256, context=131072, prompt=16)
+    assert not result.fits
+    for program in (result.prefill, result.decode):
+        assert program.needed > 15.75 * GiB
+    report = result.report()
+    assert report.count("does NOT fit: the compiler needs") == 2 and "GiB over" in report

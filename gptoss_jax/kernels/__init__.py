@@ -2,7 +2,8 @@
 batches and prompts), sink-aware decode and prefill attention, the fused RMSNorm + q/k/v and
 output projection + residual of one-token steps (tensor-core projections for 2-64 tokens)
 and the fused RMSNorm + router + top-k of decode steps. They lower to Triton (GPUs); the
-MoE kernel also to Mosaic TPU (kernels/moe_tpu.py). On a CPU they run in Pallas interpret
+TPU expert and decode attention kernels (kernels/moe_tpu.py, kernels/attention_tpu.py)
+to Mosaic TPU. On a CPU they run in Pallas interpret
 mode (tests only: slow). The XLA reference path in gptoss_jax.model stays available and is
 the oracle of every kernel test.
 
@@ -16,7 +17,7 @@ from __future__ import annotations
 from gptoss_jax.kernels.dispatch import CHOICES, Kernels, target_platform
 
 # set_kernels' names, each a field of Kernels; "moe" is the grouped GEMV on GPUs and the
-# expert kernel on TPUs.
+# expert kernel on TPUs, "decode_attention" the GPU or the TPU decode attention kernel.
 KERNELS = ("moe", "moe_gemm", "decode_attention", "prefill_attention", "projection", "router")
 IMPLEMENTATIONS = ("xla", "pallas")
 
@@ -42,19 +43,21 @@ def set_kernels(model, moe: str | None = None, attention: str | None = None, *, 
         model.kernels = Kernels.auto("pallas", mesh=model.mesh)
         return model
     current = model.kernels
-    fields = {name: getattr(current, name) for name in ("moe_gemm", "decode_attention", "prefill_attention",
-                                                          "projection", "router")}
-    fields.update({name: impl == "pallas" for name, impl in chosen.items() if impl is not None and name != "moe"})
-    moe_field = "moe_tpu" if _platform(model) == "tpu" else "moe_gemv"
-    moe_on = getattr(current, moe_field) if moe is None else moe == "pallas"
-    model.kernels = Kernels(**fields, **{moe_field: moe_on}, interpret=_platform(model) == "cpu")
+    on_tpu = _platform(model) == "tpu"
+    # On a TPU "moe" and "decode_attention" name the TPU kernels.
+    field_of = {"moe": "moe_tpu" if on_tpu else "moe_gemv",
+                "decode_attention": "decode_attention_tpu" if on_tpu else "decode_attention"}
+    fields = {field_of.get(name, name): getattr(current, field_of.get(name, name)) for name in chosen}
+    fields.update({field_of.get(name, name): impl == "pallas" for name, impl in chosen.items() if impl is not None})
+    model.kernels = Kernels(**fields, interpret=_platform(model) == "cpu")
     return model
 
 
 def kernels_in_use(model) -> dict:
     """{kernel: "xla" | "pallas"} for set_kernels' names."""
     k = model.kernels
-    on = {"moe": k.moe_gemv or k.moe_tpu, "moe_gemm": k.moe_gemm, "decode_attention": k.decode_attention,
+    on = {"moe": k.moe_gemv or k.moe_tpu, "moe_gemm": k.moe_gemm,
+          "decode_attention": k.decode_attention or k.decode_attention_tpu,
           "prefill_attention": k.prefill_attention, "projection": k.projection, "router": k.router}
     return {name: "pallas" if value else "xla" for name, value in on.items()}
 

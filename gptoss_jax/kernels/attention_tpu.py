@@ -175,9 +175,15 @@ def decode_attention_tpu(q, k_new, v_new, positions, cache_k, cache_v, cache_pos
                         *(pltpu.VMEM((kv, groups, 1), F32) for _ in range(3)),
                         pltpu.VMEM((kv, groups, hd), F32)],
     )
+    cache = [cache_positions.astype(jnp.int32), jnp.transpose(cache_k, (0, 2, 3, 1)),
+             jnp.transpose(cache_v, (0, 2, 3, 1))]
+    if not interpret:
+        # Kept in HBM: otherwise XLA copies a cache that fits VMEM into it whole before the
+        # call, though the kernel reads only the valid blocks.
+        cache = [pltpu.with_memory_space_constraint(a, pltpu.HBM) for a in cache]
     operands = (q[:, 0].reshape(batch, kv, groups, hd), k_new[:, 0, :, None, :], v_new[:, 0, :, None, :],
-                sinks.reshape(kv, groups), cache_positions.astype(jnp.int32),
-                jnp.transpose(cache_k, (0, 2, 3, 1)), jnp.transpose(cache_v, (0, 2, 3, 1)))
+                sinks.reshape(kv, groups), *cache)
+    cost = attention_cost(batch, kv, groups, hd, slots, block, jnp.dtype(dtype).itemsize)
     kernel = functools.partial(_kernel, block=block, slots=slots, window=window,
                                scale=float(np.asarray(hd ** -0.5, dtype)),
                                precision=jax.lax.Precision.HIGHEST if dtype == F32 else None)
@@ -188,9 +194,26 @@ def decode_attention_tpu(q, k_new, v_new, positions, cache_k, cache_v, cache_pos
         compiler_params=pltpu.CompilerParams(dimension_semantics=("arbitrary", "arbitrary"),
                                              vmem_limit_bytes=vmem_limit_bytes or scratch_bytes + 16 * 2**20),
         interpret=interpret,
+        cost_estimate=cost,
         name="decode_attention_sinks_tpu",
     )(qpos, valid, passes, *operands)
     return out.reshape(batch, 1, heads, hd)
+
+
+def attention_cost(batch: int, kv: int, groups: int, hd: int, slots: int, block: int, itemsize: int
+                   ) -> pl.CostEstimate:
+    """What one call moves and computes, from its block specs, when every cache slot is
+    valid (the last step of a full cache: the most it can read): each sequence's key and
+    value blocks (HBM rows hold whole 128-lane tiles) and, per block and pass, the (batch,
+    block) position block; q, the new key and value, the sinks and the output. XLA's cost
+    analysis counts the kernel by this estimate (docs/tpu.md)."""
+    blocks = -(-slots // block)
+    lanes = min(blocks * block, -(-slots // LANES) * LANES)
+    cache = 2 * kv * hd * lanes * itemsize
+    positions = 2 * blocks * batch * block * 4
+    small = (2 * kv * groups + 2 * kv) * hd * itemsize + kv * groups * itemsize
+    return pl.CostEstimate(flops=4 * batch * kv * groups * hd * slots, transcendentals=2 * batch * kv * groups * slots,
+                           bytes_accessed=batch * (cache + positions + small))
 
 
 def _check_shapes(q, k_new, v_new, positions, cache_k, cache_v, cache_positions, sinks):

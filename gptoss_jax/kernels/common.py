@@ -1,6 +1,6 @@
-"""Definitions the model and the Pallas kernels share: dtypes and markers, the roundings
-that mirror the reference's bf16 ops, the FP4 decode in registers, and the schedule that
-groups (token, expert) pairs by expert."""
+"""Definitions the model and the Pallas kernels share: dtypes and markers, the experts'
+arrays (ExpertWeights), the roundings that mirror the reference's bf16 ops, the FP4 decode
+in registers, and the schedule that groups (token, expert) pairs by expert."""
 
 from __future__ import annotations
 
@@ -34,6 +34,18 @@ def swiglu_pair(gate, up, limit: float, alpha: float, dtype):
     sigmoid = round_to(1 / (1 + jnp.exp(-z)), dtype)
     glu = round_to(gate * sigmoid, dtype)
     return (glu * round_to(up + 1, dtype)).astype(dtype)
+
+
+class ExpertWeights(NamedTuple):
+    """The FP4 experts of one MoE layer as the model holds them (docs/architecture.md 2.5),
+    or one device's share of them (leading axis: experts)."""
+
+    mlp1_fp4: jax.Array  # [experts, 2 * hidden, embed / 32, 32] float4_e2m1fn
+    mlp1_scales: jax.Array  # [experts, 2 * hidden, embed / 32] float8_e8m0fnu
+    mlp1_bias: jax.Array  # [experts, 2 * hidden]
+    mlp2_fp4: jax.Array  # [experts, embed, hidden / 32, 32]
+    mlp2_scales: jax.Array  # [experts, embed, hidden / 32]
+    mlp2_bias: jax.Array  # [experts, embed]
 
 
 # ------------------------------------------------------------------ FP4 -> fp32 in registers

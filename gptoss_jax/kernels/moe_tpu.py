@@ -36,13 +36,14 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from gptoss_jax import mxfp4
-from gptoss_jax.kernels.common import F32, round_to, swiglu_pair, tile_schedule
+from gptoss_jax.kernels.common import F32, ExpertWeights, round_to, swiglu_pair, tile_schedule
 
 HALF_BLOCK = mxfp4.BYTES_PER_BLOCK  # 16 bytes per 32-element block
 CHUNK_BLOCKS = 8  # blocks decoded per inner step: one int32 sublane tile of scale rows
 MAX_SCALE = 252  # E8M0 scales above this (block scales > 2^125) overflow the decode
 
 
+LANES = 128
 SCALE_ROWS = 8  # scale arrays hold a multiple of 8 block rows (per hidden shard): see TpuExperts
 
 
@@ -104,14 +105,41 @@ def tpu_experts(w, hidden_shards: int = 1) -> TpuExperts:
     hidden_blocks = w.mlp2_scales.shape[-1]
     if hidden_blocks % hidden_shards:
         raise ValueError(f"tpu_experts: {hidden_blocks} hidden blocks do not split into {hidden_shards} shards")
-    _check_scales(w.mlp1_scales, w.mlp2_scales)
+    check_scales(w.mlp1_scales, w.mlp2_scales)
     b1, s1 = _columns_on_lanes(w.mlp1_fp4, w.mlp1_scales, 1)  # [E, D/2, 2I], [E, rows, 2I]
     b2, s2 = _columns_on_lanes(w.mlp2_fp4, w.mlp2_scales, hidden_shards)
     bias1 = _gate_up_planes(w.mlp1_bias[:, None, :])[:, :, 0]
     return TpuExperts(_gate_up_planes(b1), _gate_up_planes(s1), bias1, b2, s2, w.mlp2_bias)
 
 
-def _check_scales(*scales):
+def expert_weights_of(t: TpuExperts, hidden_shards: int = 1) -> ExpertWeights:
+    """The exact inverse of `tpu_experts`: the model's ExpertWeights (FP4 values, E8M0
+    scales, biases) from TpuExperts made with `hidden_shards`.
+    A re-layout (transposes, bitcasts, the padding dropped), no arithmetic: the XLA
+    reference runs on a model that stores its experts for the TPU kernel through it."""
+    e, _, half_d, i = t.mlp1_bytes.shape
+    embed_blocks = half_d // HALF_BLOCK
+    hidden_blocks = t.mlp2_bytes.shape[1] // HALF_BLOCK
+
+    def interleaved(a):  # [E, 2, R, I] -> [E, R, 2I], gate/up columns alternating (spec 2.5)
+        return jnp.moveaxis(a, 1, -1).reshape(*a.shape[:1], *a.shape[2:-1], 2 * a.shape[-1])
+
+    def fp4_rows(packed):  # uint8 [E, K/2, O] -> float4_e2m1fn [E, O, K/32, 32]
+        rows = jnp.swapaxes(packed, 1, 2)
+        return mxfp4.blocks_to_fp4(rows.reshape(*rows.shape[:2], -1, HALF_BLOCK))
+
+    mlp1_scales = jnp.swapaxes(interleaved(t.mlp1_scales)[:, :embed_blocks], 1, 2)
+    per_shard = hidden_blocks // hidden_shards
+    mlp2_scales = t.mlp2_scales.reshape(e, hidden_shards, -1, t.mlp2_scales.shape[-1])[:, :, :per_shard]
+    mlp2_scales = jnp.swapaxes(mlp2_scales.reshape(e, hidden_blocks, -1), 1, 2)
+    return ExpertWeights(fp4_rows(interleaved(t.mlp1_bytes)), mxfp4.scales_to_e8m0(mlp1_scales),
+                         interleaved(t.mlp1_bias[:, :, None, :])[:, 0], fp4_rows(t.mlp2_bytes),
+                         mxfp4.scales_to_e8m0(mlp2_scales), t.mlp2_bias)
+
+
+def check_scales(*scales):
+    """Raises ValueError when a (concrete) E8M0 scale is above MAX_SCALE; traced scales
+    pass (the loader checks the concrete ones before it converts under jit)."""
     try:
         top = max(int(jnp.max(mxfp4.e8m0_to_scales(s))) for s in scales)
     except jax.errors.ConcretizationTypeError:  # under a trace: the caller checks at load
@@ -257,6 +285,8 @@ def expert_projection(x_planes, tile_expert, tile_rows, w_bytes, w_scales, tile_
     if tile_bias is not None:
         in_specs.append(pl.BlockSpec((None, planes, block_n), lambda c, t, e, r: (t, 0, c)))
         operands.append(tile_bias)
+    cost = projection_cost(num_tiles, block_m, half_k, w_bytes.shape[0], planes, scale_rows, outputs, block_n,
+                           jnp.dtype(x_planes.dtype).itemsize, swiglu_params is not None)
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=2,
         grid=(pl.cdiv(outputs, block_n), num_tiles),
@@ -272,8 +302,28 @@ def expert_projection(x_planes, tile_expert, tile_rows, w_bytes, w_scales, tile_
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"),
                                              vmem_limit_bytes=vmem_limit_bytes),
         interpret=interpret,
+        cost_estimate=cost,
         name="mxfp4_experts_tpu_swiglu" if swiglu_params is not None else "mxfp4_experts_tpu",
     )(tile_expert, tile_rows, *operands)
+
+
+def projection_cost(num_tiles: int, block_m: int, half_k: int, num_experts: int, planes: int, scale_rows: int,
+                    outputs: int, block_n: int, itemsize: int, swiglu: bool) -> pl.CostEstimate:
+    """What one expert_projection call moves and computes, from its block specs, when its
+    tiles go to as many different experts as they can (the most it can read): each routed
+    expert's packed bytes and scales once (HBM rows hold whole 128-lane tiles), each tile's
+    inputs once per column block, its bias block (SwiGLU), its output. XLA's cost analysis
+    counts a kernel by this estimate, so a compiled program's "bytes accessed" adds up
+    the XLA ops and the kernels (docs/tpu.md)."""
+    column_blocks = -(-outputs // block_n)
+    lanes = -(-outputs // LANES) * LANES
+    weights = min(num_tiles, num_experts) * planes * (half_k + scale_rows) * lanes
+    inputs = column_blocks * num_tiles * 2 * block_m * half_k * itemsize
+    bias = column_blocks * num_tiles * planes * block_n * itemsize if swiglu else 0
+    out = num_tiles * block_m * outputs * itemsize
+    return pl.CostEstimate(flops=2 * num_tiles * block_m * 2 * half_k * outputs * planes,
+                           transcendentals=num_tiles * block_m * outputs if swiglu else 0,
+                           bytes_accessed=weights + inputs + bias + out)
 
 
 def parity_planes(x):

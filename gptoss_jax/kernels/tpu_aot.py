@@ -22,25 +22,27 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import topologies
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gptoss_jax.kernels import attention_tpu, moe_tpu
 from gptoss_jax.kernels.common import max_tiles
 
 LANES = 128
-# Chips per host for the topologies used here (a v5e/v6e host holds up to 2x2 chips).
+# Chips per host when none is given (a v5e/v6e host of the tests' topologies holds 2x2).
 CHIPS_PER_HOST = {"1x1": (1, 1, 1), "2x2": (2, 2, 1), "2x4": (2, 2, 1)}
 
 
 @functools.cache
-def topology(name: str):
-    """A TPU topology such as "v5e:1x1", "v5e:2x4" or "v6e:1x1" (needs libtpu)."""
-    from jax.experimental import topologies
-
+def topology(name: str, chips_per_host: tuple[int, int, int] | None = None, chip_config: str = "default"):
+    """A TPU topology such as "v5e:1x1", "v5e:2x4" or "v6e:1x1" (needs libtpu): its
+    `devices` are what programs compile for. `chips_per_host`: the host bounds (default
+    CHIPS_PER_HOST); `chip_config`: "default", or "megacore" for a v4's two cores as one
+    device."""
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     chips = name.split(":")[1]
-    return topologies.get_topology_desc(platform="tpu", topology_name=name, chip_config_name="default",
-                                        chips_per_host_bounds=CHIPS_PER_HOST[chips], num_slices=1)
+    return topologies.get_topology_desc(platform="tpu", topology_name=name, chip_config_name=chip_config,
+                                        chips_per_host_bounds=chips_per_host or CHIPS_PER_HOST[chips], num_slices=1)
 
 
 def one_chip(name: str = "v5e:1x1") -> Mesh:
@@ -120,12 +122,19 @@ _FREE = {"parameter", "custom-call", "bitcast", "get-tuple-element", "tuple", "c
          "copy-done", "slice-start", "slice-done"}
 
 
+def _bits(dtype: str) -> int:
+    """Bits of an HLO element type ("bf16", "f4e2m1fn", "pred"; 0 for "token")."""
+    if dtype == "pred":
+        return 8
+    digits = re.search(r"\d+", dtype)
+    return int(digits.group()) if digits else 0
+
+
 def _bytes(shape_text: str) -> int:
     """Bytes of the arrays in an HLO result type such as "bf16[4,2880]{1,0:T(4,128)}"."""
     total = 0
     for dtype, dims in _ARRAY.findall(shape_text):
-        bits = 8 if dtype == "pred" else int(re.search(r"\d+", dtype).group())
-        total += int(np.prod([int(d) for d in dims.split(",") if d])) * bits // 8
+        total += int(np.prod([int(d) for d in dims.split(",") if d])) * _bits(dtype) // 8
     return total
 
 
@@ -180,6 +189,126 @@ def non_kernel_users(hlo_text: str, parameter_names) -> dict[str, list[str]]:
 
 def kernel_calls(hlo_text: str) -> int:
     return hlo_text.count('custom_call_target="tpu_custom_call"')
+
+
+# ------------------------------------------------------------------ HBM bytes of a program
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%([\w.\-]+) \(")
+_CALLED = re.compile(r"(?:body|condition|true_computation|false_computation)=%([\w.\-]+)|"
+                     r"branch_computations=\{([^}]*)\}")
+_TYPED = re.compile(r"([a-z]+\d*)\[([\d,]*)\](\{[^}]*\})?")
+_NO_TRAFFIC = {"parameter", "get-tuple-element", "tuple", "constant", "bitcast", "copy-done", "slice-done", "while",
+               "conditional", "call", "after-all", "partition-id", "replica-id", "iota", "opt-barrier",
+               "all-reduce-done", "all-gather-done", "collective-permute-done"}
+_SLICING = {"dynamic-slice", "slice", "gather"}
+
+
+def _hbm(type_text: str) -> int:
+    """Bytes of the arrays in an HLO type that live in HBM (no S(n) memory space: S(1) is
+    VMEM, S(2) SMEM)."""
+    total = 0
+    for dtype, dims, layout in _TYPED.findall(type_text):
+        if layout and re.search(r"S\(\d+\)", layout):
+            continue
+        total += int(np.prod([int(d) for d in dims.split(",") if d])) * _bits(dtype) // 8
+    return total
+
+
+def _computations(hlo_text: str) -> dict[str, list[tuple[str, str, str, str]]]:
+    """name -> [(instruction, result type, op, the rest of the line)] of each computation."""
+    found, current = {}, None
+    for line in hlo_text.splitlines():
+        head = _COMPUTATION.match(line)
+        if head:
+            current = found.setdefault("ENTRY" if line.startswith("ENTRY") else head.group(1), [])
+            continue
+        match = _INSTRUCTION.match(line)
+        if match and current is not None:
+            current.append((match.group(1), match.group(2), match.group(3), line[match.end():]))
+    return found
+
+
+def _operands(rest: str) -> list[str]:
+    return re.findall(r"%([\w.\-]+)", re.split(r"\), [a-z_]+=", rest, maxsplit=1)[0])
+
+
+def hbm_traffic(hlo_text: str) -> dict[str, float]:
+    """The HBM bytes one run of a compiled TPU program moves, by kind of op: {"kernels":
+    what the Pallas kernels' cost estimates declare (their block specs), "xla": the other
+    ops}. Every op outside fusions (in the entry computation and the loops and branches it
+    runs, each loop body once) counts the HBM-resident arrays it reads and writes; arrays
+    in VMEM or SMEM (XLA's prefetches) count where they are copied from HBM; a fusion
+    counts only the slices of an operand it reads through slicing ops, and an in-place
+    update (a fusion or op whose result is a dynamic-update-slice of an operand) counts the
+    update, not the whole buffer. docs/tpu.md explains the method."""
+    computations = _computations(hlo_text)
+    types = {name: t for body in computations.values() for name, t, _, _ in body}
+    top, frontier = set(), ["ENTRY"]
+    while frontier:
+        name = frontier.pop()
+        if name in top or name not in computations:
+            continue
+        top.add(name)
+        for _, _, _, rest in computations[name]:
+            for single, several in _CALLED.findall(rest):
+                frontier += [single] if single else re.findall(r"%([\w.\-]+)", several)
+    totals = {"kernels": 0.0, "xla": 0.0}
+    for name in top:
+        for _instruction, result, op, rest in computations[name]:
+            if op in _NO_TRAFFIC:
+                continue
+            if op == "custom-call" and 'custom_call_target="tpu_custom_call"' in rest:
+                totals["kernels"] += sum(float(b) for b in re.findall(r'"bytes_accessed":"?(\d+)', rest))
+                continue
+            operands = _operands(rest)
+            if op in ("copy-start", "slice-start"):  # one array moved between memories: count its HBM sides
+                # copy-start: (destination, source, context); slice-start: ((source), slice, context)
+                arrays = _TYPED.findall(result)
+                moved, ends = (arrays[0], arrays[:2]) if op == "copy-start" else (arrays[1], arrays[:2])
+                in_hbm = sum(not re.search(r"S\(\d+\)", layout or "") for _, _, layout in ends)
+                totals["xla"] += in_hbm * _bytes("{}[{}]".format(*moved[:2]))
+                continue
+            totals["xla"] += _op_traffic(op, result, rest, operands, types, computations)
+    return totals
+
+
+def _op_traffic(op, result, rest, operands, types, computations) -> float:
+    if op == "dynamic-update-slice":  # in place: the update is read and written
+        return 2 * _hbm(types.get(operands[1], "")) if _hbm(result) else 0
+    if op != "fusion":
+        return _hbm(result) + sum(_hbm(types.get(a, "")) for a in operands)
+    called = re.search(r"calls=%([\w.\-]+)", rest)
+    body = computations.get(called.group(1), []) if called else []
+    inner = {name: t for name, t, _, _ in body}
+    index_of = {name: int(re.match(r"(\d+)\)", line_rest).group(1)) for name, _, o, line_rest in body
+                if o == "parameter"}
+    uses = {name: [] for name in index_of}
+    for _name, t, o, line_rest in body:
+        for position, a in enumerate(_operands(line_rest)):
+            if a in uses:
+                uses[a].append((o, position, t))
+    total, in_place = 0.0, False
+    for param, index in index_of.items():
+        outer = types.get(operands[index], "") if index < len(operands) else ""
+        if not _hbm(outer):
+            continue
+        used = uses[param]
+        if used and all(o == "dynamic-update-slice" and position == 0 for o, position, _ in used):
+            # Updated in place: the updates are written (and read, counted as operands).
+            in_place = True
+            for _name, _, o, line_rest in body:
+                if o == "dynamic-update-slice" and _operands(line_rest)[0] == param:
+                    total += _hbm_like(outer, inner.get(_operands(line_rest)[1], ""))
+        elif used and all(o in _SLICING and position == 0 for o, position, _ in used):
+            total += sum(_hbm_like(outer, t) for _, _, t in used)
+        else:
+            total += _hbm(outer)
+    return total if in_place else total + _hbm(result)
+
+
+def _hbm_like(outer_type: str, inner_type: str) -> int:
+    """Bytes of `inner_type`'s arrays (a slice of the fusion operand `outer_type`) when
+    the operand is in HBM, whatever memory space the slice itself is given."""
+    return _bytes(re.sub(r"\{[^}]*\}", "", inner_type)) if _hbm(outer_type) else 0
 
 
 # ------------------------------------------------------------------ bytes per kernel call
