@@ -105,10 +105,12 @@ def target_platform(devices) -> str:
 
 
 # ------------------------------------------------------------------------------- rules
-def qkv_rule(kernels: Kernels, tokens: int, output_sizes: tuple[int, ...]) -> str:
+# `adapted`: the op carries a fine-tuning adapter (gptoss_jax.train), which only the XLA path
+# applies; `segmented`: attention limited to segments of packed documents, likewise.
+def qkv_rule(kernels: Kernels, tokens: int, output_sizes: tuple[int, ...], adapted: bool = False) -> str:
     """RMSNorm + q/k/v of `tokens` tokens (batch x sequence): "norm_qkv" (one token, one
     kernel), "tokens_linear" (2-64 tokens on tensor cores) or "xla"."""
-    if not kernels.projection:
+    if not kernels.projection or adapted:
         return "xla"
     if tokens == 1:
         return "norm_qkv"
@@ -117,10 +119,10 @@ def qkv_rule(kernels: Kernels, tokens: int, output_sizes: tuple[int, ...]) -> st
     return "xla"
 
 
-def output_rule(kernels: Kernels, tokens: int, hidden_size: int, residual: bool) -> str:
+def output_rule(kernels: Kernels, tokens: int, hidden_size: int, residual: bool, adapted: bool = False) -> str:
     """The output projection (+ the residual add when `residual`): "output_residual" (one
     token), "tokens_linear" (17-64 tokens) or "xla"."""
-    if not (kernels.projection and residual):
+    if not (kernels.projection and residual) or adapted:
         return "xla"
     if tokens == 1:
         return "output_residual"
@@ -136,20 +138,22 @@ def cached_attention_rule(kernels: Kernels, new_tokens: int, has_cache: bool) ->
     return "decode_attention" if kernels.decode_attention and has_cache and new_tokens == 1 else "xla"
 
 
-def attend_rule(kernels: Kernels, new_tokens: int) -> str:
+def attend_rule(kernels: Kernels, new_tokens: int, segmented: bool = False) -> str:
     """Attention over keys that already hold RoPE: "prefill_attention" (several new tokens)
     or "xla"."""
-    return "prefill_attention" if kernels.prefill_attention and new_tokens > 1 else "xla"
+    return "prefill_attention" if kernels.prefill_attention and new_tokens > 1 and not segmented else "xla"
 
 
-def router_rule(kernels: Kernels, tokens: int) -> str:
+def router_rule(kernels: Kernels, tokens: int, adapted: bool = False) -> str:
     """RMSNorm + router + top-k + softmax: "router" (up to 64 tokens) or "xla"."""
-    return "router" if kernels.router and tokens <= ROUTER_MAX_TOKENS else "xla"
+    return "router" if kernels.router and tokens <= ROUTER_MAX_TOKENS and not adapted else "xla"
 
 
-def experts_rule(kernels: Kernels, pairs: int) -> str:
+def experts_rule(kernels: Kernels, pairs: int, adapted: bool = False) -> str:
     """The experts of `pairs` (token, expert) pairs: "moe_tpu", "moe_gemv" (weighted sum and
     residual fused in), "moe_gemm" or "xla"."""
+    if adapted:
+        return "xla"
     if kernels.moe_tpu:
         return "moe_tpu"
     gemm = kernels.moe_gemm and pairs >= GEMM_MIN_PAIRS
@@ -159,14 +163,14 @@ def experts_rule(kernels: Kernels, pairs: int) -> str:
 
 
 # ------------------------------------------------------------------------------- calls
-def run_norm_qkv(kernels: Kernels, x, norm, qkv_params, *, reference):
+def run_norm_qkv(kernels: Kernels, x, norm, qkv_params, *, reference, adapted: bool = False):
     """q, k, v [b, t, heads, head_dim] of x [b, t, embed]; `norm` the RMSNorm module (its
     `scale`, `eps` and call), qkv_params = (wq, bq, wk, bk, wv, bv) as the model holds them.
     `reference(x)`: the XLA path."""
     b, t, d = x.shape
     wq, bq, wk, bk, wv, bv = qkv_params
     head_dim = wq.shape[1]
-    rule = qkv_rule(kernels, b * t, (wq.shape[0] * head_dim, wk.shape[0] * head_dim))
+    rule = qkv_rule(kernels, b * t, (wq.shape[0] * head_dim, wk.shape[0] * head_dim), adapted)
     if rule == "norm_qkv":
         q, k, v = projection.norm_qkv(x[0, 0], norm.scale[...], *qkv_params, eps=norm.eps,
                                       interpret=kernels.interpret)
@@ -179,12 +183,12 @@ def run_norm_qkv(kernels: Kernels, x, norm, qkv_params, *, reference):
     return reference(x)
 
 
-def run_output(kernels: Kernels, out, wo, bo, residual, *, reference):
+def run_output(kernels: Kernels, out, wo, bo, residual, *, reference, adapted: bool = False):
     """The output projection of the heads out [b, t, heads, head_dim] -> [b, t, embed], plus
     `residual` when given. `reference(out, residual)`: the XLA path."""
     b, t, heads, hd = out.shape
     d = wo.shape[0]
-    rule = output_rule(kernels, b * t, d, residual is not None)
+    rule = output_rule(kernels, b * t, d, residual is not None, adapted)
     if rule == "output_residual":
         added = projection.output_residual(out[0, 0], wo, bo, residual[0, 0], interpret=kernels.interpret)
         return added[None, None]
@@ -205,33 +209,34 @@ def run_cached_attention(kernels: Kernels, q, k, v, positions, cache, sinks, rop
     return reference(q, k, v, positions, cache, rope)
 
 
-def run_attend(kernels: Kernels, q, keys, values, q_positions, k_positions, sinks, window, *, reference):
+def run_attend(kernels: Kernels, q, keys, values, q_positions, k_positions, sinks, window, *, reference,
+               segmented: bool = False):
     """Softmax attention with sinks over keys that hold RoPE. `reference(q, keys, values,
     q_positions, k_positions)`: the XLA path."""
-    if attend_rule(kernels, q.shape[1]) == "prefill_attention":
+    if attend_rule(kernels, q.shape[1], segmented) == "prefill_attention":
         return flash.prefill_attention(q, keys, values, q_positions, k_positions, sinks, window=window,
                                        interpret=kernels.interpret)
     return reference(q, keys, values, q_positions, k_positions)
 
 
-def run_norm_route(kernels: Kernels, x, norm, router_w, router_b, *, k: int, reference):
+def run_norm_route(kernels: Kernels, x, norm, router_w, router_b, *, k: int, reference, adapted: bool = False):
     """(h, experts, weights) of tokens x [n, embed]; `norm` the RMSNorm module.
     `reference(x)`: the XLA path."""
-    if router_rule(kernels, x.shape[0]) == "router":
+    if router_rule(kernels, x.shape[0], adapted) == "router":
         return router.norm_route(x, norm.scale[...], router_w, router_b, eps=norm.eps, k=k,
                                  interpret=kernels.interpret)
     return reference(x)
 
 
 def run_expert_mix(kernels: Kernels, h, experts, weights, w, residual, *, swiglu: tuple[float, float],
-                   scales_fit_bf16: bool, reference):
+                   scales_fit_bf16: bool, reference, adapted: bool = False):
     """sum_k weights[n, k] * expert_{experts[n, k]}(h[n]) [n, embed] in fp32 (with
     `residual`: residual + that, rounded), `w` the (possibly per-device) ExpertWeights.
     `scales_fit_bf16`: every E8M0 scale of the layer is at most 128, so the grouped GEMM may
     decode FP4 straight to bf16. `reference(h, experts, weights, w, residual, outputs)`:
     the XLA weighted sum of `outputs(h, experts, w)` [n, k, embed] (None: XLA's)."""
     limit, alpha = swiglu
-    rule = experts_rule(kernels, experts.size)
+    rule = experts_rule(kernels, experts.size, adapted)
     if rule == "moe_gemv":
         return moe.experts_mix_decode(h, experts, *packed_experts(w), weights=weights, residual=residual, limit=limit,
                                       alpha=alpha, interpret=kernels.interpret)
