@@ -276,6 +276,10 @@ class Batches:
 
     def __init__(self, dataset: Dataset, *, batch_size: int, seq_len: int, packing: bool = True, seed: int = 0,
                  shuffle: bool = True):
+        longest = max(e.length for e in dataset.examples)
+        if longest > seq_len:
+            raise ValueError(f"{dataset.path}: a conversation of {longest + 1} tokens does not fit rows of {seq_len} "
+                             f"(+1) tokens; raise the sequence length")
         self.dataset, self.batch_size, self.seq_len = dataset, batch_size, seq_len
         self.packing, self.seed, self.shuffle = packing, seed, shuffle
         self._epoch_rows: dict[int, list[list[Example]]] = {}

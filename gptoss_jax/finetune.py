@@ -146,13 +146,13 @@ def _load_model(args):
 
 
 def _settings(args, data_sha256: str, lora: train.LoraConfig | None, optimizer: train.OptimizerConfig) -> dict:
-    """What decides the training trajectory; a resumed run must have the same."""
-    return {"data_sha256": data_sha256, "checkpoint": args.checkpoint, "from_scratch": args.from_scratch,
+    """What decides the training trajectory; a resumed run must have the same (as JSON)."""
+    return json.loads(json.dumps({"data_sha256": data_sha256, "checkpoint": args.checkpoint, "from_scratch": args.from_scratch,
             "dtype": args.dtype, "method": args.method, "lora": lora.to_dict() if lora else None,
             "adapters": args.adapters, "train_experts": args.train_experts, "qat_steps": args.qat_steps,
             "optimizer": {k: v for k, v in optimizer.__dict__.items()}, "batch_size": args.batch_size,
             "seq_len": args.seq_len, "packing": not args.no_packing, "keep_analysis": args.keep_analysis,
-            "skip_bad_records": args.skip_bad_records, "seed": args.seed, "remat": not args.no_remat}
+            "skip_bad_records": args.skip_bad_records, "seed": args.seed, "remat": not args.no_remat}))
 
 
 def _differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
@@ -178,6 +178,7 @@ def run(args) -> int:
         lora = train.LoraConfig(args.lora_rank, args.lora_alpha, args.lora_dropout,
                                 tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
                                 _int_list(args.lora_expert_layers, "--lora-expert-layers"))
+        lora.check()
     data_path = Path(args.data)
     dataset = read_dataset(data_path, max_length=args.seq_len, keep_analysis=args.keep_analysis,
                            skip_bad_records=args.skip_bad_records)
@@ -203,9 +204,22 @@ def run(args) -> int:
     if args.qat_steps > steps:
         raise ValueError(f"--qat-steps ({args.qat_steps}) must be at most the optimizer steps ({steps})")
 
+    settings = _settings(args, hashlib.sha256(data_path.read_bytes()).hexdigest(), lora, optimizer)
+    checkpoints, start = None, None
+    if (output / CHECKPOINTS).is_dir():
+        checkpoints = train.Checkpoints(output / CHECKPOINTS, keep=args.keep_checkpoints)
+        start = checkpoints.latest()
+    if start is not None:
+        different = _differences(checkpoints.progress(start)["settings"], settings)
+        if different:
+            raise ValueError(f"{output}: its checkpoints were written with other settings: {'; '.join(different)}; "
+                             f"use another --output, or the same settings to resume")
+
     model = _load_model(args)
-    if args.method == "lora":
-        lora = train.load_adapters(model, args.adapters) if args.adapters else train.add_lora(model, lora, seed=args.seed)
+    if args.adapters:
+        lora = train.load_adapters(model, args.adapters)
+    elif args.method == "lora":
+        train.add_lora(model, lora, seed=args.seed)
     elif args.train_experts:
         train.add_expert_deltas(model)
     if args.qat_steps and not any(t in ("mlp1", "mlp2") for _, t, _ in train.adapter_modules(model)):
@@ -213,20 +227,13 @@ def run(args) -> int:
     trainer = train.Trainer(model, args.method, optimizer, seed=args.seed, remat=not args.no_remat)
     del model
 
-    settings = _settings(args, hashlib.sha256(data_path.read_bytes()).hexdigest(), lora, optimizer)
-    checkpoints = train.Checkpoints(output / CHECKPOINTS, keep=args.keep_checkpoints)
+    checkpoints = checkpoints or train.Checkpoints(output / CHECKPOINTS, keep=args.keep_checkpoints)
     total = steps * args.grad_accum
     qat_from = (steps - args.qat_steps) * args.grad_accum
-    start = checkpoints.latest()
     if start is not None:
-        if start >= qat_from:
+        if start >= qat_from and args.qat_steps:
             trainer.quantization_aware(True)
-        state, progress = checkpoints.restore(start, trainer.abstract_state())
-        different = _differences(progress["settings"], settings)
-        if different:
-            raise ValueError(f"{output}: its checkpoints were written with other settings: {'; '.join(different)}; "
-                             f"use another --output, or the same settings to resume")
-        trainer.state = state
+        trainer.state = checkpoints.restore(start, trainer.abstract_state())
         print(f"note: resuming from {output / CHECKPOINTS} at batch {start} of {total}", file=sys.stderr)
     metrics = train.MetricsLog(output / METRICS, resume_step=start) if _is_main() else None
 

@@ -19,12 +19,15 @@ at a time, so the [tokens, vocabulary] logits never exist at once.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
+import logging
 import math
 import os
 import resource
+import sys
 import time
 from pathlib import Path
 
@@ -79,7 +82,8 @@ class LoraConfig:
     def scale(self) -> float:
         return self.alpha / self.rank
 
-    def check(self, config: GptOssConfig) -> None:
+    def check(self, config: GptOssConfig | None = None) -> None:
+        """Raises ValueError for bad settings (the layers are checked against `config` when given)."""
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
             raise ValueError(f"LoRA rank must be a positive integer, got {self.rank!r}")
         if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
@@ -90,14 +94,13 @@ class LoraConfig:
         if unknown or not self.targets or len(set(self.targets)) != len(self.targets):
             raise ValueError(f"LoRA targets must be distinct names among {', '.join(TARGETS)}, got "
                              f"{', '.join(self.targets) or 'none'}")
-        layers = config.num_hidden_layers
         if self.expert_layers is not None:
-            bad = [n for n in self.expert_layers if not 0 <= n < layers]
-            if bad or not self.expert_layers:
-                raise ValueError(f"LoRA expert layers must be in [0, {layers}) for model '{config.name}', "
-                                 f"got {list(self.expert_layers)}")
             if not set(self.targets) & set(EXPERT_TARGETS):
                 raise ValueError("LoRA expert layers were given but no expert target (mlp1, mlp2)")
+            layers = math.inf if config is None else config.num_hidden_layers
+            if not self.expert_layers or any(not 0 <= n < layers for n in self.expert_layers):
+                bound = "non-negative" if config is None else f"in [0, {layers}) for model '{config.name}'"
+                raise ValueError(f"LoRA expert layers must be {bound}, got {list(self.expert_layers)}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -420,12 +423,19 @@ class OptimizerConfig:
             0.0, self.learning_rate, self.warmup_steps, self.steps,
             end_value=self.learning_rate * self.final_learning_rate_ratio)
 
-    def optimizer(self) -> optax.GradientTransformation:
+    def optimizer(self, learning_rate=None) -> optax.GradientTransformation:
+        """The optax transformation; `learning_rate` (a number or a traced scalar) replaces the
+        schedule, for callers that evaluate it themselves."""
         decay_matrices = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
         chain = optax.chain(
             optax.clip_by_global_norm(self.max_grad_norm) if self.max_grad_norm else optax.identity(),
-            optax.adamw(self.schedule(), b1=self.b1, b2=self.b2, weight_decay=self.weight_decay, mask=decay_matrices))
+            optax.adamw(self.schedule() if learning_rate is None else learning_rate, b1=self.b1, b2=self.b2,
+                        weight_decay=self.weight_decay, mask=decay_matrices))
         return optax.MultiSteps(chain, self.accumulation) if self.accumulation > 1 else chain
+
+    def update_rule(self) -> OptimizerConfig:
+        """These settings without the schedule's: what the compiled step depends on."""
+        return dataclasses.replace(self, learning_rate=1.0, steps=1, warmup_steps=0, final_learning_rate_ratio=1.0)
 
 
 # -------------------------------------------------------------------------------- training
@@ -449,7 +459,7 @@ def _reseeded(rng_state, key):
 
 
 def _with_dropout(model: GptOss, on: bool) -> GptOss:
-    if any(isinstance(m, nnx.Dropout) for _, m in model.iter_modules()):
+    if any(isinstance(m, nnx.Dropout) for _, m in nnx.iter_modules(model)):
         return nnx.view(model, only=nnx.Dropout, deterministic=not on)
     return model
 
@@ -474,7 +484,7 @@ class _Program:
 
 
 @functools.partial(jax.jit, static_argnames="program", donate_argnums=0)
-def _train_step(state, rngs, frozen, batch: Batch, *, program: _Program):
+def _train_step(state, rngs, frozen, batch: Batch, learning_rate, *, program: _Program):
     key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
 
     def loss(params):
@@ -483,9 +493,10 @@ def _train_step(state, rngs, frozen, batch: Batch, *, program: _Program):
         return total / jnp.maximum(count, 1), count
 
     (value, count), grads = jax.value_and_grad(loss, has_aux=True)(state["params"])
-    updates, opt_state = program.optimizer.optimizer().update(grads, state["opt_state"], state["params"])
+    optimizer = program.optimizer.optimizer(learning_rate)
+    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    metrics = {"loss": value, "loss_tokens": count, "grad_norm": optax.global_norm(grads)}
+    metrics = {"loss": value, "loss_tokens": count, "grad_norm": optax.tree.norm(grads)}
     return {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"]}, metrics
 
 
@@ -530,7 +541,7 @@ class Trainer:
         values = {k: v.get_value() for k, (_, v) in zip(self.keys, flat)}
         master = jax.jit(_cast, static_argnums=1, out_shardings=self.shardings)(values, tuple((k, F32) for k in self.keys))
         self.state_shardings = self._state_shardings(master)
-        opt_state = jax.jit(optimizer.optimizer().init, out_shardings=self.state_shardings["opt_state"])(master)
+        opt_state = jax.jit(optimizer.optimizer(1.0).init, out_shardings=self.state_shardings["opt_state"])(master)
         replicated = self.state_shardings["step"]
         self.state = {"params": master, "opt_state": opt_state,
                       "step": jax.device_put(np.int32(0), replicated),
@@ -539,7 +550,8 @@ class Trainer:
     def _set_programs(self, model: GptOss):
         def program(dropout):
             graphdef = nnx.split(_with_dropout(model, dropout), self.trainable, nnx.RngState, ...)[0]
-            return _Program(graphdef, self.treedef, self.keys, self.dtypes, self.config, self.remat, self.loss_chunk)
+            return _Program(graphdef, self.treedef, self.keys, self.dtypes, self.config.update_rule(), self.remat,
+                            self.loss_chunk)
 
         self.program, self.eval_program = program(True), program(False)
 
@@ -552,7 +564,7 @@ class Trainer:
     def _state_shardings(self, master):
         replicated = (jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()) if self.mesh is not None
                       else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-        optimizer = self.config.optimizer()
+        optimizer = self.config.optimizer(1.0)
         abstract = jax.eval_shape(optimizer.init, master)
         opt = optax.tree_map_params(optimizer, lambda _, sharding: sharding, abstract, self.shardings,
                                     transform_non_params=lambda _: replicated)
@@ -582,7 +594,8 @@ class Trainer:
         """Trains on one host batch. Returns loss (mean over its loss tokens), loss_tokens,
         grad_norm and learning_rate (of the optimizer step this batch belongs to)."""
         learning_rate = self.learning_rate()
-        self.state, metrics = _train_step(self.state, self.rngs, self.frozen, self.place(batch), program=self.program)
+        self.state, metrics = _train_step(self.state, self.rngs, self.frozen, self.place(batch), np.float32(learning_rate),
+                                          program=self.program)
         out = {k: float(v) for k, v in metrics.items()}
         out["learning_rate"] = learning_rate
         return out
@@ -618,8 +631,8 @@ class Checkpoints:
     """The train state (Trainer.state) and a JSON `progress` record (data position, settings)
     per saved step in `directory`, through an Orbax CheckpointManager that keeps the newest
     `keep`. A step is written into a temporary folder and renamed when complete, so a save
-    that fails or is killed leaves no step that loads; its leftovers are removed on the next
-    start."""
+    that fails or is killed leaves no step that loads; its leftovers are removed before the
+    next save."""
 
     def __init__(self, directory, *, keep: int = 2):
         import orbax.checkpoint as ocp
@@ -637,7 +650,9 @@ class Checkpoints:
         ocp = self.ocp
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(progress))
         try:
-            with uninterrupted():  # a signal waits for the save to finish (or fail) and then acts
+            # A signal waits for the save to finish (or fail) and then acts; orbax's own logs of
+            # a failure are replaced by the one error below.
+            with uninterrupted(), _orbax_logs_dropped():
                 self.manager.save(step, args=args, force=True)
                 self.manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001 - orbax and tensorstore report write failures as several types
@@ -646,14 +661,39 @@ class Checkpoints:
             raise CheckpointSaveError(f"{self.directory}: saving the checkpoint of step {step} failed "
                                       f"({_short_error(e)}); {kept}; free some space or choose another --output") from None
 
-    def restore(self, step: int, abstract_state) -> tuple[dict, dict]:
-        ocp = self.ocp
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), progress=ocp.args.JsonRestore())
-        restored = self.manager.restore(step, args=args)
-        return restored["state"], restored["progress"]
+    def progress(self, step: int) -> dict:
+        return self.manager.restore(step, args=self.ocp.args.Composite(progress=self.ocp.args.JsonRestore()))["progress"]
+
+    def restore(self, step: int, abstract_state) -> dict:
+        """The train state of `step`, placed as `abstract_state` (Trainer.abstract_state()) says."""
+        args = self.ocp.args.Composite(state=self.ocp.args.StandardRestore(abstract_state))
+        return self.manager.restore(step, args=args)["state"]
 
     def close(self) -> None:
         self.manager.close()
+
+
+@contextlib.contextmanager
+def _orbax_logs_dropped():
+    """Orbax logs a failed write from each of its threads, and tensorstore's callbacks then
+    find orbax's event loop closed: neither reaches the user while this block runs."""
+    loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
+    saved = [(logger.handlers, logger.propagate) for logger in loggers]
+    for logger in loggers:
+        logger.handlers, logger.propagate = [logging.NullHandler()], False
+    hook = sys.unraisablehook
+
+    def drop_closed_loop(unraisable):
+        if not (isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value)):
+            hook(unraisable)
+
+    sys.unraisablehook = drop_closed_loop
+    try:
+        yield
+    finally:
+        sys.unraisablehook = hook
+        for logger, (handlers, propagate) in zip(loggers, saved):
+            logger.handlers, logger.propagate = handlers, propagate
 
 
 def _short_error(e: BaseException) -> str:
