@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import jax
+from tqdm import tqdm
 
 from gptoss_jax import train
 from gptoss_jax.cli import add_model_arguments, cli
@@ -250,8 +251,6 @@ def run(args) -> int:
 
     def save(batch_index):
         checkpoints.save(batch_index, trainer.state, {"batches": batch_index, "settings": settings})
-
-    from tqdm import tqdm
 
     bar = tqdm(total=total, initial=trainer.steps_done, unit="batch", dynamic_ncols=True,
                disable=args.no_progress or not _is_main(), file=sys.stderr)

@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import os
+import re
 import resource
 import sys
 import time
@@ -36,6 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
 
 from gptoss_jax import mxfp4
 from gptoss_jax.config import GptOssConfig
@@ -50,7 +53,7 @@ from gptoss_jax.model import (
     abstract_model,
     adapted_weight,
 )
-from gptoss_jax.sharding.placement import fetch, put, put_host_array
+from gptoss_jax.sharding.placement import fetch, put_host_array
 from gptoss_jax.sharding.rules import DATA, named_sharding
 
 F32 = jnp.float32
@@ -219,8 +222,6 @@ def path_key(path: tuple) -> str:
 # ---------------------------------------------------------------------------- adapter files
 def save_adapters(model: GptOss, path, lora: LoraConfig) -> Path:
     """Writes the LoRA adapters (fp32) and `lora` into one safetensors file, atomically."""
-    from safetensors.numpy import save_file
-
     arrays = {path_key(p): fetch(v.get_value(), model.mesh) for p, v in nnx.to_flat_state(nnx.state(model, AdapterParam))}
     if not arrays:
         raise ValueError("the model has no adapters to save")
@@ -241,8 +242,6 @@ def save_adapters(model: GptOss, path, lora: LoraConfig) -> Path:
 
 def read_adapters(path) -> tuple[LoraConfig, dict, dict[str, np.ndarray]]:
     """(LoraConfig, model config dict, arrays by parameter path) of an adapters file."""
-    from safetensors import SafetensorError, safe_open
-
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: no such adapters file")
@@ -512,16 +511,33 @@ def _cast(params: dict, dtypes: tuple):
     return {k: v.astype(dtypes[k]) for k, v in params.items()}
 
 
+def _replicated(mesh):
+    if mesh is None:
+        return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def batch_shardings(batch: Batch, mesh) -> Batch:
+    """Where a batch goes: on a mesh, rows split over the data axis."""
+    if mesh is not None and batch.tokens.shape[0] % mesh.shape.get(DATA, 1):
+        raise ValueError(f"the batch size ({batch.tokens.shape[0]}) must be a multiple of the mesh's data axis "
+                         f"({mesh.shape[DATA]})")
+    return Batch(*(None if x is None else named_sharding(("batch", None), x.shape, mesh) for x in batch))
+
+
 class Trainer:
     """Trains the parameters of `model` that `method` selects ("lora": its adapters, add them
     first with add_lora; "full": every dense parameter). The train state (fp32 master
     weights, optimizer state, step, RNG key) is `self.state`, a pytree on the model's devices;
     the model's other parameters stay where they are, untouched. `step(batch)` runs one
     batch (an optimizer step every `accumulation` batches); `model()` is the model with the
-    current weights, for evaluation, generation or export."""
+    current weights, for evaluation, generation or export.
+
+    `abstract=True` takes a model of shapes (nnx.eval_shape), possibly on devices of another
+    platform, and builds no state: `lower(batch)` then compiles the step ahead of time."""
 
     def __init__(self, model: GptOss, method: str, optimizer: OptimizerConfig, *, seed: int = 0, remat: bool = True,
-                 loss_chunk: int = LOSS_CHUNK):
+                 loss_chunk: int = LOSS_CHUNK, abstract: bool = False):
         optimizer.check()
         self.config, self.mesh, self.kernels = optimizer, model.mesh, model.kernels
         self.trainable = trainable_filter(method)
@@ -533,14 +549,20 @@ class Trainer:
             raise ValueError("nothing to train: the model has no adapters (add_lora) for method 'lora'"
                              if method == "lora" else "nothing to train: the model has no dense parameters")
         self.keys = tuple(path_key(p) for p, _ in flat)
-        self.dtypes = tuple(v.get_value().dtype for _, v in flat)
+        self.dtypes = tuple(jnp.dtype(v.get_value().dtype) for _, v in flat)
         self.treedef = jax.tree.structure(params)
-        self.shardings = {path_key(p): v.get_value().sharding for p, v in flat}
+        self.param_shapes = {path_key(p): v.shape for p, v in flat}
+        self.shardings = {path_key(p): named_sharding(_axes(v), v.shape, self.mesh) for p, v in flat}
         self._set_programs(model)
         self.schedule = optimizer.schedule()
+        self.state_shardings = self._state_shardings()
+        if abstract:
+            self.frozen = _abstract(self.frozen, self.mesh)
+            self.state = jax.tree.map(lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                                      self._abstract_state(), self.state_shardings)
+            return
         values = {k: v.get_value() for k, (_, v) in zip(self.keys, flat)}
         master = jax.jit(_cast, static_argnums=1, out_shardings=self.shardings)(values, tuple((k, F32) for k in self.keys))
-        self.state_shardings = self._state_shardings(master)
         opt_state = jax.jit(optimizer.optimizer(1.0).init, out_shardings=self.state_shardings["opt_state"])(master)
         replicated = self.state_shardings["step"]
         self.state = {"params": master, "opt_state": opt_state,
@@ -560,14 +582,19 @@ class Trainer:
         the state carries on unchanged."""
         self._set_programs(set_quantization_aware(self.model().with_kernels(XLA), on))
 
+    def _abstract_state(self):
+        master = {k: jax.ShapeDtypeStruct(shape, F32) for k, shape in self.param_shapes.items()}
+        return {"params": master, "opt_state": jax.eval_shape(self.config.optimizer(1.0).init, master),
+                "step": jax.ShapeDtypeStruct((), jnp.int32),
+                "rng": jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))}
+
     # The state's layout: params like the model's, optimizer moments like their params.
-    def _state_shardings(self, master):
-        replicated = (jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()) if self.mesh is not None
-                      else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    def _state_shardings(self):
+        replicated = _replicated(self.mesh)
         optimizer = self.config.optimizer(1.0)
-        abstract = jax.eval_shape(optimizer.init, master)
-        opt = optax.tree_map_params(optimizer, lambda _, sharding: sharding, abstract, self.shardings,
-                                    transform_non_params=lambda _: replicated)
+        master = {k: jax.ShapeDtypeStruct(shape, F32) for k, shape in self.param_shapes.items()}
+        opt = optax.tree_map_params(optimizer, lambda _, sharding: sharding, jax.eval_shape(optimizer.init, master),
+                                    self.shardings, transform_non_params=lambda _: replicated)
         return {"params": dict(self.shardings), "opt_state": opt, "step": replicated, "rng": replicated}
 
     @property
@@ -581,14 +608,8 @@ class Trainer:
 
     def place(self, batch: Batch) -> Batch:
         """A host batch on the model's devices (on a mesh, rows split over the data axis)."""
-        if self.mesh is None:
-            device = jax.devices()[0]
-            return Batch(*(None if x is None else jax.device_put(x, device) for x in batch))
-        rows = batch.tokens.shape[0]
-        if rows % self.mesh.shape.get(DATA, 1):
-            raise ValueError(f"the batch size ({rows}) must be a multiple of the mesh's data axis "
-                             f"({self.mesh.shape[DATA]})")
-        return Batch(*(None if x is None else put(x, ("batch", None), self.mesh) for x in batch))
+        shardings = batch_shardings(batch, self.mesh)
+        return Batch(*(None if x is None else put_host_array(x, sharding) for x, sharding in zip(batch, shardings)))
 
     def step(self, batch: Batch) -> dict:
         """Trains on one host batch. Returns loss (mean over its loss tokens), loss_tokens,
@@ -599,6 +620,15 @@ class Trainer:
         out = {k: float(v) for k, v in metrics.items()}
         out["learning_rate"] = learning_rate
         return out
+
+    def lower(self, batch: Batch):
+        """The step lowered for the model's devices (`.compile()`, then `.memory_analysis()`):
+        `batch` may hold jax.ShapeDtypeStructs."""
+        shardings = batch_shardings(batch, self.mesh)
+        batch = Batch(*(None if x is None else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+                        for x, sharding in zip(batch, shardings)))
+        learning_rate = jax.ShapeDtypeStruct((), F32, sharding=_replicated(self.mesh))
+        return _train_step.lower(self.state, self.rngs, self.frozen, batch, learning_rate, program=self.program)
 
     def eval_loss(self, batches) -> float:
         """Mean loss over every loss token of `batches`."""
@@ -620,6 +650,16 @@ class Trainer:
         """The state's shapes, dtypes and shardings (the target of a restore)."""
         return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), self.state,
                             self.state_shardings)
+
+
+def _abstract(state, mesh):
+    """A State of shapes (nnx.eval_shape) with each leaf placed by its logical axes on `mesh`."""
+    flat = nnx.to_flat_state(state)
+    for _, var in flat:
+        value = var.get_value()
+        var.set_value(jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=named_sharding(_axes(var), value.shape,
+                                                                                            mesh)))
+    return nnx.from_flat_state(flat)
 
 
 # ------------------------------------------------------------------------------ checkpoints
@@ -701,7 +741,7 @@ def _short_error(e: BaseException) -> str:
     if code:
         return os.strerror(code)
     text = " ".join(str(e).split(" [tensorstore_spec=")[0].split())
-    found = __import__("re").search(r"os_error_code='?(\d+)", text)
+    found = re.search(r"os_error_code='?(\d+)", text)
     if found:
         return os.strerror(int(found.group(1)))
     return text[:300] or type(e).__name__
