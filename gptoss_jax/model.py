@@ -47,6 +47,93 @@ def _einsum(spec, a, b, dtype):
     return jnp.einsum(spec, a, b, preferred_element_type=F32, precision=_precision(dtype))
 
 
+class AdapterParam(nnx.Param):
+    """A parameter added to fine-tune the model (gptoss_jax.train): a LoRA factor or an expert
+    weight delta. Held in fp32 and cast to the compute dtype where it is applied; the model's
+    own parameters stay as loaded."""
+
+
+class LoraAdapter(nnx.Module):
+    """A low-rank update of one linear map (LoRA): x -> scale * B A dropout(x).
+
+    `a` [rank, *inputs] and `b` [*outputs, rank], named by the logical axes of the weight they
+    adapt, so they are sharded like it. Applied in the compute dtype and rounded after each
+    op, as PEFT's LoRA layers do; `dropout` (training only) needs `rngs` with a "dropout" stream."""
+
+    def __init__(self, inputs: tuple[int, ...], input_axes, outputs: tuple[int, ...], output_axes, *, rank: int,
+                 scale: float, dropout: float = 0.0, rngs: nnx.Rngs | None = None):
+        self.a = AdapterParam(jnp.zeros((rank, *inputs), F32), axes=(None, *input_axes))
+        self.b = AdapterParam(jnp.zeros((*outputs, rank), F32), axes=(*output_axes, None))
+        self.scale = scale
+        self.dropout = nnx.Dropout(dropout, deterministic=True, rngs=rngs) if dropout else None
+
+    def __call__(self, x, dtype):
+        """x [..., *inputs] -> [..., *outputs]."""
+        rank, inputs, outputs = self.a.shape[0], self.a.shape[1:], self.b.shape[:-1]
+        lead = x.shape[:x.ndim - len(inputs)]
+        if self.dropout is not None:
+            x = self.dropout(x)
+        a = self.a[...].reshape(rank, -1).astype(dtype)
+        b = self.b[...].reshape(-1, rank).astype(dtype)
+        t = _einsum("ni,ri->nr", x.reshape(-1, a.shape[1]), a, dtype).astype(dtype)
+        y = _einsum("nr,or->no", t, b, dtype).astype(dtype)
+        return (y.astype(F32) * self.scale).astype(dtype).reshape(*lead, *outputs)
+
+
+class ExpertAdapter(nnx.Module):
+    """A trained change to one projection of every expert of a layer ("mlp1" [experts, out, in]
+    or "mlp2") on top of the frozen FP4 weights: a low-rank pair per expert, `a` [experts,
+    rank, in] and `b` [experts, out, rank] (delta = scale * b @ a), or with rank None a full
+    `delta` [experts, out, in].
+
+    A low-rank pair is applied to the activations (the FP4 weights are never merged) unless
+    `quantized`; a full delta, or any adapter when `quantized`, is added to the dequantized
+    weights. `quantized` (quantization-aware training): the forward uses the sum rounded to
+    MXFP4 exactly as `merged_expert_weight` exports it, and gradients pass the rounding
+    unchanged (the straight-through estimator)."""
+
+    def __init__(self, experts: int, outputs: int, output_axis: str, inputs: int, input_axis: str, *,
+                 rank: int | None, scale: float = 1.0, quantized: bool = False):
+        if rank is None:
+            self.delta = AdapterParam(jnp.zeros((experts, outputs, inputs), F32),
+                                      axes=("experts", output_axis, input_axis))
+        else:
+            self.a = AdapterParam(jnp.zeros((experts, rank, inputs), F32), axes=("experts", None, input_axis))
+            self.b = AdapterParam(jnp.zeros((experts, outputs, rank), F32), axes=("experts", output_axis, None))
+        self.rank = rank
+        self.scale = scale
+        self.quantized = quantized
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        return ("delta",) if self.rank is None else ("a", "b")
+
+    @property
+    def on_weights(self) -> bool:
+        return self.rank is None or self.quantized
+
+
+def adapted_weight(w, arrays: dict, scale: float):
+    """fp32 weights [experts, out, in] plus an ExpertAdapter's change (`arrays`: its fields)."""
+    if "delta" in arrays:
+        return w + arrays["delta"].astype(F32)
+    low_rank = jnp.einsum("eor,eri->eoi", arrays["b"].astype(F32), arrays["a"].astype(F32), precision="highest")
+    return w + low_rank * np.float32(scale)
+
+
+def merged_expert_weight(fp4, scales, arrays: dict | None, adapter: ExpertAdapter | None):
+    """The fp32 weights [experts, out, in] of an expert projection with its adapter added
+    (`arrays`: the adapter's fields, possibly one device's share); MXFP4-rounded when the
+    adapter is `quantized` (straight-through gradient)."""
+    w = mxfp4.dequantize(fp4, scales, F32)
+    if adapter is None:
+        return w
+    w = adapted_weight(w, arrays, adapter.scale)
+    if adapter.quantized:
+        w = w + jax.lax.stop_gradient(mxfp4.fake_quantize(w) - w)
+    return w
+
+
 class LayerCache(NamedTuple):
     """KV cache of one attention layer. Full layers hold `max_len` slots indexed by position;
     sliding layers hold a ring of exactly `sliding_window` slots indexed by position modulo
@@ -115,58 +202,71 @@ class Attention(nnx.Module):
         self.wo = _param((d, h, hd), dtype, ("embed", "q_heads", "head_dim"))
         self.bo = _param((d,), dtype, ("embed",))
         self.sinks = _param((h,), dtype, ("q_heads",))
+        # LoRA adapters by target: "q", "k", "v", "o" (gptoss_jax.train adds them).
+        self.adapters = nnx.Dict()
 
     @property
     def window(self) -> int | None:
         return self.config.sliding_window if self.sliding else None
 
     def __call__(self, x, positions, cache: LayerCache | None = None, *, kernels: Kernels = XLA,
-                 add_input: bool = False):
+                 add_input: bool = False, segment_ids=None):
         """x [b, t, embed]; positions [b, t] (NO_POSITION for padding). With a cache, the new
         keys are attended together with the cached ones, then written into the cache.
-        Returns (output, cache); with add_input the output is x + the attention output (the
-        residual connection, which the one-token projection kernel adds itself)."""
+        `segment_ids` [b, t] (no cache): tokens attend only to tokens of their own segment
+        (packed documents). Returns (output, cache); with add_input the output is x + the
+        attention output (the residual connection, which the one-token projection kernel adds
+        itself)."""
         qkv_params = tuple(getattr(self, name)[...] for name in ("wq", "bq", "wk", "bk", "wv", "bv"))
-        q, k, v = dispatch.run_norm_qkv(kernels, x, self.norm, qkv_params, reference=self.norm_qkv)
+        q, k, v = dispatch.run_norm_qkv(kernels, x, self.norm, qkv_params, reference=self.norm_qkv,
+                                        adapted=any(name in self.adapters for name in "qkv"))
         rope = rope_tables(self.config, positions, self.dtype)
         out, new_cache = dispatch.run_cached_attention(
             kernels, q, k, v, positions, cache, self.sinks[...], rope, self.window,
-            reference=functools.partial(self.rope_attend_write, kernels=kernels), apply_rope=apply_rope,
-            write_cache=self.write_cache)
+            reference=functools.partial(self.rope_attend_write, kernels=kernels, segment_ids=segment_ids),
+            apply_rope=apply_rope, write_cache=self.write_cache)
         out = dispatch.run_output(kernels, out, self.wo[...], self.bo[...], x if add_input else None,
-                                  reference=self.output)
+                                  reference=self.output, adapted="o" in self.adapters)
         return out, new_cache
 
     def norm_qkv(self, x):
         h = self.norm(x)
-        return self.project(h, self.wq, self.bq), self.project(h, self.wk, self.bk), self.project(h, self.wv, self.bv)
+        return tuple(self.project(h, getattr(self, "w" + name), getattr(self, "b" + name), self.adapters.get(name))
+                     for name in "qkv")
 
-    def project(self, h, w, b):
+    def project(self, h, w, b, adapter: LoraAdapter | None = None):
         # A linear layer with bias rounds once, after the bias (docs/architecture.md 2.7).
-        return (_einsum("btd,nkd->btnk", h, w[...], self.dtype) + b[...].astype(F32)).astype(self.dtype)
+        out = (_einsum("btd,nkd->btnk", h, w[...], self.dtype) + b[...].astype(F32)).astype(self.dtype)
+        return out if adapter is None else out + adapter(h, self.dtype)
 
-    def rope_attend_write(self, q, k, v, positions, cache, rope, *, kernels: Kernels = XLA):
+    def rope_attend_write(self, q, k, v, positions, cache, rope, *, kernels: Kernels = XLA, segment_ids=None):
         """RoPE on the new q and k, attention over the cache and the new keys, and the cache
         with the new keys written (None without a cache)."""
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is None:
             keys, values, key_positions = k, v, positions
         else:
+            if segment_ids is not None:
+                raise ValueError("segment_ids are for whole packed sequences; they cannot be used with a KV cache")
             keys = jnp.concatenate([cache.k, k], axis=1)
             values = jnp.concatenate([cache.v, v], axis=1)
             key_positions = jnp.concatenate([cache.positions, positions], axis=1)
         out = dispatch.run_attend(kernels, q, keys, values, positions, key_positions, self.sinks[...], self.window,
-                                  reference=self.attend)
+                                  reference=functools.partial(self.attend, segment_ids=segment_ids),
+                                  segmented=segment_ids is not None)
         return out, (None if cache is None else self.write_cache(cache, k, v, positions))
 
     def output(self, out, residual=None):
         """The output projection of the heads [b, t, heads, head_dim] -> [b, t, embed] (docs/architecture.md 2.7),
         plus `residual` [b, t, embed] when given."""
         projected = (_einsum("btnk,dnk->btd", out, self.wo[...], self.dtype) + self.bo[...].astype(F32)).astype(self.dtype)
+        if "o" in self.adapters:
+            projected = projected + self.adapters["o"](out, self.dtype)
         return projected if residual is None else residual + projected
 
-    def attend(self, q, k, v, q_positions, k_positions):
-        """Softmax attention with the learned sink as an extra logit per head (docs/architecture.md 2.3)."""
+    def attend(self, q, k, v, q_positions, k_positions, segment_ids=None):
+        """Softmax attention with the learned sink as an extra logit per head (docs/architecture.md 2.3).
+        `segment_ids` [b, t] (keys = queries): attention only within a segment."""
         c, dt = self.config, self.dtype
         b, t, _, hd = q.shape
         groups = c.q_heads_per_kv_head
@@ -178,6 +278,8 @@ class Attention(nnx.Module):
         allowed = (kp <= qp) & (kp != NO_POSITION)
         if self.sliding:
             allowed &= qp - kp < c.sliding_window
+        if segment_ids is not None:
+            allowed &= segment_ids[:, :, None] == segment_ids[:, None, :]
         scores = jnp.where(allowed[:, None, None], scores.astype(F32), -jnp.inf)
 
         sinks = self.sinks[...].astype(F32).reshape(1, c.num_key_value_heads, groups, 1, 1)
@@ -297,13 +399,26 @@ class MoE(nnx.Module):
         self.scales_fit_bf16 = mxfp4.scales_at_most(mxfp4.BF16_DECODE_MAX_SCALE, w.mlp1_scales, w.mlp2_scales)
 
     def stored_experts(self) -> ExpertWeights | TpuExperts:
-        """The expert arrays as stored: TpuExperts with the TPU layout, else ExpertWeights."""
+        """The expert arrays as stored: TpuExperts with the TPU layout, else ExpertWeights, with
+        the arrays of the layer's expert adapters when it has any (`adapted_expert_weights`), so
+        that a mesh splits them like the experts."""
         if self.tpu_layout:
             return self.tpu_experts.arrays()
-        return ExpertWeights(*(getattr(self, name)[...] for name in ExpertWeights._fields))
+        base = [getattr(self, name)[...] for name in ExpertWeights._fields]
+        fields = self.expert_adapter_fields()
+        if not fields:
+            return ExpertWeights(*base)
+        return adapted_expert_weights(fields)(*base, *(self._adapter_variable(f)[...] for f in fields))
 
     def stored_axes(self) -> ExpertWeights | TpuExperts:
-        return TPU_EXPERT_AXES if self.tpu_layout else EXPERT_AXES
+        """Logical axes of `stored_experts()`, in the same NamedTuple."""
+        if self.tpu_layout:
+            return TPU_EXPERT_AXES
+        fields = self.expert_adapter_fields()
+        if not fields:
+            return EXPERT_AXES
+        return adapted_expert_weights(fields)(*EXPERT_AXES, *(self._adapter_variable(f).get_metadata()["axes"]
+                                                              for f in fields))
 
     def expert_weights(self) -> ExpertWeights:
         """The experts as ExpertWeights (with the TPU layout: its exact inverse re-layout)."""
@@ -312,17 +427,55 @@ class MoE(nnx.Module):
         return self.stored_experts()
 
     def expert_axes(self) -> ExpertWeights:
-        return EXPERT_AXES
+        """Logical axes of `expert_weights()`, in the same NamedTuple."""
+        if self.tpu_layout:
+            return EXPERT_AXES
+        return self.stored_axes()
 
     def store_for_tpu(self) -> None:
         """Re-lays out this layer's experts for the TPU expert kernel (nothing when they are)."""
         if self.tpu_layout:
             return
+        if self.expert_adapter_fields():
+            raise ValueError("the TPU expert kernel cannot run experts with fine-tuning adapters; merge the adapters "
+                             "first (gptoss_jax.train.merge) or keep kernels without moe_tpu")
         converted = experts_for_tpu(self.stored_experts(), self.mesh, self.hidden_shards)
         for name in ExpertWeights._fields:
             delattr(self, name)
         self.tpu_experts = TpuExpertParams(converted)
         self.tpu_layout = True
+
+    def expert_adapter_fields(self) -> tuple[str, ...]:
+        """Names of the expert adapters' arrays, e.g. ("mlp1_a", "mlp1_b")."""
+        return tuple(f"{target}_{field}" for target in ("mlp1", "mlp2") if target in self.adapters
+                     for field in self.adapters[target].fields)
+
+    def _adapter_variable(self, field: str):
+        target, name = field.split("_")
+        return getattr(self.adapters[target], name)
+
+    def _adapter_arrays(self, w, target: str) -> dict | None:
+        """The arrays of expert adapter `target` held in `w` (possibly one device's share)."""
+        if target not in self.adapters:
+            return None
+        return {name: getattr(w, f"{target}_{name}") for name in self.adapters[target].fields}
+
+    def expert_projection(self, w, target: str):
+        """Weights [experts, out, in] in the compute dtype of projection `target` of the experts in
+        `w`, with its adapter added when the adapter works on the weights."""
+        fp4, scales = getattr(w, f"{target}_fp4"), getattr(w, f"{target}_scales")
+        adapter = self.adapters.get(target)
+        if adapter is None or not adapter.on_weights:
+            return mxfp4.dequantize(fp4, scales, self.dtype)
+        return merged_expert_weight(fp4, scales, self._adapter_arrays(w, target), adapter).astype(self.dtype)
+
+    def low_rank(self, w, target: str):
+        """(a, b, scale) of projection `target`'s low-rank adapter applied to activations, or None."""
+        adapter = self.adapters.get(target)
+        if adapter is None or adapter.on_weights:
+            return None
+        arrays = self._adapter_arrays(w, target)
+        return arrays["a"].astype(self.dtype), arrays["b"].astype(self.dtype), adapter.scale
 
     def norm_route(self, x):
         """RMSNorm, then the top-k experts per token and their weights (docs/architecture.md 2.5)."""
@@ -333,6 +486,8 @@ class MoE(nnx.Module):
         """Top-k experts per token and their weights: softmax over the k logits (docs/architecture.md 2.5)."""
         logits = (_einsum("nd,ed->ne", h, self.router_w[...], self.dtype)
                   + self.router_b[...].astype(F32)).astype(self.dtype)
+        if "router" in self.adapters:
+            logits = logits + self.adapters["router"](h, self.dtype)
         values, experts = jax.lax.top_k(logits, self.config.experts_per_token)
         return experts, jax.nn.softmax(values.astype(F32), axis=-1).astype(self.dtype)
 
@@ -354,7 +509,7 @@ class MoE(nnx.Module):
         b, t, d = x.shape
         h, experts, weights = dispatch.run_norm_route(kernels, x.reshape(b * t, d), self.norm, self.router_w[...],
                                                       self.router_b[...], k=self.config.experts_per_token,
-                                                      reference=self.norm_route)
+                                                      reference=self.norm_route, adapted="router" in self.adapters)
         residual = x.reshape(b * t, d) if add_input and self.mesh is None else None
         mix = functools.partial(self.expert_mix, kernels=kernels)
         if self.mesh is None:
@@ -374,7 +529,7 @@ class MoE(nnx.Module):
         c = self.config
         return dispatch.run_expert_mix(kernels, h, experts, weights, w, residual,
                                        swiglu=(c.swiglu_limit, c.swiglu_alpha), scales_fit_bf16=self.scales_fit_bf16,
-                                       reference=self.weighted_sum)
+                                       reference=self.weighted_sum, adapted="mlp1" in self.adapters or "mlp2" in self.adapters)
 
     def weighted_sum(self, h, experts, weights, w: ExpertWeights | TpuExperts, residual=None, outputs=None):
         """expert_mix from the expert outputs [n, k, embed] that `outputs(h, experts, w)`
@@ -397,11 +552,24 @@ class MoE(nnx.Module):
         """Few tokens: dequantize only the routed experts' weights. Returns [n, k, embed]."""
         w = self.expert_weights() if w is None else w
         dt = self.dtype
-        w1 = mxfp4.dequantize(w.mlp1_fp4[experts], w.mlp1_scales[experts], dt)
-        u = _einsum("nd,nkod->nko", h, w1, dt).astype(dt) + w.mlp1_bias[experts]
-        a = self.swiglu(u)
-        w2 = mxfp4.dequantize(w.mlp2_fp4[experts], w.mlp2_scales[experts], dt)
-        y = _einsum("nki,nkoi->nko", a, w2, dt).astype(dt)
+
+        def project(x, target, x_spec):
+            if target in self.adapters and self.adapters[target].on_weights:
+                weights = self.expert_projection(w, target)[experts]
+            else:
+                fp4, scales = getattr(w, f"{target}_fp4"), getattr(w, f"{target}_scales")
+                weights = mxfp4.dequantize(fp4[experts], scales[experts], dt)
+            out = _einsum(f"{x_spec}i,nkoi->nko", x, weights, dt).astype(dt)
+            low_rank = self.low_rank(w, target)
+            if low_rank is not None:
+                a, b, scale = low_rank
+                t = _einsum(f"{x_spec}i,nkri->nkr", x, a[experts], dt).astype(dt)
+                delta = _einsum("nkr,nkor->nko", t, b[experts], dt).astype(dt)
+                out = out + (delta.astype(F32) * scale).astype(dt)
+            return out
+
+        u = project(h, "mlp1", "n") + w.mlp1_bias[experts]
+        y = project(self.swiglu(u), "mlp2", "nk")
         return y + w.mlp2_bias[experts]
 
     def experts_grouped(self, h, experts, w: ExpertWeights | None = None):
@@ -420,15 +588,29 @@ class MoE(nnx.Module):
         group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)  # unknown ids: in no group
         x = h[token_of]
 
-        w1 = mxfp4.dequantize(w.mlp1_fp4, w.mlp1_scales, dt)  # [e, 2i, d]
-        u = jax.lax.ragged_dot(x, jnp.swapaxes(w1, 1, 2), group_sizes, preferred_element_type=F32,
-                               precision=_precision(dt)).astype(dt)
-        a = self.swiglu(u + w.mlp1_bias[expert_of])
-        w2 = mxfp4.dequantize(w.mlp2_fp4, w.mlp2_scales, dt)  # [e, d, i]
-        y = jax.lax.ragged_dot(a, jnp.swapaxes(w2, 1, 2), group_sizes, preferred_element_type=F32,
-                               precision=_precision(dt)).astype(dt)
-        y = y + w.mlp2_bias[expert_of]
+        def grouped(x, weights):  # x [rows, in], weights [e, out, in] -> [rows, out]
+            return jax.lax.ragged_dot(x, jnp.swapaxes(weights, 1, 2), group_sizes, preferred_element_type=F32,
+                                      precision=_precision(dt)).astype(dt)
+
+        def project(x, target):
+            out = grouped(x, self.expert_projection(w, target))
+            low_rank = self.low_rank(w, target)
+            if low_rank is not None:
+                a, b, scale = low_rank
+                out = out + (grouped(grouped(x, a), b).astype(F32) * scale).astype(dt)
+            return out
+
+        a = self.swiglu(project(x, "mlp1") + w.mlp1_bias[expert_of])
+        y = project(a, "mlp2") + w.mlp2_bias[expert_of]
         return jnp.zeros_like(y).at[order].set(y).reshape(n, k, -1)
+
+
+@functools.cache
+def adapted_expert_weights(adapter_fields: tuple[str, ...]) -> type:
+    """The NamedTuple type of a layer's ExpertWeights followed by the arrays of its expert
+    adapters (`adapter_fields`, e.g. ("mlp1_a", "mlp1_b")): one flat tuple, which
+    gptoss_jax.sharding.moe splits over a mesh like the experts."""
+    return NamedTuple("AdaptedExpertWeights", [(name, jax.Array) for name in ExpertWeights._fields + adapter_fields])
 
 
 class Block(nnx.Module):
@@ -436,8 +618,8 @@ class Block(nnx.Module):
         self.attn = Attention(config, layer, dtype)
         self.mlp = MoE(config, dtype, mesh, tpu_experts)
 
-    def __call__(self, x, positions, cache=None, *, kernels: Kernels = XLA):
-        x, cache = self.attn(x, positions, cache, kernels=kernels, add_input=True)
+    def __call__(self, x, positions, cache=None, *, kernels: Kernels = XLA, segment_ids=None):
+        x, cache = self.attn(x, positions, cache, kernels=kernels, add_input=True, segment_ids=segment_ids)
         return self.mlp(x, kernels=kernels, add_input=True), cache
 
 
@@ -458,11 +640,13 @@ class GptOss(nnx.Module):
         self.norm = RMSNorm(c, dtype)
         self.unembedding = _param((c.vocab_size, c.hidden_size), dtype, ("vocab", "embed"))
 
-    def __call__(self, tokens, positions=None):
+    def __call__(self, tokens, positions=None, segment_ids=None):
+        """`segment_ids` [batch, seq]: several documents packed in a row, each attending only to
+        itself (with positions restarting at 0 for each)."""
         tokens = self._checked_tokens(tokens, positions)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-        logits, _ = self.forward(tokens, positions, None)
+        logits, _ = self.forward(tokens, positions, None, segment_ids)
         return logits
 
     def extend(self, tokens, positions, caches: list[LayerCache]):
@@ -516,16 +700,31 @@ class GptOss(nnx.Module):
                                      jnp.full((batch, slots), NO_POSITION, jnp.int32)))
         return caches
 
-    def forward(self, tokens, positions, caches):
+    def forward(self, tokens, positions, caches, segment_ids=None):
+        h, new_caches = self.hidden_states(tokens, positions, caches, segment_ids)
+        return self.unembed(h), new_caches
+
+    def hidden_states(self, tokens, positions, caches=None, segment_ids=None, *, remat: bool = False):
+        """The final normalised hidden states [b, t, embed] (what `unembed` reads) and the
+        updated caches (None without caches). `remat`: each block's activations are
+        recomputed in the backward pass instead of being kept (training long sequences)."""
         x = self.embedding[...][tokens]
         kernels = self.kernels.on(self.mesh)
+
+        def run(block, x, cache):
+            return block(x, positions, cache, kernels=kernels, segment_ids=segment_ids)
+
+        if remat:
+            run = nnx.remat(run)
         new_caches = []
         for layer, block in enumerate(self.blocks):
-            x, cache = block(x, positions, None if caches is None else caches[layer], kernels=kernels)
+            x, cache = run(block, x, None if caches is None else caches[layer])
             new_caches.append(cache)
-        h = self.norm(x)
-        logits = _einsum("btd,vd->btv", h, self.unembedding[...], self.dtype).astype(self.dtype)
-        return logits, (None if caches is None else new_caches)
+        return self.norm(x), (None if caches is None else new_caches)
+
+    def unembed(self, h):
+        """Logits [..., vocab] of final hidden states h [..., embed]."""
+        return _einsum("...d,vd->...v", h, self.unembedding[...], self.dtype).astype(self.dtype)
 
 
 def abstract_model(config: GptOssConfig, dtype, mesh=None, kernels: Kernels = XLA) -> tuple[nnx.GraphDef, list]:

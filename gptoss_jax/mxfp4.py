@@ -94,3 +94,34 @@ def fp4_nbytes(array) -> int:
     if array.dtype == FP4:
         return (array.size + 1) // 2
     return array.size * array.dtype.itemsize
+
+
+def quantize(w):
+    """Weights [..., K] (K a multiple of 32) -> MXFP4: FP4 values [..., K/32, 32] and E8M0
+    scales [..., K/32]. Each block of 32 takes the smallest power-of-two scale that fits its
+    largest magnitude within FP4's 6 (so nothing is clipped), and each value rounds to the
+    nearest FP4 value, ties to even."""
+    w = jnp.asarray(w, jnp.float32)
+    blocks = w.reshape(*w.shape[:-1], w.shape[-1] // BLOCK, BLOCK)
+    amax = jnp.max(jnp.abs(blocks), axis=-1)
+    mantissa, exponent = jnp.frexp(amax / 6)  # amax / 6 = mantissa * 2^exponent, mantissa in [0.5, 1)
+    exponent = jnp.clip(jnp.where(mantissa == 0.5, exponent - 1, exponent), -127, 127)
+    exponent = jnp.minimum(jnp.where(_times_power_of_two(amax, -exponent) > 6, exponent + 1, exponent), 127)
+    values = _times_power_of_two(blocks, -exponent[..., None])
+    return values.astype(FP4), scales_to_e8m0((exponent + 127).astype(jnp.uint8))
+
+
+def fake_quantize(w):
+    """`w` rounded to MXFP4 and back, in fp32 (see `quantize`)."""
+    fp4, scales = quantize(w)
+    return dequantize(fp4, scales, jnp.float32).reshape(jnp.shape(w))
+
+
+def _times_power_of_two(x, exponent):
+    """x * 2^exponent for integer exponents in [-127, 127], in two steps so that no factor
+    is a subnormal (which XLA's CPU backend may flush to zero)."""
+    def power(e):
+        return jax.lax.bitcast_convert_type(((e + 127) << 23).astype(jnp.int32), jnp.float32)
+
+    half = exponent // 2
+    return x * power(half) * power(exponent - half)

@@ -142,3 +142,20 @@ def test_router_rule(kernels, tokens, want):
 ])
 def test_experts_rule(kernels, pairs, want):
     assert dispatch.experts_rule(kernels, pairs) == want
+
+
+@pytest.mark.parametrize("rule, args", [
+    (dispatch.qkv_rule, (1, (4096, 512))), (dispatch.qkv_rule, (8, (4096, 512))),
+    (dispatch.output_rule, (1, 2880, True)), (dispatch.output_rule, (32, 2880, True)),
+    (dispatch.router_rule, (1,)), (dispatch.experts_rule, (4,)), (dispatch.experts_rule, (8192,)),
+])
+def test_an_op_with_a_fine_tuning_adapter_takes_the_xla_path(rule, args):
+    """Only the XLA path applies LoRA adapters and expert adapters."""
+    for kernels in (ALL, Kernels(moe_tpu=True)):
+        assert rule(kernels, *args, adapted=True) == "xla"
+    assert rule(ALL, *args, adapted=False) != "xla"
+
+
+def test_attention_over_packed_documents_takes_the_xla_path():
+    assert dispatch.attend_rule(ALL, 2048, segmented=True) == "xla"
+    assert dispatch.attend_rule(ALL, 2048, segmented=False) == "prefill_attention"

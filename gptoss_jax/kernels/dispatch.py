@@ -159,11 +159,13 @@ def _local(kernels: Kernels, axes, shape) -> tuple[int, ...]:
 
 
 # ------------------------------------------------------------------------------- rules
-def qkv_rule(kernels: Kernels, tokens: int, output_sizes: tuple[int, ...]) -> str:
+# `adapted`: the op carries a fine-tuning adapter (gptoss_jax.train), which only the XLA path
+# applies; `segmented`: attention limited to segments of packed documents, likewise.
+def qkv_rule(kernels: Kernels, tokens: int, output_sizes: tuple[int, ...], adapted: bool = False) -> str:
     """RMSNorm + q/k/v of `tokens` tokens (batch x sequence): "norm_qkv" (one token, one
     kernel), "tokens_linear" (2-64 tokens on tensor cores) or "xla". `output_sizes`: the
     q and k/v widths one device computes."""
-    if not kernels.projection:
+    if not kernels.projection or adapted:
         return "xla"
     if tokens == 1:
         return "norm_qkv"
@@ -172,11 +174,12 @@ def qkv_rule(kernels: Kernels, tokens: int, output_sizes: tuple[int, ...]) -> st
     return "xla"
 
 
-def output_rule(kernels: Kernels, tokens: int, hidden_size: int, residual: bool, heads_split: bool = False) -> str:
+def output_rule(kernels: Kernels, tokens: int, hidden_size: int, residual: bool, heads_split: bool = False,
+                adapted: bool = False) -> str:
     """The output projection (+ the residual add when `residual`): "output_residual" (one
     token), "tokens_linear" (17-64 tokens, on a mesh only when the heads are not split:
     it rounds its output, so it cannot give partial sums over the heads) or "xla"."""
-    if not (kernels.projection and residual):
+    if not (kernels.projection and residual) or adapted:
         return "xla"
     if tokens == 1:
         return "output_residual"
@@ -198,22 +201,25 @@ def cached_attention_rule(kernels: Kernels, new_tokens: int, has_cache: bool, he
     return "decode_attention" if kernels.decode_attention else "xla"
 
 
-def attend_rule(kernels: Kernels, new_tokens: int, heads: tuple[int, int] = (1, 1)) -> str:
+def attend_rule(kernels: Kernels, new_tokens: int, heads: tuple[int, int] = (1, 1), segmented: bool = False) -> str:
     """Attention over keys that already hold RoPE: "prefill_attention" (several new tokens)
     or "xla"."""
-    if kernels.prefill_attention and new_tokens > 1 and heads_split_evenly(kernels.mesh, *heads):
+    if (kernels.prefill_attention and new_tokens > 1 and not segmented
+            and heads_split_evenly(kernels.mesh, *heads)):
         return "prefill_attention"
     return "xla"
 
 
-def router_rule(kernels: Kernels, tokens: int) -> str:
+def router_rule(kernels: Kernels, tokens: int, adapted: bool = False) -> str:
     """RMSNorm + router + top-k + softmax: "router" (up to 64 tokens) or "xla"."""
-    return "router" if kernels.router and tokens <= ROUTER_MAX_TOKENS else "xla"
+    return "router" if kernels.router and tokens <= ROUTER_MAX_TOKENS and not adapted else "xla"
 
 
-def experts_rule(kernels: Kernels, pairs: int) -> str:
+def experts_rule(kernels: Kernels, pairs: int, adapted: bool = False) -> str:
     """The experts of `pairs` (token, expert) pairs: "moe_tpu" (every count: decode steps
     and prompts), "moe_gemv" (weighted sum and residual fused in), "moe_gemm" or "xla"."""
+    if adapted:
+        return "xla"
     if kernels.moe_tpu:
         return "moe_tpu"
     gemm = kernels.moe_gemm and pairs >= GEMM_MIN_PAIRS
@@ -223,7 +229,7 @@ def experts_rule(kernels: Kernels, pairs: int) -> str:
 
 
 # ------------------------------------------------------------------------------- calls
-def run_norm_qkv(kernels: Kernels, x, norm, qkv_params, *, reference):
+def run_norm_qkv(kernels: Kernels, x, norm, qkv_params, *, reference, adapted: bool = False):
     """q, k, v [b, t, heads, head_dim] of x [b, t, embed]; `norm` the RMSNorm module (its
     `scale`, `eps` and call), qkv_params = (wq, bq, wk, bk, wv, bv) as the model holds them.
     `reference(x)`: the XLA path."""
@@ -232,7 +238,7 @@ def run_norm_qkv(kernels: Kernels, x, norm, qkv_params, *, reference):
     head_dim = wq.shape[1]
     q_heads, kv_heads = (_local(kernels, axes[:1], w.shape[:1])[0] for axes, w in
                          ((QKV_PARAM_AXES[0], wq), (QKV_PARAM_AXES[2], wk)))
-    rule = qkv_rule(kernels, b * t, (q_heads * head_dim, kv_heads * head_dim))
+    rule = qkv_rule(kernels, b * t, (q_heads * head_dim, kv_heads * head_dim), adapted)
     outputs = [(Q_AXES, (b, t, *wq.shape[:2])), (KV_AXES, (b, t, *wk.shape[:2])), (KV_AXES, (b, t, *wv.shape[:2]))]
     if rule == "norm_qkv":
         def one_token(x, scale, *params):
@@ -252,13 +258,13 @@ def run_norm_qkv(kernels: Kernels, x, norm, qkv_params, *, reference):
     return reference(x)
 
 
-def run_output(kernels: Kernels, out, wo, bo, residual, *, reference):
+def run_output(kernels: Kernels, out, wo, bo, residual, *, reference, adapted: bool = False):
     """The output projection of the heads out [b, t, heads, head_dim] -> [b, t, embed], plus
     `residual` when given. `reference(out, residual)`: the XLA path."""
     b, t, heads, hd = out.shape
     d = wo.shape[0]
     heads_split = splits(kernels.mesh, SINK_AXES, (heads,)) if _partitioned(kernels) else False
-    rule = output_rule(kernels, b * t, d, residual is not None, heads_split)
+    rule = output_rule(kernels, b * t, d, residual is not None, heads_split, adapted)
     if rule == "output_residual" and heads_split:
         # Each device projects its heads: fp32 partial sums (zero bias and residual in
         # fp32: the kernel rounds to the residual's dtype), summed over the model axis;
@@ -319,10 +325,11 @@ def run_cached_attention(kernels: Kernels, q, k, v, positions, cache, sinks, rop
     return reference(q, k, v, positions, cache, rope)
 
 
-def run_attend(kernels: Kernels, q, keys, values, q_positions, k_positions, sinks, window, *, reference):
+def run_attend(kernels: Kernels, q, keys, values, q_positions, k_positions, sinks, window, *, reference,
+               segmented: bool = False):
     """Softmax attention with sinks over keys that hold RoPE. `reference(q, keys, values,
     q_positions, k_positions)`: the XLA path."""
-    if attend_rule(kernels, q.shape[1], (q.shape[2], keys.shape[2])) == "prefill_attention":
+    if attend_rule(kernels, q.shape[1], (q.shape[2], keys.shape[2]), segmented) == "prefill_attention":
         def attend(*args):
             return flash.prefill_attention(*args, window=window, interpret=kernels.interpret)
 
@@ -331,10 +338,10 @@ def run_attend(kernels: Kernels, q, keys, values, q_positions, k_positions, sink
     return reference(q, keys, values, q_positions, k_positions)
 
 
-def run_norm_route(kernels: Kernels, x, norm, router_w, router_b, *, k: int, reference):
+def run_norm_route(kernels: Kernels, x, norm, router_w, router_b, *, k: int, reference, adapted: bool = False):
     """(h, experts, weights) of tokens x [n, embed]; `norm` the RMSNorm module.
     `reference(x)`: the XLA path."""
-    if router_rule(kernels, x.shape[0]) != "router":
+    if router_rule(kernels, x.shape[0], adapted) != "router":
         return reference(x)
     experts_split = splits(kernels.mesh, ROUTER_AXES[2], router_b.shape) if _partitioned(kernels) else False
 
@@ -352,7 +359,7 @@ def run_norm_route(kernels: Kernels, x, norm, router_w, router_b, *, k: int, ref
 
 
 def run_expert_mix(kernels: Kernels, h, experts, weights, w, residual, *, swiglu: tuple[float, float],
-                   scales_fit_bf16: bool, reference):
+                   scales_fit_bf16: bool, reference, adapted: bool = False):
     """sum_k weights[n, k] * expert_{experts[n, k]}(h[n]) [n, embed] in fp32 (with
     `residual`: residual + that, rounded), `w` the (possibly per-device) experts: the
     model's ExpertWeights, or moe_tpu.TpuExperts when the model stores them for the TPU
@@ -362,7 +369,7 @@ def run_expert_mix(kernels: Kernels, h, experts, weights, w, residual, *, swiglu
     residual, outputs)`: the XLA weighted sum of `outputs(h, experts, w)` [n, k, embed]
     (None: XLA's, which re-lays out TpuExperts itself)."""
     limit, alpha = swiglu
-    rule = experts_rule(kernels, experts.size)
+    rule = experts_rule(kernels, experts.size, adapted)
     if rule == "moe_tpu":
         # The model stores the experts as TpuExperts whenever its kernels include moe_tpu;
         # other ExpertWeights (set_kernels on a loaded model) are converted on every call.
