@@ -382,6 +382,8 @@ class MoE(nnx.Module):
         self.norm = RMSNorm(c, dtype)
         self.router_w = _param((e, d), dtype, ("experts", "embed"))
         self.router_b = _param((e,), dtype, ("experts",))
+        # Adapters by target: "router" (a LoraAdapter), "mlp1" and "mlp2" (ExpertAdapters).
+        self.adapters = nnx.Dict()
         if tpu_layout:
             shapes = tpu_expert_shapes(c, dtype, self.hidden_shards)
             self.tpu_experts = TpuExpertParams(TpuExperts(*(jnp.zeros(a.shape, a.dtype) for a in shapes)))
