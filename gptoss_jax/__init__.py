@@ -3,8 +3,27 @@
 import importlib
 import importlib.abc
 import importlib.machinery
+import os
 import sys
+import warnings
 from pathlib import Path
+
+
+def _round_every_op() -> None:
+    """bf16 rounded after every op, as the reference does (docs/architecture.md, "Every rounding
+    happens"): XLA's excess precision off, unless XLA_FLAGS already decides it."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_allow_excess_precision" in flags:
+        return
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_allow_excess_precision=false".strip()
+    bridge = sys.modules.get("jax._src.xla_bridge")
+    if bridge is not None and getattr(bridge, "_backends", None):
+        warnings.warn("JAX started before gptoss_jax was imported, so XLA may keep bf16 values in fp32 between fused "
+                      "ops on GPUs (not rounding as the reference does); import gptoss_jax first or set "
+                      "XLA_FLAGS=--xla_allow_excess_precision=false", stacklevel=3)
+
+
+_round_every_op()
 
 
 class _CheckoutSubpackages(importlib.abc.MetaPathFinder):

@@ -325,8 +325,8 @@ def placer(mesh):
 
 def init_caches(model: GptOss, batch: int, max_len: int) -> list[LayerCache]:
     """Empty KV caches; on a mesh, batch over "data" and KV heads over "model" (by the rules)."""
-    if model.mesh is None:
-        return model.init_cache(batch, max_len)
+    if model.mesh is None:  # committed like the jitted steps' outputs, so that the first step compiles once
+        return jax.device_put(model.init_cache(batch, max_len), jax.devices()[0])
     make = lambda: model.init_cache(batch, max_len)  # noqa: E731
     shardings = [LayerCache(*(named_sharding(axes, leaf.shape, model.mesh) for axes, leaf in zip(CACHE_AXES, cache)))
                  for cache in jax.eval_shape(make)]

@@ -510,3 +510,14 @@ def test_readme_first_command_runs_on_one_device():
     argv = shlex.split(command)[3:]
     result = run_cli(*argv)
     assert result.returncode == 0 and result.stdout.strip(), result.stderr
+
+
+def test_a_long_prompt_compiles_each_prefill_step_once(model, monkeypatch):
+    """The first step gets caches committed to the device like every later step's, so the
+    steps of a long prompt share one compiled prefill."""
+    from gptoss_jax import engine
+
+    monkeypatch.setattr(engine, "PREFILL_TOKENS", 8)
+    engine.prefill.clear_cache()
+    generate(model, [prompt_of(40, 70)], max_new_tokens=1, temperature=0, stop_tokens=[])
+    assert engine.prefill._cache_size() == 1

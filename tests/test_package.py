@@ -97,3 +97,20 @@ def test_a_second_checkout_runs_its_own_code(tmp_path):
     files = json.loads(result.stdout.strip().splitlines()[-1])
     elsewhere = {n: f for n, f in files.items() if not Path(f).resolve().is_relative_to(copy.resolve())}
     assert not elsewhere, elsewhere
+
+
+def _python(code: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          cwd=Path(__file__).resolve().parents[1], timeout=300)
+
+
+def test_importing_turns_off_excess_precision_before_jax_starts():
+    """bf16 is rounded after every op (docs/architecture.md): the flag is in XLA_FLAGS when the
+    backend starts; set by the user, it is left alone; JAX started first gets a warning."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
+    done = _python("import gptoss_jax, os, jax; jax.numpy.ones(1).block_until_ready(); print(os.environ['XLA_FLAGS'])", env)
+    assert done.returncode == 0 and done.stdout.split() == ["--xla_allow_excess_precision=false"], done.stderr
+    mine = _python("import gptoss_jax, os; print(os.environ['XLA_FLAGS'])", env | {"XLA_FLAGS": "--xla_allow_excess_precision=true"})
+    assert mine.stdout.split() == ["--xla_allow_excess_precision=true"]
+    late = _python("import jax; jax.numpy.ones(1).block_until_ready(); import gptoss_jax", env)
+    assert late.returncode == 0 and "import gptoss_jax first" in late.stderr
