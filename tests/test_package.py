@@ -110,7 +110,8 @@ def test_importing_turns_off_excess_precision_before_jax_starts():
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
     done = _python("import gptoss_jax, os, jax; jax.numpy.ones(1).block_until_ready(); print(os.environ['XLA_FLAGS'])", env)
     assert done.returncode == 0 and done.stdout.split() == ["--xla_allow_excess_precision=false"], done.stderr
-    mine = _python("import gptoss_jax, os; print(os.environ['XLA_FLAGS'])", env | {"XLA_FLAGS": "--xla_allow_excess_precision=true"})
+    mine = _python("import gptoss_jax, os; print(os.environ['XLA_FLAGS'])",
+                   env | {"XLA_FLAGS": "--xla_allow_excess_precision=true"})
     assert mine.stdout.split() == ["--xla_allow_excess_precision=true"]
     late = _python("import jax; jax.numpy.ones(1).block_until_ready(); import gptoss_jax", env)
     assert late.returncode == 0 and "import gptoss_jax first" in late.stderr
