@@ -128,9 +128,16 @@ def _replicated(layout: ExpertLayout, expert_mix, h, experts, weights, params):
     num_local = params[0].shape[0]
     local = experts - _axis_index(layout.expert_axis) * num_local
     mine = (local >= 0) & (local < num_local)
+    axes = _reduce_axes(layout)
+    if axes:
+        # Each device uses the tokens differently. Said explicitly, since shard_map's type
+        # check cannot always infer it: jax's sort types an argsort's indices by its iota
+        # (invariant), not by the varying keys, so the grouped path's h[order] would count
+        # as invariant and its gradient be summed over the devices before being scattered
+        # back through each device's own order.
+        h = jax.lax.pcast(h, axes, to="varying")
     out = expert_mix(h, jnp.where(mine, local, num_local), jnp.where(mine, weights, 0),
                      _bias_once(layout, params))
-    axes = _reduce_axes(layout)
     return jax.lax.psum(out, axes) if axes else out
 
 

@@ -133,6 +133,40 @@ def test_both_strategies_are_dropless(spec, n_tokens, skew, single):
         assert relative_error(got, want) <= 1e-5, strategy
 
 
+@pytest.mark.parametrize("spec, n_tokens", [("2x1", 1), ("2x1", 24), ("4x2", 24), ("2x2x2", 30)])
+def test_both_strategies_have_the_single_device_gradients(spec, n_tokens, single):
+    """The gradients of the expert output with respect to the tokens, the routing weights
+    and the expert biases (what fine-tuning differentiates) are the single-device ones for
+    both strategies, for a decode-sized batch (the gathered expert path) and larger ones
+    (the grouped path, where each device of the expert axis sorts its own pairs)."""
+    mesh = mesh_of(spec)
+    model = shard_model(single, mesh)
+    rng = np.random.default_rng(n_tokens)
+    k, e = CONFIG.experts_per_token, CONFIG.num_experts
+    h = rng.normal(size=(n_tokens, CONFIG.hidden_size)).astype(np.float32)
+    experts = np.stack([rng.permutation(e)[:k] for _ in range(n_tokens)]).astype(np.int32)
+    weights = jax.nn.softmax(rng.normal(size=(n_tokens, k)).astype(np.float32), axis=-1)
+    cotangent = rng.normal(size=h.shape).astype(np.float32)
+
+    def gradients(moe, mix):
+        def loss(h, weights, biases):
+            params = moe.expert_weights()._replace(mlp1_bias=biases[0], mlp2_bias=biases[1])
+            return jnp.sum(mix(h, experts, weights, params) * cotangent)
+
+        biases = (moe.mlp1_bias[...], moe.mlp2_bias[...])
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(h, weights, biases)
+
+    oracle_moe = single.blocks[1].mlp
+    want = gradients(oracle_moe, oracle_moe.expert_mix)
+    moe = model.blocks[1].mlp
+    for strategy in ("replicated", "all_to_all"):
+        got = gradients(moe, lambda h, x, w, p, s=strategy: moe_sharding.sharded_expert_mix(
+            mesh, moe.expert_mix, h, x, w, p, moe.expert_axes(), strategy=s))
+        for name, g, w in zip(("tokens", "weights", "mlp1_bias", "mlp2_bias"), jax.tree.leaves(got),
+                              jax.tree.leaves(want)):
+            assert relative_error(g, w) <= 1e-5, (strategy, name, relative_error(g, w))
+
+
 def expert_leaves(model):
     return [getattr(block.mlp, name)[...] for block in model.blocks for name in EXPERT_LEAVES]
 
