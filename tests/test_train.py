@@ -272,15 +272,22 @@ def test_training_on_a_mesh_matches_one_device(base, rows):
     results = []
     for mesh in (None, make_mesh("2x2x2")):
         model = fresh(base) if mesh is None else shard_model(base, mesh)
-        # Trained (nonzero) B: with B = 0 the gradient of A is exactly zero on one device but
-        # rounding noise on a mesh, which Adam's first steps scale up to a full step.
-        trainer = train.Trainer(random_adapters(model, lora), "lora", optimizer)
+        trainer = train.Trainer(train.add_lora(model, lora, seed=1), "lora", optimizer)
         losses = [trainer.step(batch)["loss"] for _ in range(3)]
         results.append((losses, {k: np.asarray(v) for k, v in trainer.state["params"].items()}))
     (losses, params), (mesh_losses, mesh_params) = results
     np.testing.assert_allclose(mesh_losses, losses, rtol=1e-5)
     assert losses[2] < losses[0]
+    # Adam divides each gradient by its own running size, so an element whose gradient is
+    # near zero turns fp32 summation-order noise into a sizeable part of a step: the weights
+    # agree to 0.1% of one step (lr); the gradients themselves are compared tightly below.
     for key in params:
-        np.testing.assert_allclose(mesh_params[key], params[key], rtol=1e-4, atol=1e-6, err_msg=key)
+        np.testing.assert_allclose(mesh_params[key], params[key], rtol=1e-4, atol=1e-3 * optimizer.learning_rate,
+                                   err_msg=key)
+    trained = random_adapters(fresh(base), lora)
+    one = gradients(trained, "lora", batch)
+    on_mesh = gradients(random_adapters(shard_model(base, make_mesh("2x2x2")), lora), "lora", batch)
+    for path in one:
+        assert relative(on_mesh[path], one[path]) < 1e-4, path
     sharded = trainer.state["params"]["blocks/0/mlp/adapters/mlp1/b"].sharding
     assert sharded.spec[:2] == ("expert", "model")
