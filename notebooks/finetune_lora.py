@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -22,7 +24,9 @@
 # adapters merged into the weights, the adapted experts re-quantized to MXFP4, saved and loaded back.
 #
 # Training runs on the XLA path with each block rematerialised; the trained parameters and AdamW's
-# state are fp32. Without an accelerator the built-in `tiny` model (random weights) runs every cell.
+# state are fp32. Where it fits: a GPU with 80 GB. Not a 16 GiB TPU v5e chip: compiled for one ahead of
+# time, the training step needs more than its HBM (the XLA expert path's temporaries), even cut to two
+# layers. Without an accelerator the built-in `tiny` model (random weights) runs every cell.
 
 # %% tags=["parameters"]
 checkpoint = "openai/gpt-oss-20b"  # a Hugging Face repo id, a directory, or a preset ("tiny": random weights)
