@@ -142,6 +142,9 @@ def _load_model(args):
         config = GptOssConfig.preset(name) if name in PRESETS and not Path(name).exists() else \
             GptOssConfig.from_json(name)
         return random_model(config, mesh=mesh, dtype=parse_dtype(args.dtype), seed=args.seed)
+    if args.checkpoint in PRESETS and not Path(args.checkpoint).exists():
+        print(f"note: --checkpoint {args.checkpoint} is a preset: random weights at its shape", file=sys.stderr)
+        return random_model(GptOssConfig.preset(args.checkpoint), mesh=mesh, dtype=parse_dtype(args.dtype), seed=args.seed)
     path = resolve_checkpoint(args.checkpoint, log=lambda message: print(message, file=sys.stderr))
     return load(path, dtype=args.dtype, mesh=mesh, kernels=args.kernels)
 

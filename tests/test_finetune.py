@@ -212,3 +212,10 @@ def test_a_bad_record_is_named_by_file_and_line(files, tmp_path, capsys):
     assert code == 2 and err.strip() == (f"error: {data}:5: the conversation has no assistant message to train on "
                                          f"(fix the record, or pass --skip-bad-records to skip bad records)")
     assert not (tmp_path / "o").exists()
+
+
+def test_a_preset_name_fine_tunes_random_weights_of_that_shape(capsys):
+    args = finetune.build_parser().parse_args(["--checkpoint", "tiny", "--data", "unused.jsonl", "--output", "unused"])
+    model = finetune._load_model(args)
+    assert model.config == GptOssConfig.preset("tiny")
+    assert "--checkpoint tiny is a preset: random weights" in capsys.readouterr().err
