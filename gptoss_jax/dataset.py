@@ -103,11 +103,8 @@ def _text(value, where: str) -> str:
 def _message(raw, index: int) -> chat_format.Message | tuple[str, str]:
     """A chat_format Message, or ("instructions", text) for a system or developer message."""
     where = f"messages[{index}]"
-    if not isinstance(raw, dict):
-        raise ValueError(f"{where} must be an object with 'role' and 'content', got {type(raw).__name__}")
-    unknown = sorted(set(raw) - set(MESSAGE_KEYS))
-    if unknown:
-        raise ValueError(f"{where} has unknown keys {unknown}; a message may have {', '.join(MESSAGE_KEYS)}")
+    _check_object(raw, MESSAGE_KEYS, f"{where} must be an object with 'role' and 'content'", f"{where} has unknown keys",
+                  "a message")
     role = raw.get("role")
     if role not in ROLES:
         raise ValueError(f"{where} has role {role!r}; use one of {', '.join(ROLES)}")
@@ -138,11 +135,7 @@ def conversation_from_record(record) -> chat_format.Conversation:
     messages, which must come before the others, and the record's "developer" text become
     the developer instructions (the harmony system message is built from the
     conversation's settings); "tools" become function tools."""
-    if not isinstance(record, dict):
-        raise ValueError(f"a record must be a JSON object with 'messages', got {type(record).__name__}")
-    unknown = sorted(set(record) - set(RECORD_KEYS))
-    if unknown:
-        raise ValueError(f"unknown keys {unknown}; a record may have {', '.join(RECORD_KEYS)}")
+    _check_object(record, RECORD_KEYS, "a record must be a JSON object with 'messages'", "unknown keys", "a record")
     raw_messages = record.get("messages")
     if not isinstance(raw_messages, list) or not raw_messages:
         raise ValueError("'messages' must be a non-empty list of messages")
@@ -312,3 +305,12 @@ class Batches:
     def one_epoch(self) -> list[Batch]:
         """The batches of epoch 0 (evaluation: unshuffled when `shuffle` is off)."""
         return [self[i] for i in range(self.batches_in_epoch(0))]
+
+
+def _check_object(raw, keys, not_object: str, unknown_keys: str, what: str) -> None:
+    """ValueError unless `raw` is a dict whose keys are among `keys`."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{not_object}, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(keys))
+    if unknown:
+        raise ValueError(f"{unknown_keys} {unknown}; {what} may have {', '.join(keys)}")
