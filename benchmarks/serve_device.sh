@@ -25,5 +25,5 @@ python3 benchmarks/serve_load.py --model "$model" --concurrency 1 8 32 64 --requ
   --prompt-words 64 --max-tokens 256 --output "$out/serve_load.json"
 kill $server; wait $server 2>/dev/null || true
 trap - EXIT
-python3 benchmarks/bench.py --model "$model" --kernels auto --measure generate,generate_batch \
+python3 benchmarks/bench.py --model "$model" --kernels fastest --measure generate,generate_batch \
   --generate-prompts 128 --batches 64 --batch-context 128 --generate-tokens 256 --json "$out/generate.json"
