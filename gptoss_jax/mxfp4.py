@@ -22,12 +22,6 @@ NAN_SCALE = 255  # E8M0 reserves 0xFF for NaN
 # straight to bf16 (every trained checkpoint's scales sit far below).
 BF16_DECODE_MAX_SCALE = 128
 
-# Per 3-bit magnitude code: the binary exponent and the mantissa bit of the FP4 value
-# (0.5, 1, 1.5, 2, 3, 4, 6 = 1.m * 2^e). Code 0 is zero.
-_FP4_EXPONENT = np.array([0, -1, 0, 0, 1, 1, 2, 2], np.int32)
-_FP4_MANTISSA = np.array([0, 0, 0, 1, 0, 1, 0, 1], np.int32)
-
-
 def blocks_to_fp4(blocks):
     """uint8 [..., G, 16] checkpoint bytes -> float4_e2m1fn [..., G, 32] (a bitcast)."""
     blocks = jnp.asarray(blocks, jnp.uint8)
@@ -64,12 +58,18 @@ def dequantize(fp4, scales, dtype=jnp.bfloat16):
     the bottom of the exponent range are exact subnormals. Scale 255 (NaN) is refused at
     load time; here it gives +-inf.
     """
-    codes = jax.lax.bitcast_convert_type(fp4, jnp.uint4).astype(jnp.int32)
-    scale = jax.lax.bitcast_convert_type(scales, jnp.uint8).astype(jnp.int32)[..., None]
+    # Flat [..., G*32] with the scale repeated per element: on a TPU a minor axis of 32 would be
+    # padded to 128 lanes, and the integer temporaries of a whole experts tensor with it.
+    flat = (*fp4.shape[:-2], fp4.shape[-2] * fp4.shape[-1])
+    codes = jax.lax.bitcast_convert_type(fp4, jnp.uint4).astype(jnp.int32).reshape(flat)
+    scale = jnp.repeat(jax.lax.bitcast_convert_type(scales, jnp.uint8).astype(jnp.int32), fp4.shape[-1], axis=-1)
     magnitude = codes & 7
     sign = (codes >> 3) << 31
-    mantissa = jnp.asarray(_FP4_MANTISSA)[magnitude]
-    biased = jnp.asarray(_FP4_EXPONENT)[magnitude] + scale  # fp32 biased exponent of the result
+    # Magnitudes 1..7 are 0.5, 1, 1.5, 2, 3, 4, 6 = 1.m * 2^e: e = -1 for code 1, else (code >> 1) - 1;
+    # m = code & 1 from code 2 on. Arithmetic, not a table lookup: XLA gathers would not fuse.
+    normal_code = magnitude >= 2
+    mantissa = jnp.where(normal_code, magnitude & 1, 0)
+    biased = jnp.where(normal_code, (magnitude >> 1) - 1, -1) + scale  # fp32 biased exponent of the result
     normal = (biased << 23) | (mantissa << 22)
     subnormal = ((1 << 23) | (mantissa << 22)) >> jnp.clip(1 - biased, 0, 31)
     bits = jnp.where(biased >= 1, normal, subnormal)
@@ -78,10 +78,8 @@ def dequantize(fp4, scales, dtype=jnp.bfloat16):
     bits = bits.astype(jnp.uint32)
     if jnp.dtype(dtype) == jnp.bfloat16:
         # The low 16 bits are zero, so the bf16 value is the same number.
-        out = jax.lax.bitcast_convert_type((bits >> 16).astype(jnp.uint16), jnp.bfloat16)
-    else:
-        out = jax.lax.bitcast_convert_type(bits, jnp.float32).astype(dtype)
-    return out.reshape(*fp4.shape[:-2], fp4.shape[-2] * fp4.shape[-1])
+        return jax.lax.bitcast_convert_type((bits >> 16).astype(jnp.uint16), jnp.bfloat16)
+    return jax.lax.bitcast_convert_type(bits, jnp.float32).astype(dtype)
 
 
 def scales_at_most(limit: int, *scales) -> bool:

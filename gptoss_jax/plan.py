@@ -12,6 +12,10 @@ are sized from the shapes (no GPU compiler here): parameters, cache and the byte
 
     python -m gptoss_jax.plan --model gpt-oss-120b --target v5e-8 --mesh 4x2 --context 32768
 
+`plan_training(...)` (`--train lora|full`) compiles one training step of `gptoss_jax.train`
+instead (forward, backward and the AdamW update on `--batch` rows of `--seq-len` tokens) and
+reports what each chip holds while it runs.
+
 docs/tpu.md explains the numbers and how the bytes are counted. `planned_bytes_per_device`
 sizes the parameters alone, from shapes, for any mesh.
 """
@@ -423,19 +427,11 @@ def plan(model: str | GptOssConfig, target: str | Target, mesh: str | None = Non
     the numbers are then that model's). `progress(message)` hears about each compile.
     Raises ValueError for an unknown target, a mesh that does not match the chips or
     divide the model, or bad sizes."""
-    config = model_config(model)
-    if layers is not None:
-        if not 1 <= layers <= config.num_hidden_layers:
-            raise ValueError(f"--layers must be in [1, {config.num_hidden_layers}], got {layers}")
-        config = config.replace(num_hidden_layers=layers, name=f"{config.name} (first {layers} layers)")
+    config = _cut(model_config(model), layers)
     target = target if isinstance(target, Target) else target_named(target)
     if kernels not in CHOICES:
         raise ValueError(f"kernels must be one of {', '.join(CHOICES)}, got {kernels!r}")
-    spec = parse_mesh_spec(mesh) if mesh else MeshSpec(1, target.chips, 1)
-    if spec.size != target.chips:
-        raise MeshError(f"mesh {spec} has {spec.size} devices but {target.name} has {target.chips} chips; "
-                        f"use a mesh whose sizes multiply to {target.chips}")
-    check_mesh_fits_model(config, spec)
+    spec = _target_mesh(config, target, mesh)
     for name, value in (("batch", batch), ("context", context)):
         if value < 1:
             raise ValueError(f"--{name} must be at least 1, got {value}")
@@ -467,6 +463,116 @@ def plan(model: str | GptOssConfig, target: str | Target, mesh: str | None = Non
     return result
 
 
+# ------------------------------------------------------------------------------ training
+@dataclasses.dataclass
+class TrainingPlan:
+    model: str
+    target: Target
+    mesh: str
+    method: str  # "lora" or "full"
+    adapters: str  # what trains, in words
+    batch: int
+    seq_len: int
+    trainable: int  # trained parameters, all chips
+    parameters: float  # per chip, logical (FP4 as half a byte)
+    available: float
+    step: Program
+
+    @property
+    def fits(self) -> bool:
+        return self.step.total <= self.available
+
+    def report(self) -> str:
+        t, p = self.target, self.step
+        lines = [f"{self.model} on {t.name} ({t.chips} chip{'s' * (t.chips > 1)}), mesh {self.mesh}: one {self.method} "
+                 f"training step ({self.adapters}; {self.trainable:,} trained parameters) on {self.batch} x "
+                 f"{self.seq_len} tokens",
+                 "per chip:",
+                 f"  model parameters      {format_bytes(self.parameters)}"]
+        if p.needed is not None:
+            lines.append(f"  training step         does NOT fit: the compiler needs {format_bytes(p.needed)} of "
+                         f"{format_bytes(self.available)} (refused in {p.compile_seconds:.0f} s)")
+        else:
+            lines.append(f"  training step         arguments {format_bytes(p.arguments)} (parameters, trained weights "
+                         f"and optimizer state), temporaries {format_bytes(p.temporaries)}, total "
+                         f"{format_bytes(p.total)} (compiled in {p.compile_seconds:.0f} s)")
+            verdict = "fits" if self.fits else "does NOT fit"
+            lines.append(f"  total                 {format_bytes(p.total)} of {format_bytes(self.available)} the "
+                         f"compiler allows of {format_bytes(t.hbm_bytes)} HBM: {verdict} "
+                         f"({format_bytes(abs(self.available - p.total))} {'spare' if self.fits else 'over'})")
+        return "\n".join(lines)
+
+
+def plan_training(model: str | GptOssConfig, target: str | Target, mesh: str | None = None, *, method: str = "lora",
+                  lora=None, batch: int = 1, seq_len: int = 2048, layers: int | None = None,
+                  progress=lambda message: None) -> TrainingPlan:
+    """One step of `gptoss_jax.train.Trainer` (`method` "lora" with `lora`, a
+    train.LoraConfig (default: rank 8 on q, k, v, o), or "full") compiled for a TPU `target`
+    on `mesh`, from an abstract model: what each chip holds while it runs. Raises ValueError
+    as `plan` does, and for a GPU target (no GPU compiler here)."""
+    from gptoss_jax import train  # the trainer pulls in optax and orbax: only when planning training
+    from gptoss_jax.dataset import Batch
+    from gptoss_jax.kernels.dispatch import XLA
+    from gptoss_jax.model import GptOss
+
+    config = _cut(model_config(model), layers)
+    target = target if isinstance(target, Target) else target_named(target)
+    if target.platform != "tpu":
+        tpus = ", ".join(name for name, t in TARGETS.items() if t.platform == "tpu")
+        raise ValueError(f"training plans are compiled: pick a TPU target ({tpus}), not {target.name}")
+    if method not in ("lora", "full"):
+        raise ValueError(f"--train must be lora or full, got {method!r}")
+    spec = _target_mesh(config, target, mesh)
+    for name, value in (("batch", batch), ("seq-len", seq_len)):
+        if value < 1:
+            raise ValueError(f"--{name} must be at least 1, got {value}")
+    if batch % spec.data:
+        raise ValueError(f"--batch {batch} does not split over the mesh's data axis of {spec.data}")
+    lora = train.LoraConfig() if lora is None else lora
+    if method == "lora":
+        lora.check(config)
+    devices = target.devices()
+    available = available_hbm(target)
+    progress(f"lowering a {method} training step of {config.name} for {target.name} (mesh {spec}, {batch} x {seq_len})")
+    device_mesh = make_mesh(spec, devices)
+
+    def build():
+        base = GptOss(config, jnp.bfloat16, device_mesh, XLA)
+        return train.add_lora(base, lora) if method == "lora" else base
+
+    trainer = train.Trainer(nnx.eval_shape(build), method, train.OptimizerConfig(learning_rate=1e-4, steps=1000),
+                            abstract=True)
+    rows = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
+    step = _program("training step", trainer.lower(Batch(rows, rows, None, rows, rows,
+                                                         jax.ShapeDtypeStruct((batch, seq_len), jnp.float32))), progress)
+    trainable = sum(math.prod(shape) for shape in trainer.param_shapes.values())
+    if method == "lora":
+        experts = ("" if not set(lora.targets) & {"mlp1", "mlp2"} else
+                   f", expert layers {'all' if lora.expert_layers is None else ','.join(map(str, lora.expert_layers))}")
+        adapters = f"LoRA rank {lora.rank} on {','.join(lora.targets)}{experts}; experts frozen in MXFP4"
+    else:
+        adapters = "every dense parameter; experts frozen in MXFP4"
+    return TrainingPlan(config.name, target, str(spec), method, adapters, batch, seq_len, trainable,
+                        planned_bytes_per_device(config, spec)["total"], available, step)
+
+
+def _cut(config: GptOssConfig, layers: int | None) -> GptOssConfig:
+    if layers is None:
+        return config
+    if not 1 <= layers <= config.num_hidden_layers:
+        raise ValueError(f"--layers must be in [1, {config.num_hidden_layers}], got {layers}")
+    return config.replace(num_hidden_layers=layers, name=f"{config.name} (first {layers} layers)")
+
+
+def _target_mesh(config: GptOssConfig, target: Target, mesh: str | None) -> MeshSpec:
+    spec = parse_mesh_spec(mesh) if mesh else MeshSpec(1, target.chips, 1)
+    if spec.size != target.chips:
+        raise MeshError(f"mesh {spec} has {spec.size} devices but {target.name} has {target.chips} chips; "
+                        f"use a mesh whose sizes multiply to {target.chips}")
+    check_mesh_fits_model(config, spec)
+    return spec
+
+
 # ------------------------------------------------------------------------------ command line
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
@@ -487,16 +593,47 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", type=int,
                         help="plan only the first N layers (full width): a quick check; the numbers are then for "
                              "that depth")
+    training = parser.add_argument_group("training (--train): one step of python -m gptoss_jax.finetune")
+    training.add_argument("--train", choices=["lora", "full"],
+                          help="plan a training step instead of inference: LoRA adapters, or every dense parameter "
+                               "(the experts stay frozen in MXFP4 either way)")
+    training.add_argument("--seq-len", type=int, default=2048, help="tokens per row (default 2048); --batch: rows")
+    training.add_argument("--lora-rank", type=int, default=8)
+    training.add_argument("--lora-targets", default="q,k,v,o",
+                          help="among q, k, v, o, router, mlp1, mlp2 (default q,k,v,o)")
+    training.add_argument("--expert-layers", help="layers whose experts get adapters, e.g. 7,15,23 (default: all, "
+                                                  "when mlp1 or mlp2 is a target)")
     args = parser.parse_args(argv)
     if not os.environ.get("JAX_PLATFORMS"):
         jax.config.update("jax_platforms", "cpu")  # compiling only: no backend but the host's is needed
     try:
+        if args.train:
+            return _plan_training(args)
         result = plan(args.model, args.target, args.mesh, batch=args.batch, context=args.context, prompt=args.prompt,
                       dtype=args.dtype, kernels=args.kernels, layers=args.layers,
                       progress=lambda message: print(message, file=sys.stderr, flush=True))
     except (ValueError, OSError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    print(result.report())
+    return 0
+
+
+def _plan_training(args) -> int:
+    from gptoss_jax import train
+
+    layers = None
+    if args.expert_layers:
+        try:
+            layers = tuple(int(x) for x in args.expert_layers.split(","))
+        except ValueError:
+            raise ValueError(f"--expert-layers must be comma-separated layer numbers, got {args.expert_layers!r}") from None
+    lora = train.LoraConfig(rank=args.lora_rank, alpha=2.0 * args.lora_rank,
+                            targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
+                            expert_layers=layers)
+    result = plan_training(args.model, args.target, args.mesh, method=args.train, lora=lora, batch=args.batch,
+                           seq_len=args.seq_len, layers=args.layers,
+                           progress=lambda message: print(message, file=sys.stderr, flush=True))
     print(result.report())
     return 0
 

@@ -53,6 +53,13 @@ def test_gpu_targets_are_sized_from_the_shapes():
     (["--target", "v5e-8", "--mesh", "2x2x2", "--batch", "3"], "--batch 3 does not split over the mesh's data axis"),
     (["--target", "v5e-1", "--model", "no/such/checkpoint"], "neither a preset"),
     (["--target", "v5e-1", "--mesh", "4by2"], "is not a mesh spec"),
+    (["--target", "h100", "--train", "lora"], "training plans are compiled: pick a TPU target"),
+    (["--target", "v5e-1", "--train", "lora", "--lora-targets", "q,x"], "LoRA targets must be distinct names"),
+    (["--target", "v5e-1", "--train", "lora", "--lora-targets", "q,mlp1", "--expert-layers", "30"],
+     "LoRA expert layers must be in [0, 24)"),
+    (["--target", "v5e-1", "--train", "lora", "--lora-targets", "q,mlp1", "--expert-layers", "7;15"],
+     "--expert-layers must be comma-separated layer numbers"),
+    (["--target", "v5e-1", "--train", "full", "--seq-len", "0"], "--seq-len must be at least 1"),
 ])
 def test_bad_requests_are_one_error_line(capsys, args, message):
     assert plan.main(["--model", "gpt-oss-20b", *args]) == 2
