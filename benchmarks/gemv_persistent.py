@@ -13,7 +13,9 @@ The variant (`persistent_gemv`, same arguments and results as `expert_gemv`):
   also pipelines loads that feed no dot) keeps the next steps' loads in flight across task
   boundaries instead of ramping per program. Each iteration computes the epilogue (bias,
   SwiGLU, the weighted sum over a token's experts, the residual) of its accumulators and stores
-  it masked to the task's last step; the accumulators restart at zero after it;
+  it masked to the task's last step; the accumulators restart at zero after it. With
+  `unroll_steps` the loop is over tasks and a task's steps are unrolled, so that all its
+  loads can be issued before the first is consumed (and `loop_stages` pipelines whole tasks);
 - optionally (`x_prepared`) x converted to fp32 and split into even and odd feature planes
   [X, 2, D/2] once, outside the kernel, so that each step loads two contiguous fp32 rows
   (exact: bf16 -> fp32 is exact and the products and sums are the same).
@@ -101,23 +103,22 @@ def _stages_primitive():
 def _persistent_kernel(expert_ref, weight_ref, x_ref, w_ref, s_ref, bias_ref, residual_ref, out_ref, *, rows: int,
                        blocks_per_step: int, num_blocks: int, pairs_per_x: int, pairs_per_program: int, use_ptx: bool,
                        swiglu_params, add_residual: bool, num_tasks: int, row_blocks: int, programs: int,
-                       tasks_per_program: int, x_prepared: bool, dt, loop_stages: int):
+                       tasks_per_program: int, x_prepared: bool, dt, loop_stages: int, unroll_steps: bool):
     """Program g: tasks g, g + programs, ... (task t = row tile t % row_blocks of pair group
-    t // row_blocks), one flattened loop over (task, contraction step). Per task the same
-    work as one program of moe._gemv_kernel."""
+    t // row_blocks). Per task the same work as one program of moe._gemv_kernel. One loop:
+    over (task, contraction step), or with unroll_steps over tasks, the steps unrolled."""
     pid = pl.program_id(0)
     num_experts = w_ref.shape[0]
     steps = -(-num_blocks // blocks_per_step)
     half = blocks_per_step * 16
 
-    def body(n, accs):
-        if loop_stages:
-            _stages_primitive().bind(stages=loop_stages)
-        task = pid + jax.lax.div(n, steps) * programs  # (non-negative: div and rem are floor and mod)
-        step = jax.lax.rem(n, steps)
+    def task_of(k):
+        """The program's k-th task: validity, pair group, row tile, per pair its expert and
+        liveness, and the row slices of its accumulators (as in _gemv_kernel)."""
+        task = pid + k * programs
         valid = task < num_tasks
         task = jnp.minimum(task, num_tasks - 1)
-        program, row_block = jax.lax.div(task, row_blocks), jax.lax.rem(task, row_blocks)
+        program, row_block = jax.lax.div(task, row_blocks), jax.lax.rem(task, row_blocks)  # non-negative
         pairs = [program * pairs_per_program + j for j in range(pairs_per_program)]
         experts = [expert_ref[p] for p in pairs]
         live = [valid & (e >= 0) & (e < num_experts) for e in experts]
@@ -127,13 +128,16 @@ def _persistent_kernel(expert_ref, weight_ref, x_ref, w_ref, s_ref, bias_ref, re
         else:
             row_slices = [(pl.ds(row_block * rows, rows), pl.ds(0, 1)), (pl.ds(row_block * rows, rows), pl.ds(1, 1))]
         streams = [(j, sl) for j in range(pairs_per_program) for sl in row_slices]
+        return dict(valid=valid, program=program, row_block=row_block, pairs=pairs, experts=experts, live=live,
+                    streams=streams)
 
-        # ---- the step's loads (as _gemv_kernel's load(i))
-        start = step * blocks_per_step
+    def accumulate(t, step, accs):
+        """The step's loads and products (as _gemv_kernel's load(i) and accumulate)."""
+        start = jnp.asarray(step * blocks_per_step, jnp.int32)  # (a static start would be bounds-checked)
         in_range = start + jnp.arange(blocks_per_step) < num_blocks
         xs = []
         for j in range(pairs_per_program):
-            x_row = pairs[j] // pairs_per_x
+            x_row = t["pairs"][j] // pairs_per_x
             if x_prepared:
                 x_mask = jnp.broadcast_to(in_range[None, :, None], (1, blocks_per_step, 16)).reshape(1, half)
                 xs += [plgpu.load(x_ref.at[x_row, pl.ds(parity, 1), pl.ds(start * 16, half)], mask=x_mask, other=0)
@@ -143,18 +147,16 @@ def _persistent_kernel(expert_ref, weight_ref, x_ref, w_ref, s_ref, bias_ref, re
                 xs += [plgpu.load(x_ref.at[x_row, pl.ds(start * 16, half), pl.ds(parity, 1)], mask=x_mask, other=0)
                        for parity in (0, 1)]
         weights = []
-        for j, (pair_slice, half_slice) in streams:
-            ok = in_range & live[j]
+        for j, (pair_slice, half_slice) in t["streams"]:
+            ok = in_range & t["live"][j]
             w_mask = jnp.broadcast_to(ok[None, None, :, None], (pair_slice.size, half_slice.size, blocks_per_step, 16))
             s_mask = jnp.broadcast_to(ok[None, None, :], (pair_slice.size, half_slice.size, blocks_per_step))
             blocks = pl.ds(start, blocks_per_step)
-            w = plgpu.load(w_ref.at[experts[j], pair_slice, half_slice, blocks, :], mask=w_mask, other=0)
-            s_ = plgpu.load(s_ref.at[experts[j], pair_slice, half_slice, blocks], mask=s_mask, other=0)
+            w = plgpu.load(w_ref.at[t["experts"][j], pair_slice, half_slice, blocks, :], mask=w_mask, other=0)
+            s_ = plgpu.load(s_ref.at[t["experts"][j], pair_slice, half_slice, blocks], mask=s_mask, other=0)
             weights += [w.reshape(rows, blocks_per_step, 16), s_.reshape(rows, blocks_per_step)]
-
-        # ---- accumulate (as _gemv_kernel's accumulate)
         new = []
-        for m, (acc, (j, _)) in enumerate(zip(accs, streams)):
+        for m, (acc, (j, _)) in enumerate(zip(accs, t["streams"])):
             xe = xs[2 * j].astype(F32).reshape(blocks_per_step, 16)[None]
             xo = xs[2 * j + 1].astype(F32).reshape(blocks_per_step, 16)[None]
             w, s_ = weights[2 * m], weights[2 * m + 1]
@@ -162,29 +164,53 @@ def _persistent_kernel(expert_ref, weight_ref, x_ref, w_ref, s_ref, bias_ref, re
             low, high = decode_nibbles_ptx(w) if use_ptx else decode_nibbles(w.astype(jnp.int32))
             pair_sums = moe._fma(high, xo, low * xe) if use_ptx else low * xe + high * xo
             new.append(acc + jnp.sum(jnp.sum(pair_sums, axis=2) * scale, axis=1))
+        return tuple(new)
 
-        # ---- epilogue, stored on the task's last step only (as _gemv_kernel's)
-        last = step == steps - 1
-        outs = [round_to(round_to(a, dt) + bias_ref[experts[j], pair_slice, half_slice].reshape(rows).astype(F32), dt)
-                for a, (j, (pair_slice, half_slice)) in zip(new, streams)]
+    def finish(t, accs, store):
+        """The epilogue of _gemv_kernel, stored where `store` (a scalar bool)."""
+        outs = [round_to(round_to(a, dt) + bias_ref[t["experts"][j], pair_slice, half_slice].reshape(rows).astype(F32),
+                         dt)
+                for a, (j, (pair_slice, half_slice)) in zip(accs, t["streams"])]
         if swiglu_params is not None:
             outs = [swiglu_pair(outs[2 * j], outs[2 * j + 1], *swiglu_params, dt).astype(F32)
                     for j in range(pairs_per_program)]
         if pairs_per_program == 1:
             result = outs[0]
-        else:
+        else:  # the weighted sum over the token's experts, in fp32 in slot order
             result = jnp.zeros((rows,), F32)
             for j, y in enumerate(outs):
-                result = result + jnp.where(live[j], weight_ref[pairs[j]].astype(F32) * y, 0.0)
+                result = result + jnp.where(t["live"][j], weight_ref[t["pairs"][j]].astype(F32) * y, 0.0)
             if add_residual:
-                residual = plgpu.load(residual_ref.at[program, pl.ds(row_block * rows, rows)]).astype(F32)
+                residual = plgpu.load(residual_ref.at[t["program"], pl.ds(t["row_block"] * rows, rows)]).astype(F32)
                 result = round_to(result, out_ref.dtype) + residual
-        plgpu.store(out_ref.at[program, pl.ds(row_block * rows, rows)], result.astype(out_ref.dtype),
-                    mask=jnp.broadcast_to(last & valid, (rows,)))
-        return tuple(jnp.where(last, 0.0, a) for a in new)
+        plgpu.store(out_ref.at[t["program"], pl.ds(t["row_block"] * rows, rows)], result.astype(out_ref.dtype),
+                    mask=jnp.broadcast_to(store, (rows,)))
 
     zeros = tuple(jnp.zeros((rows,), F32) for _ in range(pairs_per_program * (1 if swiglu_params is None else 2)))
-    jax.lax.fori_loop(0, tasks_per_program * steps, body, zeros)
+    if unroll_steps:
+        def task_body(k, carry):
+            if loop_stages:
+                _stages_primitive().bind(stages=loop_stages)
+            t = task_of(k)
+            accs = zeros
+            for step in range(steps):
+                accs = accumulate(t, step, accs)
+            finish(t, accs, t["valid"])
+            return carry
+
+        jax.lax.fori_loop(0, tasks_per_program, task_body, jnp.int32(0))
+    else:
+        def step_body(n, accs):
+            if loop_stages:
+                _stages_primitive().bind(stages=loop_stages)
+            t = task_of(jax.lax.div(n, steps))
+            step = jax.lax.rem(n, steps)
+            accs = accumulate(t, step, accs)
+            last = step == steps - 1
+            finish(t, accs, last & t["valid"])
+            return tuple(jnp.where(last, 0.0, a) for a in accs)
+
+        jax.lax.fori_loop(0, tasks_per_program * steps, step_body, zeros)
 
 
 def prepare_x(x):
@@ -194,10 +220,12 @@ def prepare_x(x):
 
 @functools.partial(jax.jit, static_argnames=("pairs_per_x", "pairs_per_program", "swiglu_params", "rows",
                                              "blocks_per_step", "num_warps", "num_stages", "programs",
-                                             "loop_stages", "x_prepared", "use_ptx", "interpret"))
+                                             "loop_stages", "x_prepared", "unroll_steps", "use_ptx",
+                                             "interpret"))
 def persistent_gemv(x, pair_expert, w_bytes, w_scales, bias, pair_weight=None, residual=None, *, pairs_per_x=1,
                     pairs_per_program=1, swiglu_params=None, rows=8, blocks_per_step=32, num_warps=4, num_stages=1,
-                    programs=4 * SMS, loop_stages=0, x_prepared=False, use_ptx=True, interpret=False):
+                    programs=4 * SMS, loop_stages=0, x_prepared=False, unroll_steps=False, use_ptx=True,
+                    interpret=False):
     """moe.expert_gemv's arguments and results, on a grid of `programs` programs (at most one
     per task). x_prepared: x is converted by `prepare_x` here, before the kernel."""
     d = x.shape[1]
@@ -223,7 +251,7 @@ def persistent_gemv(x, pair_expert, w_bytes, w_scales, bias, pair_weight=None, r
         pairs_per_program=pairs_per_program, use_ptx=use_ptx and not interpret, swiglu_params=swiglu_params,
         add_residual=residual is not None, num_tasks=num_tasks, row_blocks=row_blocks, programs=programs,
         tasks_per_program=tasks_per_program, x_prepared=x_prepared, dt=x.dtype,
-        loop_stages=0 if interpret else loop_stages)
+        loop_stages=0 if interpret else loop_stages, unroll_steps=unroll_steps)
     if pair_weight is None:
         pair_weight = jnp.zeros((num_pairs,), x.dtype)
     out_dtype = x.dtype if pairs_per_program == 1 else F32 if residual is None else residual.dtype
@@ -332,7 +360,10 @@ GPU_VARIANTS = [
     (MLP1, dict(programs=5 * SMS)),  # (a) alone: 5 programs per SM (the baseline's occupancy), no pipelining
     (MLP1, dict(programs=4 * SMS, loop_stages=3, num_stages=3, blocks_per_step=16, x_prepared=True)),  # (a) + (b)
     (MLP2, dict(programs=2 * SMS, loop_stages=3, num_stages=3, blocks_per_step=16, x_prepared=True)),
+    (MLP1, dict(programs=5 * SMS, unroll_steps=True, x_prepared=True)),  # a task's 3 steps of loads at once
     (MLP1, dict(programs=2 * SMS, loop_stages=3, num_stages=3, blocks_per_step=32, x_prepared=True)),
+    (MLP2, dict(programs=3 * SMS, unroll_steps=True, x_prepared=True)),
+    (MLP1, dict(programs=3 * SMS, unroll_steps=True, loop_stages=2, num_stages=2, x_prepared=True)),
     (MLP1, dict(programs=5 * SMS, x_prepared=True)),  # (b) on top of the plain persistent grid
     (MLP2, dict(programs=3 * SMS, x_prepared=True)),
     (MLP1, dict(programs=4 * SMS, loop_stages=4, num_stages=4, blocks_per_step=8, x_prepared=True)),
@@ -348,6 +379,8 @@ SMALL_VARIANTS = [  # CPU interpret: ragged steps, a tail of tasks, both x layou
     dict(programs=3, rows=4, blocks_per_step=2),
     dict(programs=5, rows=2, blocks_per_step=4, x_prepared=True),
     dict(programs=64, rows=8, blocks_per_step=1, x_prepared=True),
+    dict(programs=7, rows=4, blocks_per_step=2, unroll_steps=True),
+    dict(programs=3, rows=8, blocks_per_step=1, unroll_steps=True, x_prepared=True),
 ]
 
 
@@ -445,10 +478,11 @@ def main(argv=None):
         Path(args.json).write_text(json.dumps(report, indent=1))
     print(f"\n{report['device']}, jax {report['jax']}, {report['seconds']:.0f} s")
     print(f"{'case':20} {'variant':64} {'us':>7} {'TB/s':>5} {'differ':>12}")
-    keys = ("programs", "rows", "blocks_per_step", "num_warps", "num_stages", "loop_stages", "x_prepared")
+    short = {"programs": "programs", "rows": "rows", "blocks_per_step": "bps", "num_warps": "warps",
+             "num_stages": "stages", "loop_stages": "loop_stages", "unroll_steps": "unroll", "x_prepared": "x32"}
     for r in table:
         desc = r["variant"] if r["variant"] != "persistent" else "persist " + " ".join(
-            f"{k.replace('blocks_per_step', 'bps')}={r[k]}" for k in keys if k in r)
+            f"{name}={r[k]}" for k, name in short.items() if k in r)
         us = f"{r['us']:7.2f}" if "us" in r else "      -"
         tb = f"{r['tb_per_s']:5.2f}" if "tb_per_s" in r else "    -"
         diff = (f"{r['differ']}/{r['elements']}" if "differ" in r else r.get("error", r.get("skipped", "")))[:60]
