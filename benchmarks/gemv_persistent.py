@@ -3,6 +3,7 @@ checked bit-for-bit against it and timed at the gpt-oss-20b shapes (GPU; not par
 
     python benchmarks/gemv_persistent.py --json gemv.json          # GPU, ~3-4 min on an H100
     python benchmarks/gemv_persistent.py --interpret --small        # CPU: exactness only
+    python benchmarks/gemv_persistent.py --lower                    # CPU: the GPU variants lower for cuda
 
 The variant (`persistent_gemv`, same arguments and results as `expert_gemv`):
 - a fixed grid of `programs` programs (e.g. a multiple of the 132 SMs) instead of one
@@ -384,6 +385,33 @@ SMALL_VARIANTS = [  # CPU interpret: ragged steps, a tail of tasks, both x layou
 ]
 
 
+def lower_all(variants) -> list[dict]:
+    """Lower every variant for cuda on this machine (no GPU needed): Pallas lowering errors show
+    up here; the Triton compile itself happens on the GPU."""
+    bf16, u8 = jnp.bfloat16, jnp.uint8
+    s = jax.ShapeDtypeStruct
+    pe = s((4,), jnp.int32)
+    w1 = (s((32, 5760, 90, 16), u8), s((32, 5760, 90), u8), s((32, 5760), bf16))
+    w2 = (s((32, 2880, 90, 16), u8), s((32, 2880, 90), u8), s((32, 2880), bf16))
+    rows = []
+    for name, v in variants:
+        if name == MLP1:
+            fn = functools.partial(persistent_gemv, pairs_per_x=4, swiglu_params=SWIGLU, **v)
+            args = (s((1, 2880), bf16), pe, *w1)
+        else:
+            fn = functools.partial(persistent_gemv, pairs_per_program=4, **v)
+            args = (s((4, 2880), bf16), pe, *w2, s((4,), bf16), s((1, 2880), bf16))
+        row = {"case": name, **v}
+        try:
+            text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+            row["lowered"] = "xla.gpu.triton" in text
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", help="write the results here")
@@ -397,7 +425,12 @@ def main(argv=None):
                         help="start no new variant after this many seconds (compiles take ~20 s each)")
     parser.add_argument("--variants", type=json.loads,
                         help='replace the variant list: {"mlp1+swiglu": [{...}], "mlp2_sum4+residual": [...]}')
+    parser.add_argument("--lower", action="store_true",
+                        help="only lower the GPU variants for cuda (no GPU needed) and exit")
     args = parser.parse_args(argv)
+    if args.lower:
+        rows = lower_all(GPU_VARIANTS)
+        return 0 if all(r.get("lowered") for r in rows) else 1
     started = time.perf_counter()
     interpret = args.interpret
     if args.small:
@@ -477,7 +510,7 @@ def main(argv=None):
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
     print(f"\n{report['device']}, jax {report['jax']}, {report['seconds']:.0f} s")
-    print(f"{'case':20} {'variant':64} {'us':>7} {'TB/s':>5} {'differ':>12}")
+    print(f"{'case':20} {'variant':76} {'us':>7} {'TB/s':>5} {'differ':>12}")
     short = {"programs": "programs", "rows": "rows", "blocks_per_step": "bps", "num_warps": "warps",
              "num_stages": "stages", "loop_stages": "loop_stages", "unroll_steps": "unroll", "x_prepared": "x32"}
     for r in table:
@@ -486,7 +519,7 @@ def main(argv=None):
         us = f"{r['us']:7.2f}" if "us" in r else "      -"
         tb = f"{r['tb_per_s']:5.2f}" if "tb_per_s" in r else "    -"
         diff = (f"{r['differ']}/{r['elements']}" if "differ" in r else r.get("error", r.get("skipped", "")))[:60]
-        print(f"{r['case']:20} {desc:64} {us} {tb} {diff:>12}")
+        print(f"{r['case']:20} {desc:76} {us} {tb} {diff:>12}")
     bad = [r for r in table if r.get("differ") or "error" in r]
     return 1 if interpret and bad else 0
 
