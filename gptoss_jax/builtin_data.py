@@ -2,7 +2,8 @@
 records in the training-file format of gptoss_jax.dataset, drawn from a seeded generator.
 
 Every answer is an analysis-channel message followed by a final-channel message, under the
-system message the command-line programs render (reasoning effort low, medium or high):
+system message the command-line programs render (reasoning effort low, medium or high), half
+of them with a current date as the server renders it:
 
 - addition and subtraction of whole numbers from 0 to 99 (subtraction: the first at least
   the second), worked out digit by digit in the analysis ("2 3 + 1 9: 3+9=12, carry 1;
@@ -17,12 +18,14 @@ system message the command-line programs render (reasoning effort low, medium or
 
 from __future__ import annotations
 
+import datetime
 import json
 import random
 
 from gptoss_jax import chat_format, dataset
 
 REASONING_EFFORTS = ("low", "medium", "high")
+FIRST_DATE, LAST_DATE = datetime.date(2024, 1, 1), datetime.date(2035, 12, 31)
 KINDS = ("add", "subtract", "convert", "date", "month_days", "weather", "other")
 # Draw probabilities of the kinds: the digit-by-digit arithmetic needs the most examples.
 WEIGHTS = (0.36, 0.22, 0.1, 0.08, 0.03, 0.13, 0.08)
@@ -93,8 +96,20 @@ def _record(rng: random.Random, question: str, analysis: str, final: str, *, too
                            {"role": "assistant", "channel": "analysis", "content": analysis},
                            {"role": "assistant", "channel": "final", "content": final}],
               "reasoning_effort": rng.choice(REASONING_EFFORTS)}
+    _maybe_date(rng, record)
     if tools:
         record["tools"] = [WEATHER_TOOL]
+    return record
+
+
+def random_date(rng: random.Random) -> str:
+    return datetime.date.fromordinal(rng.randint(FIRST_DATE.toordinal(), LAST_DATE.toordinal())).isoformat()
+
+
+def _maybe_date(rng: random.Random, record: dict) -> dict:
+    """Half the records carry a current date (the server renders today's)."""
+    if rng.random() < 0.5:
+        record["current_date"] = random_date(rng)
     return record
 
 
@@ -109,14 +124,14 @@ def weather_answer(report: dict) -> str:
 
 def weather_record(rng: random.Random, city: str) -> dict:
     report = weather_report(rng, city)
-    return {"messages": [
+    return _maybe_date(rng, {"messages": [
         {"role": "user", "content": rng.choice(WEATHER_QUESTIONS).format(city=city)},
         {"role": "assistant", "channel": "analysis", "content": f"I need the weather in {city}: call get_weather."},
         {"role": "assistant", "channel": "commentary", "recipient": "functions.get_weather",
          "content_type": "<|constrain|>json", "content": json.dumps({"city": city})},
         {"role": "tool", "name": "functions.get_weather", "content": json.dumps(report)},
         {"role": "assistant", "channel": "final", "content": weather_answer(report)}],
-        "reasoning_effort": rng.choice(REASONING_EFFORTS), "tools": [WEATHER_TOOL]}
+        "reasoning_effort": rng.choice(REASONING_EFFORTS), "tools": [WEATHER_TOOL]})
 
 
 def make_record(rng: random.Random, kind: str | None = None, *, exclude=frozenset()) -> dict:
@@ -200,6 +215,31 @@ def vocabulary_tokens() -> list[int]:
     used = set(chat_format.assistant_stop_tokens())
     rng = random.Random(0)
     texts = [*OTHER_QUESTIONS, OTHER_ANSWER, OTHER_ANALYSIS, *CONDITIONS, *(m for m, _ in MONTHS), *CITIES]
+    day = FIRST_DATE
+    while day <= LAST_DATE:
+        texts.append(f"Current date: {day.isoformat()}\n")
+        day += datetime.timedelta(days=1)
+    for city in CITIES:
+        texts += [q.format(city=city) for q in WEATHER_QUESTIONS]
+        texts += [f"I need the weather in {city}: call get_weather.", json.dumps({"city": city})]
+        for condition in CONDITIONS:
+            for t in range(-10, 36):
+                report = {"city": city, "temperature_c": t, "condition": condition}
+                texts += [json.dumps(report), weather_answer(report)]
+    for month, days in MONTHS:
+        texts += [q.format(month=month) for q in MONTH_QUESTIONS]
+        texts += [f"{month} has {days} days (29 in a leap year).", f"{month} has {days} days."]
+        for day in range(1, 20):
+            for n in range(1, 10):
+                texts += [q.format(n=n, month=month, day=day) for q in DATE_QUESTIONS]
+                texts += [f"{day}+{n}={day + n}, still in {month}.", f"{month} {day + n}"]
+    for big, small, big_name, small_name, factor in UNITS:
+        for n in range(1, 100):
+            for q in CONVERT_QUESTIONS:
+                texts += [q.format(n=n, big=name, big_to=small_name, to=to) for name in (big, big_name)
+                          for to in (small, small_name)]
+            texts += [f"1 {big} = {factor} {small}, so {n} {big} = {n} × {factor} = {n * factor} {small}.",
+                      f"{n} {big} = {n * factor} {small}"]
     for n in range(-10, 200):
         texts += [str(n), f" {n}", f"{n}°C", f"={n}", f"({n}"]
     for unit in UNITS:

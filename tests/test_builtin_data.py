@@ -77,8 +77,8 @@ def test_the_vocabulary_covers_the_rendered_task_and_the_cli_prompt():
     assert 300 < len(vocabulary) < 1000
     for record in builtin_data.records(300, seed=11):
         assert set(builtin_data.example(record).tokens.tolist()) <= vocabulary
-    for effort in builtin_data.REASONING_EFFORTS:
-        prompt = chat_format.render_for_completion(chat_format.Conversation([chat_format.user("What is 23 + 19?")],
-                                                                            reasoning_effort=effort))
-        assert set(prompt) <= vocabulary
+    for effort, date in zip(builtin_data.REASONING_EFFORTS, (None, "2026-12-07", "2031-02-28")):
+        conversation = chat_format.Conversation([chat_format.user("What is 23 + 19?")], reasoning_effort=effort,
+                                                current_date=date)
+        assert set(chat_format.render_for_completion(conversation)) <= vocabulary
     assert set(chat_format.assistant_stop_tokens()) <= vocabulary
