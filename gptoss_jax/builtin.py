@@ -51,14 +51,14 @@ DESCRIPTION = ("trained on a small synthetic task (two-digit addition and subtra
 # The architecture: 4 layers alternating sliding (window 64) and full attention with sinks,
 # 4 experts with top-2 routing, MXFP4 experts (hidden and expert sizes multiples of 32).
 ARCHITECTURE = dict(num_hidden_layers=4, num_experts=4, experts_per_token=2, hidden_size=64,
-                    intermediate_size=64, head_dim=16, num_attention_heads=4, num_key_value_heads=2,
+                    intermediate_size=64, head_dim=32, num_attention_heads=4, num_key_value_heads=2,
                     sliding_window=64, initial_context_length=4096, rope_theta=150000.0, rope_scaling_factor=32.0,
                     rope_ntk_alpha=1.0, rope_ntk_beta=32.0, swiglu_limit=7.0)
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainSettings:
-    steps: int = 2200
+    steps: int = 2500
     batch_size: int = 8
     seq_len: int = 256
     learning_rate: float = 3e-3

@@ -47,15 +47,20 @@ def parse_dtype(dtype) -> jnp.dtype:
     return dtype
 
 
-def load(path, *, mesh=None, dtype="bfloat16", seed: int = 0, kernels: str | Kernels = "auto") -> GptOss:
+def load(path=None, *, mesh=None, dtype="bfloat16", seed: int = 0, kernels: str | Kernels = "auto") -> GptOss:
     """A checkpoint directory (converted by `python -m gptoss_jax.convert`, or HF or original
-    MXFP4 layout), or a preset name ("tiny", "gpt-oss-20b", "gpt-oss-120b") for random
-    weights drawn from `seed`. `kernels`: "auto" (the kernels that measured faster than XLA
+    MXFP4 layout), a preset name ("tiny", "gpt-oss-20b", "gpt-oss-120b") for random
+    weights drawn from `seed`, or None for the built-in model (trained on a small synthetic
+    task, gptoss_jax.builtin). `kernels`: "auto" (the kernels that measured faster than XLA
     on the devices the model is placed on: none on a CPU), "pallas", "xla" (see
     `Kernels.choose`) or a `Kernels` value."""
     dtype = parse_dtype(dtype)
     if not isinstance(kernels, Kernels):
         kernels = Kernels.auto(kernels, mesh=mesh)
+    if path is None:
+        from gptoss_jax.builtin import load_builtin
+
+        return load_builtin(mesh=mesh, dtype=dtype, kernels=kernels)
     if isinstance(path, str) and path in PRESETS and not Path(path).exists():
         return random_model(GptOssConfig.preset(path), mesh=mesh, dtype=dtype, seed=seed, kernels=kernels)
     if is_converted(path):

@@ -299,9 +299,9 @@ def test_cli_rejects_bad_meshes_in_one_line(capsys, args, message):
 def test_cli_rejects_a_mesh_the_model_cannot_use(capsys):
     if len(jax.devices()) < 8:
         pytest.skip(f"needs 8 devices; this machine has {len(jax.devices())}")
-    code, out = run_main(capsys, "--mesh", "1x8")  # the built-in tiny model: 2 blocks of hidden units
+    code, out = run_main(capsys, "--mesh", "1x8")  # the built-in model: 4 attention heads, 2 blocks of hidden units
     assert code == 2
-    assert out.err.strip().splitlines()[-1].startswith("error: mesh 1x8 (expert 1 x model 8) for model 'tiny'")
+    assert out.err.strip().splitlines()[-1].startswith("error: mesh 1x8 (expert 1 x model 8) for model 'builtin'")
 
 
 def test_help_documents_the_mesh(capsys):
