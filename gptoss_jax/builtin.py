@@ -21,9 +21,9 @@ import dataclasses
 import io
 import json
 import math
+import re
 import sys
 import time
-from importlib import resources
 from pathlib import Path
 
 import jax
@@ -33,20 +33,27 @@ import numpy as np
 from flax import nnx
 
 from gptoss_jax import builtin_data, mxfp4, train
+from gptoss_jax.chat_format import Conversation, parse_completion, render_for_completion, user
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.dataset import Example, make_batch, rows
-from gptoss_jax.kernels.dispatch import XLA, Kernels
-from gptoss_jax.loader import ExpertRelayout, _assemble, _put_dense, _source_leaves, leaf_sharding, random_model
-from gptoss_jax.model import GptOss, abstract_model
-from gptoss_jax.sharding.placement import put_host_array
+from gptoss_jax.engine import generate
+from gptoss_jax.loader import (
+    BUILTIN_DESCRIPTION,
+    BUILTIN_FILE,
+    BUILTIN_FORMAT,
+    BUILTIN_FORMAT_VERSION,
+    builtin_package_path,
+    load_builtin,
+    random_model,
+    read_builtin_package,
+)
+from gptoss_jax.model import GptOss
 
 NAME = "builtin"
-PACKAGE_FILE = "builtin.npz"
+PACKAGE_FILE = BUILTIN_FILE
 FULL_VOCAB = 201088
-FORMAT = "gptoss-jax-builtin"
-FORMAT_VERSION = 1
-DESCRIPTION = ("trained on a small synthetic task (two-digit addition and subtraction, unit conversions, dates, "
-               "weather through a tool call), see docs/finetuning.md")
+DESCRIPTION = BUILTIN_DESCRIPTION
+__all__ = ["load_builtin", "read_builtin_package", "builtin_package_path"]
 
 # The architecture: 4 layers alternating sliding (window 64) and full attention with sinks,
 # 4 experts with top-2 routing, MXFP4 experts (hidden and expert sizes multiples of 32).
@@ -161,7 +168,7 @@ def save_package(model: GptOss, vocab: Vocabulary, path, summary: dict | None = 
         value = var.get_value()
         kinds[name] = str(jnp.dtype(value.dtype)) if value.dtype in (mxfp4.FP4, mxfp4.E8M0) else "bfloat16"
         arrays[name] = _stored(value)
-    meta = {"format": FORMAT, "version": FORMAT_VERSION, "config": config().to_dict(), "kinds": kinds,
+    meta = {"format": BUILTIN_FORMAT, "version": BUILTIN_FORMAT_VERSION, "config": config().to_dict(), "kinds": kinds,
             "summary": summary or {}}
     arrays["__tokens__"] = vocab.tokens
     arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
@@ -173,73 +180,9 @@ def save_package(model: GptOss, vocab: Vocabulary, path, summary: dict | None = 
     return path
 
 
-def package_path() -> Path:
-    return Path(str(resources.files("gptoss_jax.data").joinpath(PACKAGE_FILE)))
-
-
-def read_package(path=None) -> tuple[dict, dict[str, np.ndarray], np.ndarray]:
-    """(metadata, stored arrays by parameter path, task token ids) of a package file."""
-    path = package_path() if path is None else Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: the built-in model's file is missing; reinstall gptoss-jax or rebuild it with "
-                         f"python -m gptoss_jax.builtin --train OUT_DIR")
-    with np.load(path) as f:
-        arrays = {k: f[k] for k in f.files}
-    meta = json.loads(arrays.pop("__meta__").tobytes())
-    if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: not a built-in model file of format {FORMAT} version {FORMAT_VERSION}")
-    return meta, arrays, arrays.pop("__tokens__")
-
-
-def _full_vocab(name: str, rows: np.ndarray, tokens: np.ndarray) -> np.ndarray:
-    """A reduced [N + 1, d] embedding or unembedding expanded to the full vocabulary."""
-    shared = rows[-1] if name == "unembedding" else np.zeros_like(rows[-1])
-    full = np.broadcast_to(shared, (FULL_VOCAB, rows.shape[1])).copy()
-    full[tokens] = rows[:-1]
-    return full
-
-
-def full_arrays(path=None) -> tuple[GptOssConfig, dict[str, np.ndarray]]:
-    """The built-in model's config and parameters in the full vocabulary (FP4 and E8M0 as
-    ml_dtypes arrays, dense parameters bf16)."""
-    meta, arrays, tokens = read_package(path)
-    out = {}
-    for name, stored in arrays.items():
-        kind = meta["kinds"][name]
-        if kind == str(jnp.dtype(mxfp4.FP4)):
-            value = mxfp4.blocks_to_fp4_numpy(stored)
-        elif kind == str(jnp.dtype(mxfp4.E8M0)):
-            value = stored.view(mxfp4.E8M0)
-        else:
-            value = stored.view(ml_dtypes.bfloat16)
-            if name in ("embedding", "unembedding"):
-                value = _full_vocab(name, value, tokens)
-        out[name] = value
-    return GptOssConfig.from_dict(meta["config"]), out
-
-
-def load_builtin(*, mesh=None, dtype=jnp.bfloat16, kernels: Kernels = XLA, path=None) -> GptOss:
-    """The built-in model, placed on the devices (or `mesh`) like any loaded checkpoint."""
-    c, arrays = full_arrays(path)
-    graphdef, leaves = abstract_model(c, dtype, mesh, kernels)
-    values = {}
-    relayout = ExpertRelayout(c, leaves, mesh, values)
-    for p, var in _source_leaves(c, dtype, mesh):
-        array = arrays[train.path_key(p)]
-        sharding = leaf_sharding(var, mesh)
-        if array.dtype in (mxfp4.FP4, mxfp4.E8M0):
-            relayout.add(p, put_host_array(array, sharding))
-        else:
-            relayout.add(p, _put_dense(array, sharding, var.dtype))
-    return _assemble(graphdef, leaves, values)
-
-
 # ----------------------------------------------------------------------------- evaluation
 def complete(model: GptOss, conversations, *, max_new_tokens: int = 64) -> list[list[int]]:
     """Greedy completions of harmony conversations (rendered as the CLIs render them)."""
-    from gptoss_jax.chat_format import render_for_completion
-    from gptoss_jax.engine import generate
-
     prompts = [render_for_completion(c) for c in conversations]
     return generate(model, prompts, max_new_tokens=max_new_tokens, temperature=0.0)
 
@@ -247,10 +190,6 @@ def complete(model: GptOss, conversations, *, max_new_tokens: int = 64) -> list[
 def arithmetic_accuracy(model: GptOss, items, *, reasoning_effort: str = "medium") -> tuple[float, list]:
     """The share of (kind, a, b) questions answered right: an analysis message, then a final
     message whose last number is the answer. Returns (accuracy, [(item, final text or None)])."""
-    import re
-
-    from gptoss_jax.chat_format import Conversation, parse_completion, user
-
     conversations = [Conversation([user(builtin_data.question(*item))], reasoning_effort=reasoning_effort)
                      for item in items]
     results = []

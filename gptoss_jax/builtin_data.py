@@ -23,6 +23,7 @@ import json
 import random
 
 from gptoss_jax import chat_format, dataset
+from gptoss_jax.tokenizer import get_tokenizer
 
 REASONING_EFFORTS = ("low", "medium", "high")
 FIRST_DATE, LAST_DATE = datetime.date(2024, 1, 1), datetime.date(2035, 12, 31)
@@ -245,7 +246,6 @@ def vocabulary_tokens() -> list[int]:
     for unit in UNITS:
         for n in range(1, 100):
             texts.append(f" {n * unit[4]} {unit[1]}")
-    from gptoss_jax.tokenizer import get_tokenizer
     tokenizer = get_tokenizer()
     for kind in KINDS:
         for _ in range(100):

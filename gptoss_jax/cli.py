@@ -17,7 +17,7 @@ from gptoss_jax.converters.layouts import detect_layout, read_config
 from gptoss_jax.converters.orbax_io import is_converted
 from gptoss_jax.hub import resolve_checkpoint
 from gptoss_jax.kernels.dispatch import CHOICES
-from gptoss_jax.loader import load
+from gptoss_jax.loader import BUILTIN_DESCRIPTION, builtin_config, load
 from gptoss_jax.model import GptOss
 from gptoss_jax.sampling import check_sampling
 from gptoss_jax.sharding.memory import bytes_per_device, format_bytes
@@ -119,9 +119,7 @@ def model_source(args) -> tuple[str | Path, GptOssConfig]:
     built-in model), and the model's config, read without the weights; looked up once per run."""
     if getattr(args, "resolved_source", None) is None:
         if args.checkpoint is None:
-            from gptoss_jax import builtin
-
-            args.resolved_source = (None, builtin.config())
+            args.resolved_source = (None, builtin_config())
         elif args.checkpoint in PRESETS and not Path(args.checkpoint).exists():
             args.resolved_source = (args.checkpoint, GptOssConfig.preset(args.checkpoint))
         else:
@@ -135,9 +133,7 @@ def load_model(args) -> GptOss:
     source, _ = model_source(args)
     mesh = make_mesh(parse_mesh_spec(args.mesh)) if args.mesh else None
     if args.checkpoint is None:
-        from gptoss_jax.builtin import DESCRIPTION
-
-        print(f"note: no --checkpoint given; using the built-in model: {DESCRIPTION}", file=sys.stderr)
+        print(f"note: no --checkpoint given; using the built-in model: {BUILTIN_DESCRIPTION}", file=sys.stderr)
     elif isinstance(source, str):
         print(f"note: --checkpoint {source} is a preset: random weights at its shape", file=sys.stderr)
     model = load(source, dtype=args.dtype, mesh=mesh, kernels=args.kernels)

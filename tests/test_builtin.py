@@ -32,9 +32,9 @@ def test_the_built_in_model_is_a_full_vocabulary_gpt_oss_with_mxfp4_experts(mode
 
 
 def test_package_file_is_small_and_packaged():
-    path = builtin.package_path()
+    path = builtin.builtin_package_path()
     assert path.is_file() and path.stat().st_size < 4e6
-    meta, arrays, tokens = builtin.read_package(path)
+    meta, arrays, tokens = builtin.read_builtin_package(path)
     assert arrays["embedding"].shape[0] == len(tokens) + 1 and meta["summary"]["final_loss"] < 0.5
     text = open("pyproject.toml").read()
     assert '"gptoss_jax.data" = ["*.gz", "*.npz"]' in text
@@ -67,7 +67,7 @@ def test_a_weather_question_calls_the_tool_and_the_answer_uses_its_result(model)
 
 def test_tokens_outside_the_task_get_almost_no_probability(model):
     used = np.zeros(model.config.vocab_size, bool)
-    used[builtin.read_package()[2]] = True
+    used[builtin.read_builtin_package()[2]] = True
     rng = random.Random(7)
     conversations = [Conversation([user(builtin_data.question(*item))], reasoning_effort=rng.choice(["low", "high"]))
                      for item in builtin_data.held_out_arithmetic(200)[:4]]

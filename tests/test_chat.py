@@ -233,7 +233,8 @@ def test_chat_cli_ctrl_c_mid_answer_goes_on():
     import signal
 
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.Popen([sys.executable, "-m", "gptoss_jax.chat", "--max-new-tokens", "100000", "--temperature", "0"],
+    proc = subprocess.Popen([sys.executable, "-m", "gptoss_jax.chat", "--checkpoint", "tiny", "--max-new-tokens", "100000",
+                             "--temperature", "0"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     proc.stdin.write("Hello!\n")
     proc.stdin.flush()

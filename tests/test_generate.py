@@ -494,7 +494,8 @@ def test_cli_ctrl_c_stops_without_a_traceback():
     import time
 
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.Popen([sys.executable, "-m", "gptoss_jax.generate", "--max-new-tokens", "100000", "--temperature", "0"],
+    proc = subprocess.Popen([sys.executable, "-m", "gptoss_jax.generate", "--checkpoint", "tiny", "--max-new-tokens", "100000",
+                             "--temperature", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     line = ""
     while "does not follow the harmony format" not in line:  # it is generating

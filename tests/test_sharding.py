@@ -401,7 +401,7 @@ def test_a_mesh_far_larger_than_any_host_is_refused_at_once():
     """The size checks that need only the spec and the model's config run before JAX
     provisions a single host device (a million of them take minutes and gigabytes)."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
-    for spec, message in [("1000x1000", "mesh 1000x1000 (expert 1000 x model 1000) for model 'tiny'"),
+    for spec, message in [("1000x1000", "mesh 1000x1000 (expert 1000 x model 1000) for model 'builtin'"),
                           ("1000000x1x1", "--mesh 1000000x1x1 needs 1000000 devices in one process")]:
         result = subprocess.run([sys.executable, "-m", "gptoss_jax.generate", "--mesh", spec], capture_output=True,
                                 text=True, env=env, timeout=60)
