@@ -17,7 +17,7 @@ from gptoss_jax.converters.layouts import detect_layout, read_config
 from gptoss_jax.converters.orbax_io import is_converted
 from gptoss_jax.hub import resolve_checkpoint
 from gptoss_jax.kernels.dispatch import CHOICES
-from gptoss_jax.loader import load
+from gptoss_jax.loader import BUILTIN_DESCRIPTION, builtin_config, load
 from gptoss_jax.model import GptOss
 from gptoss_jax.sampling import check_sampling
 from gptoss_jax.sharding.memory import bytes_per_device, format_bytes
@@ -48,7 +48,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="checkpoint directory (either MXFP4 layout, or converted), or a Hugging Face repo id "
                              "such as openai/gpt-oss-20b (local HF cache first, else downloaded), or a preset name "
                              f"({', '.join(PRESETS)}) for random weights at that shape; "
-                             "default: the built-in 'tiny' model with random weights")
+                             "default: the built-in model, trained on a small synthetic task (two-digit arithmetic, "
+                             "unit conversions, dates, weather through a tool call)")
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     parser.add_argument("--no-compilation-cache", action="store_true")
     parser.add_argument("--kernels", choices=CHOICES, default="auto",
@@ -114,12 +115,13 @@ COMPILATION_CACHE_NOTE = (f"Compiled code is cached across runs in {COMPILATION_
 
 
 def model_source(args) -> tuple[str | Path, GptOssConfig]:
-    """What --checkpoint names, a preset (random weights) or a checkpoint directory, and the
-    model's config, read without the weights; looked up once per run."""
+    """What --checkpoint names, a preset (random weights), a checkpoint directory or None (the
+    built-in model), and the model's config, read without the weights; looked up once per run."""
     if getattr(args, "resolved_source", None) is None:
-        if args.checkpoint is None or (args.checkpoint in PRESETS and not Path(args.checkpoint).exists()):
-            name = args.checkpoint or "tiny"
-            args.resolved_source = (name, GptOssConfig.preset(name))
+        if args.checkpoint is None:
+            args.resolved_source = (None, builtin_config())
+        elif args.checkpoint in PRESETS and not Path(args.checkpoint).exists():
+            args.resolved_source = (args.checkpoint, GptOssConfig.preset(args.checkpoint))
         else:
             path = resolve_checkpoint(args.checkpoint, log=lambda message: print(message, file=sys.stderr))
             config_file = path / "config.json" if is_converted(path) else detect_layout(path)[1] / "config.json"
@@ -131,8 +133,7 @@ def load_model(args) -> GptOss:
     source, _ = model_source(args)
     mesh = make_mesh(parse_mesh_spec(args.mesh)) if args.mesh else None
     if args.checkpoint is None:
-        print("note: no --checkpoint given; using the built-in 'tiny' model with random weights "
-              "(its output is random tokens)", file=sys.stderr)
+        print(f"note: no --checkpoint given; using the built-in model: {BUILTIN_DESCRIPTION}", file=sys.stderr)
     elif isinstance(source, str):
         print(f"note: --checkpoint {source} is a preset: random weights at its shape", file=sys.stderr)
     model = load(source, dtype=args.dtype, mesh=mesh, kernels=args.kernels)

@@ -7,7 +7,7 @@ One JSON object per line:
     {"messages": [{"role": "user", "content": "What is 23 + 19?"},
                   {"role": "assistant", "channel": "analysis", "content": "23 + 19 = 42."},
                   {"role": "assistant", "channel": "final", "content": "42"}],
-     "reasoning_effort": "low", "developer": "Answer briefly.", "tools": [...]}
+     "reasoning_effort": "low", "developer": "Answer briefly.", "tools": [...], "current_date": "2025-06-28"}
 
 The loss falls on the tokens the model generates (`chat_format.render_for_training`): every
 assistant message after its `<|start|>assistant`, the last final answer's `<|return|>`
@@ -28,7 +28,7 @@ from gptoss_jax import chat_format
 from gptoss_jax.kernels.common import NO_POSITION
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
-RECORD_KEYS = ("messages", "tools", "reasoning_effort", "developer")
+RECORD_KEYS = ("messages", "tools", "reasoning_effort", "developer", "current_date")
 MESSAGE_KEYS = ("role", "content", "channel", "recipient", "name", "content_type")
 PAD_TOKEN = 0  # fed at position NO_POSITION with no loss, so its value never matters
 
@@ -157,6 +157,8 @@ def conversation_from_record(record) -> chat_format.Conversation:
     settings = {}
     if record.get("reasoning_effort") is not None:
         settings["reasoning_effort"] = record["reasoning_effort"]
+    if record.get("current_date") is not None:
+        settings["current_date"] = _text(record["current_date"], "'current_date'")
     return chat_format.Conversation(messages, developer_instructions="\n\n".join(instructions) or None,
                                     tools=[chat_format.FunctionTool.from_dict(tool) for tool in tools], **settings)
 

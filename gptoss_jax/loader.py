@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import collections
 import functools
+import json
 import math
 import zlib
 from functools import partial
+from importlib import resources
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from flax import nnx
 
@@ -47,15 +50,18 @@ def parse_dtype(dtype) -> jnp.dtype:
     return dtype
 
 
-def load(path, *, mesh=None, dtype="bfloat16", seed: int = 0, kernels: str | Kernels = "auto") -> GptOss:
+def load(path=None, *, mesh=None, dtype="bfloat16", seed: int = 0, kernels: str | Kernels = "auto") -> GptOss:
     """A checkpoint directory (converted by `python -m gptoss_jax.convert`, or HF or original
-    MXFP4 layout), or a preset name ("tiny", "gpt-oss-20b", "gpt-oss-120b") for random
-    weights drawn from `seed`. `kernels`: "auto" (the kernels that measured faster than XLA
+    MXFP4 layout), a preset name ("tiny", "gpt-oss-20b", "gpt-oss-120b") for random
+    weights drawn from `seed`, or None for the built-in model (trained on a small synthetic
+    task, gptoss_jax.builtin). `kernels`: "auto" (the kernels that measured faster than XLA
     on the devices the model is placed on: none on a CPU), "pallas", "xla" (see
     `Kernels.choose`) or a `Kernels` value."""
     dtype = parse_dtype(dtype)
     if not isinstance(kernels, Kernels):
         kernels = Kernels.auto(kernels, mesh=mesh)
+    if path is None:
+        return load_builtin(mesh=mesh, dtype=dtype, kernels=kernels)
     if isinstance(path, str) and path in PRESETS and not Path(path).exists():
         return random_model(GptOssConfig.preset(path), mesh=mesh, dtype=dtype, seed=seed, kernels=kernels)
     if is_converted(path):
@@ -177,6 +183,85 @@ def _put_dense(array: np.ndarray, sharding, dtype):
     if array.dtype == dtype:
         return put_host_array(array, sharding)
     return jax.jit(lambda a: a.astype(dtype), out_shardings=sharding)(put_host_array(array, sharding))
+
+
+# ------------------------------------------------------------------------ the built-in model
+BUILTIN_FILE = "builtin.npz"
+BUILTIN_FORMAT = "gptoss-jax-builtin"
+BUILTIN_FORMAT_VERSION = 1
+BUILTIN_DESCRIPTION = ("trained on a small synthetic task (two-digit addition and subtraction, unit conversions, "
+                       "dates, weather through a tool call), see docs/finetuning.md")
+
+
+def builtin_package_path() -> Path:
+    return Path(str(resources.files("gptoss_jax.data").joinpath(BUILTIN_FILE)))
+
+
+def read_builtin_package(path=None) -> tuple[dict, dict[str, np.ndarray], np.ndarray]:
+    """(metadata, stored arrays by parameter path, task token ids) of a package file."""
+    path = builtin_package_path() if path is None else Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: the built-in model's file is missing; reinstall gptoss-jax or rebuild it with "
+                         f"python -m gptoss_jax.builtin --train OUT_DIR")
+    with np.load(path) as f:
+        arrays = {k: f[k] for k in f.files}
+    meta = json.loads(arrays.pop("__meta__").tobytes())
+    if meta.get("format") != BUILTIN_FORMAT or meta.get("version") != BUILTIN_FORMAT_VERSION:
+        raise ValueError(f"{path}: not a built-in model file of format {BUILTIN_FORMAT} version {BUILTIN_FORMAT_VERSION}")
+    return meta, arrays, arrays.pop("__tokens__")
+
+
+def _full_vocab(name: str, rows: np.ndarray, tokens: np.ndarray, vocab_size: int) -> np.ndarray:
+    """A reduced [N + 1, d] embedding or unembedding expanded to the full vocabulary."""
+    shared = rows[-1] if name == "unembedding" else np.zeros_like(rows[-1])
+    full = np.broadcast_to(shared, (vocab_size, rows.shape[1])).copy()
+    full[tokens] = rows[:-1]
+    return full
+
+
+def builtin_arrays(path=None) -> tuple[GptOssConfig, dict[str, np.ndarray]]:
+    """The built-in model's config and parameters in the full vocabulary (FP4 and E8M0 as
+    ml_dtypes arrays, dense parameters bf16)."""
+    meta, arrays, tokens = read_builtin_package(path)
+    out = {}
+    for name, stored in arrays.items():
+        kind = meta["kinds"][name]
+        if kind == str(jnp.dtype(mxfp4.FP4)):
+            value = mxfp4.blocks_to_fp4_numpy(stored)
+        elif kind == str(jnp.dtype(mxfp4.E8M0)):
+            value = stored.view(mxfp4.E8M0)
+        else:
+            value = stored.view(ml_dtypes.bfloat16)
+            if name in ("embedding", "unembedding"):
+                value = _full_vocab(name, value, tokens, meta["config"]["vocab_size"])
+        out[name] = value
+    return builtin_config(meta), out
+
+
+def builtin_config(meta: dict | None = None) -> GptOssConfig:
+    """The built-in model's config (read from its package file unless `meta` is given)."""
+    meta = read_builtin_meta() if meta is None else meta
+    return GptOssConfig.from_dict(meta["config"], name=meta["config"].get("name", "builtin"))
+
+
+def read_builtin_meta(path=None) -> dict:
+    return read_builtin_package(path)[0]
+
+
+def load_builtin(*, mesh=None, dtype=jnp.bfloat16, kernels: Kernels = XLA, path=None) -> GptOss:
+    """The built-in model, placed on the devices (or `mesh`) like any loaded checkpoint."""
+    c, arrays = builtin_arrays(path)
+    graphdef, leaves = abstract_model(c, dtype, mesh, kernels)
+    values = {}
+    relayout = ExpertRelayout(c, leaves, mesh, values)
+    for p, var in _source_leaves(c, dtype, mesh):
+        array = arrays[path_name(p)]
+        sharding = leaf_sharding(var, mesh)
+        if array.dtype in (mxfp4.FP4, mxfp4.E8M0):
+            relayout.add(p, put_host_array(array, sharding))
+        else:
+            relayout.add(p, _put_dense(array, sharding, var.dtype))
+    return _assemble(graphdef, leaves, values)
 
 
 # ------------------------------------------------------------------------ random weights

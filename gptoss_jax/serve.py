@@ -623,7 +623,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for every interface)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--served-model-name", metavar="NAME",
-                        help="the model name clients ask for (default: the --checkpoint as given, or 'tiny')")
+                        help="the model name clients ask for (default: the --checkpoint as given, or 'builtin')")
     parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (default: no key)")
     parser.add_argument("--slots", type=int, default=DEFAULT_SLOTS,
                         help=f"requests decoded together, each with its own cache rows (default {DEFAULT_SLOTS})")
@@ -647,7 +647,7 @@ def served_name(args) -> str:
     if args.served_model_name:
         return args.served_model_name
     if args.checkpoint is None:
-        return "tiny"
+        return "builtin"
     return args.checkpoint if not Path(args.checkpoint).exists() else Path(args.checkpoint).resolve().name
 
 

@@ -341,11 +341,13 @@ def _requantize(fp4, scales, arrays, scale):
 
 
 # ------------------------------------------------------------------------------------ loss
-def loss_sums(model: GptOss, batch: Batch, *, remat: bool = True, chunk: int = LOSS_CHUNK):
+def loss_sums(model: GptOss, batch: Batch, *, remat: bool = True, chunk: int = LOSS_CHUNK, logit_bias: tuple = ()):
     """(sum of the next-token losses of `batch`, weighted by its loss mask, and the sum of
     the mask), fp32 scalars. Logits are computed only at the batch's loss positions, `chunk`
     positions of every row at a time (recomputed in the backward pass), so the [batch, seq,
-    vocabulary] logits never exist."""
+    vocabulary] logits never exist. `logit_bias`, ((token, bias), ...), is added to those
+    tokens' logits in the loss: a row that stands for k tied rows of a larger vocabulary
+    (bias log k) makes the loss that of the larger vocabulary."""
     h, _ = model.hidden_states(batch.tokens, batch.positions, None, batch.segment_ids, remat=remat)
     h = jnp.take_along_axis(h, jnp.asarray(batch.loss_positions, jnp.int32)[..., None], axis=1)  # [b, m, d]
     targets = jnp.asarray(batch.targets, jnp.int32)
@@ -365,6 +367,9 @@ def loss_sums(model: GptOss, batch: Batch, *, remat: bool = True, chunk: int = L
     def chunk_loss(total, xs):
         h, targets, mask = xs
         logits = model.unembed(h).astype(F32)
+        if logit_bias:
+            tokens, biases = zip(*logit_bias)
+            logits = logits.at[..., np.asarray(tokens)].add(np.asarray(biases, np.float32))
         target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
         return total + jnp.sum((jax.nn.logsumexp(logits, axis=-1) - target_logits) * mask), None
 
@@ -479,6 +484,7 @@ class _Program:
     optimizer: OptimizerConfig
     remat: bool
     loss_chunk: int
+    logit_bias: tuple = ()
 
     def model(self, params, rngs, frozen, key):
         values = jax.tree.unflatten(self.treedef, [params[k].astype(d) for k, d in zip(self.keys, self.dtypes)])
@@ -491,7 +497,7 @@ def _train_step(state, rngs, frozen, batch: Batch, learning_rate, *, program: _P
 
     def loss(params):
         total, count = loss_sums(program.model(params, rngs, frozen, key), batch, remat=program.remat,
-                                 chunk=program.loss_chunk)
+                                 chunk=program.loss_chunk, logit_bias=program.logit_bias)
         return total / jnp.maximum(count, 1), count
 
     (value, count), grads = jax.value_and_grad(loss, has_aux=True)(state["params"])
@@ -505,7 +511,7 @@ def _train_step(state, rngs, frozen, batch: Batch, learning_rate, *, program: _P
 @functools.partial(jax.jit, static_argnames="program")
 def _eval_sums(params, rngs, frozen, batch: Batch, *, program: _Program):
     return loss_sums(program.model(params, rngs, frozen, jax.random.key(0)), batch, remat=False,
-                     chunk=program.loss_chunk)
+                     chunk=program.loss_chunk, logit_bias=program.logit_bias)
 
 
 def _cast(params: dict, dtypes: tuple):
@@ -537,14 +543,16 @@ class Trainer:
     current weights, for evaluation, generation or export.
 
     `abstract=True` takes a model of shapes (nnx.eval_shape), possibly on devices of another
-    platform, and builds no state: `lower(batch)` then compiles the step ahead of time."""
+    platform, and builds no state: `lower(batch)` then compiles the step ahead of time.
+    `logit_bias` ((token, bias), ...) is added to those logits in the loss (loss_sums)."""
 
     def __init__(self, model: GptOss, method: str, optimizer: OptimizerConfig, *, seed: int = 0, remat: bool = True,
-                 loss_chunk: int = LOSS_CHUNK, abstract: bool = False):
+                 loss_chunk: int = LOSS_CHUNK, abstract: bool = False, logit_bias: tuple = ()):
         optimizer.check()
         self.config, self.mesh, self.kernels = optimizer, model.mesh, model.kernels
         self.trainable = trainable_filter(method)
         self.remat, self.loss_chunk = remat, loss_chunk
+        self.logit_bias = tuple((int(t), float(b)) for t, b in logit_bias)
         model = model.with_kernels(XLA)
         _, params, self.rngs, self.frozen = nnx.split(model, self.trainable, nnx.RngState, ...)
         flat = nnx.to_flat_state(params)
@@ -576,7 +584,7 @@ class Trainer:
         def program(dropout):
             graphdef = nnx.split(_with_dropout(model, dropout), self.trainable, nnx.RngState, ...)[0]
             return _Program(graphdef, self.treedef, self.keys, self.dtypes, self.config.update_rule(), self.remat,
-                            self.loss_chunk)
+                            self.loss_chunk, self.logit_bias)
 
         self.program, self.eval_program = program(True), program(False)
 

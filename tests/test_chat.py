@@ -76,9 +76,10 @@ def run_chat(stdin, *args):
 
 
 def test_chat_cli_runs_two_turns_on_the_tiny_model():
-    result = run_chat("Hello!\n/effort high\nAnd again?\n", "--max-new-tokens", "40", "--temperature", "0")
+    result = run_chat("Hello!\n/effort high\nAnd again?\n", "--checkpoint", "tiny", "--max-new-tokens", "40",
+                      "--temperature", "0")
     assert result.returncode == 0, result.stderr
-    assert "built-in 'tiny' model" in result.stderr and "(reasoning effort: high)" in result.stderr
+    assert "preset: random weights" in result.stderr and "(reasoning effort: high)" in result.stderr
     assert result.stderr.count("does not follow the harmony format") == 2  # random weights, two answers
     assert len(result.stdout.strip().splitlines()) >= 2
 
@@ -232,7 +233,8 @@ def test_chat_cli_ctrl_c_mid_answer_goes_on():
     import signal
 
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.Popen([sys.executable, "-m", "gptoss_jax.chat", "--max-new-tokens", "100000", "--temperature", "0"],
+    proc = subprocess.Popen([sys.executable, "-m", "gptoss_jax.chat", "--checkpoint", "tiny", "--max-new-tokens", "100000",
+                             "--temperature", "0"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     proc.stdin.write("Hello!\n")
     proc.stdin.flush()

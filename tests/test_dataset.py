@@ -53,6 +53,13 @@ def test_a_record_maps_onto_the_chat_format():
     assert cf.render_for_training(conversation).tokens == cf.render_for_training(want).tokens
 
 
+def test_a_record_may_set_the_current_date():
+    record = qa("Q?", "R.", "A") | {"current_date": "2025-06-28"}
+    conversation = conversation_from_record(record)
+    assert conversation.current_date == "2025-06-28"
+    assert "Current date: 2025-06-28" in get_tokenizer().decode(example_from_record(record).tokens.tolist())
+
+
 def test_the_loss_falls_on_what_the_model_generates():
     decode = get_tokenizer().decode
     example = example_from_record(TOOL_RECORD)
@@ -133,6 +140,7 @@ def test_batches_are_the_same_in_every_run_and_reshuffled_each_epoch(tmp_path):
     ({"messages": [{"role": "assistant", "content": "x"}], "reasoning_effort": "max"}, "unknown reasoning effort"),
     ({"messages": [{"role": "assistant", "content": "x"}], "tools": [{"name": "bad name"}]}, "invalid tool name"),
     ({"messages": [{"role": "assistant", "content": "x " * 300}]}, "tokens long; rows hold 100"),
+    ({"messages": [{"role": "assistant", "content": "x"}], "current_date": 20250628}, "'current_date' must be a string"),
 ])
 def test_a_bad_record_is_named_by_its_line_or_skipped(tmp_path, line, reason):
     path = write_lines(tmp_path / "d.jsonl", [qa("Q?", "R.", "A"), "", line, qa("Q2?", "R2.", "A2")])

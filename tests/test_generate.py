@@ -174,10 +174,21 @@ def run_cli(*args, env=None):
 
 
 def test_cli_default_run():
-    # Random weights do not speak harmony: after a header that never ends the CLI streams raw text.
-    result = run_cli("--max-new-tokens", "48", "--temperature", "0")
+    # No --checkpoint: the built-in model (trained on a small synthetic task) answers in harmony,
+    # its analysis on stderr with --show-analysis and its final answer on stdout.
+    result = run_cli("--prompt", "What is 23 + 19?", "--temperature", "0", "--show-analysis")
     assert result.returncode == 0, result.stderr
-    assert "built-in 'tiny' model" in result.stderr
+    assert "using the built-in model: trained on a small synthetic task" in result.stderr
+    assert "2 3 + 1 9: 3+9=12, carry 1; 2+1+1=4. Answer 42." in result.stderr
+    assert result.stdout.strip() == "23 + 19 = 42"
+    assert "harmony format" not in result.stderr
+
+
+def test_cli_preset_tiny_is_random_weights_not_harmony():
+    # Random weights do not speak harmony: after a header that never ends the CLI streams raw text.
+    result = run_cli("--checkpoint", "tiny", "--max-new-tokens", "48", "--temperature", "0")
+    assert result.returncode == 0, result.stderr
+    assert "--checkpoint tiny is a preset: random weights" in result.stderr
     assert "does not follow the harmony format" in result.stderr
     assert result.stdout.strip()
 
@@ -462,11 +473,12 @@ def test_cli_without_a_prompt_says_which_prompt_it_answers():
 
 def test_cli_short_output_that_is_not_harmony_goes_to_stdout():
     """Too few tokens for the stream to see a header that never ends: still raw text on stdout."""
-    result = run_cli("--max-new-tokens", "5", "--temperature", "0", "--prompt", "hi")
+    tiny = ("--checkpoint", "tiny", "--max-new-tokens", "5", "--temperature", "0")
+    result = run_cli(*tiny, "--prompt", "hi")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() and "raw output" not in result.stderr
     assert "does not follow the harmony format" in result.stderr
-    batch = run_cli("--max-new-tokens", "5", "--temperature", "0", "--prompt", "hi", "--prompt", "hi")
+    batch = run_cli(*tiny, "--prompt", "hi", "--prompt", "hi")
     answers = [line.strip() for line in batch.stdout.splitlines() if not line.startswith("===")]
     assert answers == [result.stdout.strip()] * 2
 
@@ -482,7 +494,8 @@ def test_cli_ctrl_c_stops_without_a_traceback():
     import time
 
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.Popen([sys.executable, "-m", "gptoss_jax.generate", "--max-new-tokens", "100000", "--temperature", "0"],
+    proc = subprocess.Popen([sys.executable, "-m", "gptoss_jax.generate", "--checkpoint", "tiny", "--max-new-tokens", "100000",
+                             "--temperature", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     line = ""
     while "does not follow the harmony format" not in line:  # it is generating

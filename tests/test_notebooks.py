@@ -1,5 +1,5 @@
 """The notebooks (notebooks/*.ipynb) run top to bottom in a Jupyter kernel with the CI
-parameters (the built-in model on the CPU, few tokens), and each .ipynb holds the same cells
+parameters (the `tiny` preset on the CPU, few tokens), and each .ipynb holds the same cells
 as its jupytext py:percent pair. Marked notebooks; the four runs took 506 s on a shared
 2-core machine (finetune_lora 211 s, gpt_oss_120b_tpu_v5e8 163 s, quickstart 71 s,
 inside_gpt_oss 61 s)."""
@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 CI_PARAMETERS = {
     "quickstart": {"model_name": "tiny", "max_new_tokens": 8},
-    # The plan cell compiles the built-in model for the v5e-8 (gpt-oss-120b's plan is tests/test_tpu_aot.py's).
+    # The plan cell compiles the tiny preset for the v5e-8 (gpt-oss-120b's plan is tests/test_tpu_aot.py's).
     "gpt_oss_120b_tpu_v5e8": {"checkpoint": "tiny", "plan_model": "tiny", "context": 1024, "max_new_tokens": 8},
     "finetune_lora": {"checkpoint": "tiny", "steps": 4, "seq_len": 256, "max_new_tokens": 8},
     "inside_gpt_oss": {"checkpoint": "tiny"},

@@ -1,10 +1,11 @@
 """The OpenAI-compatible server end to end: the official `openai` client (and plain httpx for
-malformed requests) against a uvicorn server on a loopback port, serving the built-in tiny
-model in fp32, where every greedy answer must equal `gptoss_jax.generate` for the same prompt
-token for token (in bf16 a row's logits can depend on the batch it ran in: see
-docs/serving.md). The tiny model's random weights do not write harmony, so the answers are
-plain text (read as content); tool calls are checked here by the prompts the server renders
-and the tokens it forces, and by real harmony sequences in test_serve_openai.py."""
+malformed requests) against a uvicorn server on a loopback port, serving the `tiny` preset's
+model in fp32 (the command without --checkpoint serves the trained built-in model), where
+every greedy answer must equal `gptoss_jax.generate` for the same prompt token for token (in
+bf16 a row's logits can depend on the batch it ran in: see docs/serving.md). The tiny model's
+random weights do not write harmony, so the answers are plain text (read as content); tool
+calls are checked here by the prompts the server renders and the tokens it forces, and by
+real harmony sequences in test_serve_openai.py."""
 
 import asyncio
 import functools
@@ -421,7 +422,7 @@ def test_app_settings_are_checked(model):
 def test_cli_serves_the_built_in_model():
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     process = subprocess.Popen([sys.executable, "-m", "gptoss_jax.serve", "--port", "0", "--slots", "2",
-                                "--max-context", "128", "--log-level", "warning"], stderr=subprocess.PIPE, text=True,
+                                "--max-context", "256", "--log-level", "warning"], stderr=subprocess.PIPE, text=True,
                                env=env)
     try:
         lines = []
@@ -429,12 +430,14 @@ def test_cli_serves_the_built_in_model():
             line = process.stderr.readline()
             assert line, "".join(lines)
             lines.append(line)
-        assert "built-in 'tiny' model" in "".join(lines)
+        assert "using the built-in model: trained on a small synthetic task" in "".join(lines)
         url = lines[-1].split(" on ")[1].strip()
         assert url.startswith("http://127.0.0.1:")
         client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=300)
-        reply = client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=3, temperature=0)
-        assert reply.usage.completion_tokens == 3
+        assert [m.id for m in client.models.list().data] == ["builtin"]
+        reply = client.chat.completions.create(model="builtin", messages=[{"role": "user", "content": "What is 23 + 19?"}],
+                                               max_tokens=64, temperature=0)
+        assert reply.choices[0].message.content == "23 + 19 = 42"
     finally:
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=60) == 0

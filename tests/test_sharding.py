@@ -299,9 +299,9 @@ def test_cli_rejects_bad_meshes_in_one_line(capsys, args, message):
 def test_cli_rejects_a_mesh_the_model_cannot_use(capsys):
     if len(jax.devices()) < 8:
         pytest.skip(f"needs 8 devices; this machine has {len(jax.devices())}")
-    code, out = run_main(capsys, "--mesh", "1x8")  # the built-in tiny model: 2 blocks of hidden units
+    code, out = run_main(capsys, "--mesh", "1x8")  # the built-in model: 4 attention heads, 2 blocks of hidden units
     assert code == 2
-    assert out.err.strip().splitlines()[-1].startswith("error: mesh 1x8 (expert 1 x model 8) for model 'tiny'")
+    assert out.err.strip().splitlines()[-1].startswith("error: mesh 1x8 (expert 1 x model 8) for model 'builtin'")
 
 
 def test_help_documents_the_mesh(capsys):
@@ -401,7 +401,7 @@ def test_a_mesh_far_larger_than_any_host_is_refused_at_once():
     """The size checks that need only the spec and the model's config run before JAX
     provisions a single host device (a million of them take minutes and gigabytes)."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
-    for spec, message in [("1000x1000", "mesh 1000x1000 (expert 1000 x model 1000) for model 'tiny'"),
+    for spec, message in [("1000x1000", "mesh 1000x1000 (expert 1000 x model 1000) for model 'builtin'"),
                           ("1000000x1x1", "--mesh 1000000x1x1 needs 1000000 devices in one process")]:
         result = subprocess.run([sys.executable, "-m", "gptoss_jax.generate", "--mesh", spec], capture_output=True,
                                 text=True, env=env, timeout=60)

@@ -178,6 +178,25 @@ def test_lora_gradients_follow_the_chain_rule(base):
     assert len(worst) == 2 * len(train.TARGETS) and max(worst.values()) <= 1e-4
 
 
+def test_a_logit_bias_of_log_k_is_the_loss_with_that_row_tied_k_times(base):
+    """A vocabulary of 1000 rows whose last row stands for k tied rows: its loss with a bias of
+    log k on that row equals the loss of the 999 + k row vocabulary holding k copies of it."""
+    k = 5000
+    batch = random_batch(CONFIG, 2, 12, seed=4)
+    batch = batch._replace(targets=np.minimum(batch.targets, CONFIG.vocab_size - 2))  # the tied rows are never targets
+    wide = random_model(CONFIG.replace(vocab_size=CONFIG.vocab_size - 1 + k), dtype=jnp.float32, seed=2)
+    for name in ("embedding", "unembedding"):
+        rows = getattr(base, name)[...]
+        getattr(wide, name).set_value(jnp.concatenate([rows, jnp.repeat(rows[-1:], k - 1, axis=0)]))
+    wide.blocks = base.blocks
+    wide.norm = base.norm
+    biased = train.loss_sums(base, batch, logit_bias=((CONFIG.vocab_size - 1, float(np.log(k))),))
+    tied = train.loss_sums(wide, batch)
+    np.testing.assert_allclose(np.asarray(biased), np.asarray(tied), rtol=1e-5)
+    plain = train.loss_sums(base, batch)
+    assert float(biased[0]) > float(plain[0]) + 1e-3
+
+
 def test_packed_documents_do_not_see_each_other(base):
     """Row 0 packs two documents (tokens 0-9 and 10-29, positions restarting); rows 1 and 2
     hold each alone, padded."""
