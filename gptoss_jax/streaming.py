@@ -60,6 +60,8 @@ class HarmonyStream:
             if delta is None or self.header_tokens > self.MAX_HEADER_TOKENS:
                 self._give_up_on_harmony()
             elif delta and self.parser.channel == "final":
+                if self.echo and self.show_analysis and self.analysis and not self.final:
+                    print(file=sys.stderr, flush=True)  # the analysis shown ends its line
                 self.final.append(delta)
                 if self.echo:
                     print(delta, end="", flush=True)

@@ -247,7 +247,7 @@ def test_stream_prints_final_channel_live(capsys):
         "Es ist 4 ☃.<|return|>", allowed_special="all")
     stream = harmony_stream(completion, show_analysis=True)
     out = capsys.readouterr()
-    assert out.out == "Es ist 4 ☃." and out.err == "Think: 2+2."
+    assert out.out == "Es ist 4 ☃." and out.err == "Think: 2+2.\n"  # the analysis ends its line
     assert not stream.not_harmony and stream.printed_anything
 
 
