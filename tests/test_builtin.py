@@ -5,6 +5,7 @@ of the training command gives a model that loads."""
 
 import json
 import random
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -36,7 +37,7 @@ def test_package_file_is_small_and_packaged():
     assert path.is_file() and path.stat().st_size < 4e6
     meta, arrays, tokens = builtin.read_builtin_package(path)
     assert arrays["embedding"].shape[0] == len(tokens) + 1 and meta["summary"]["final_loss"] < 0.5
-    text = open("pyproject.toml").read()
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
     assert '"gptoss_jax.data" = ["*.gz", "*.npz"]' in text
 
 
