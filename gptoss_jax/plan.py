@@ -38,13 +38,14 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AbstractMesh, SingleDeviceSharding
 
-from gptoss_jax import engine
+from gptoss_jax import engine, train
 from gptoss_jax.config import PRESETS, GptOssConfig
 from gptoss_jax.converters.layouts import detect_layout, read_config
+from gptoss_jax.dataset import Batch
 from gptoss_jax.kernels import tpu_aot
-from gptoss_jax.kernels.dispatch import CHOICES, Kernels
+from gptoss_jax.kernels.dispatch import CHOICES, XLA, Kernels
 from gptoss_jax.loader import parse_dtype
-from gptoss_jax.model import CACHE_AXES, LayerCache, abstract_model
+from gptoss_jax.model import CACHE_AXES, GptOss, LayerCache, abstract_model
 from gptoss_jax.sharding.memory import format_bytes, is_expert, packed_bytes
 from gptoss_jax.sharding.mesh import MESH_AXES, MeshError, MeshSpec, check_mesh_fits_model, make_mesh, parse_mesh_spec
 from gptoss_jax.sharding.rules import partition_spec
@@ -510,10 +511,6 @@ def plan_training(model: str | GptOssConfig, target: str | Target, mesh: str | N
     train.LoraConfig (default: rank 8 on q, k, v, o), or "full") compiled for a TPU `target`
     on `mesh`, from an abstract model: what each chip holds while it runs. Raises ValueError
     as `plan` does, and for a GPU target (no GPU compiler here)."""
-    from gptoss_jax import train  # the trainer pulls in optax and orbax: only when planning training
-    from gptoss_jax.dataset import Batch
-    from gptoss_jax.kernels.dispatch import XLA
-    from gptoss_jax.model import GptOss
 
     config = _cut(model_config(model), layers)
     target = target if isinstance(target, Target) else target_named(target)
@@ -620,8 +617,6 @@ def main(argv=None) -> int:
 
 
 def _plan_training(args) -> int:
-    from gptoss_jax import train
-
     layers = None
     if args.expert_layers:
         try:

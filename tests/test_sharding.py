@@ -280,7 +280,7 @@ def run_main(capsys, *args):
 
 @pytest.mark.parametrize("args, message", [
     (["--mesh", "4x"], "error: --mesh '4x' is not a mesh spec; use AxB"),
-    (["--mesh", "4x8x2"], "error: --mesh 4x8x2 needs 64 devices"),
+    (["--mesh", "4x8x2", "--checkpoint", "tiny"], "error: --mesh 4x8x2 needs 64 devices"),
     (["--num-processes", "2"], "--coordinator HOST:PORT, --num-processes N and --process-id I together"),
     (["--mesh", "2x1", "--coordinator", "localhost", "--num-processes", "2", "--process-id", "0"],
      "--coordinator 'localhost' is not HOST:PORT; give the port too, e.g. localhost:1234"),

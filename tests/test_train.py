@@ -298,10 +298,11 @@ def test_training_on_a_mesh_matches_one_device(base, rows):
     np.testing.assert_allclose(mesh_losses, losses, rtol=1e-5)
     assert losses[2] < losses[0]
     # Adam divides each gradient by its own running size, so an element whose gradient is
-    # near zero turns fp32 summation-order noise into a sizeable part of a step: the weights
-    # agree to 0.1% of one step (lr); the gradients themselves are compared tightly below.
+    # near zero turns fp32 summation-order noise into a sizeable part of a step (0.4% of one
+    # seen): the weights agree to 1% of one step (lr), where a wrong gradient moves a weight by
+    # a whole step; the gradients themselves are compared tightly below.
     for key in params:
-        np.testing.assert_allclose(mesh_params[key], params[key], rtol=1e-4, atol=1e-3 * optimizer.learning_rate,
+        np.testing.assert_allclose(mesh_params[key], params[key], rtol=1e-4, atol=1e-2 * optimizer.learning_rate,
                                    err_msg=key)
     trained = random_adapters(fresh(base), lora)
     one = gradients(trained, "lora", batch)
