@@ -433,11 +433,7 @@ def plan(model: str | GptOssConfig, target: str | Target, mesh: str | None = Non
     if kernels not in CHOICES:
         raise ValueError(f"kernels must be one of {', '.join(CHOICES)}, got {kernels!r}")
     spec = _target_mesh(config, target, mesh)
-    for name, value in (("batch", batch), ("context", context)):
-        if value < 1:
-            raise ValueError(f"--{name} must be at least 1, got {value}")
-    if batch % spec.data:
-        raise ValueError(f"--batch {batch} does not split over the mesh's data axis of {spec.data}")
+    _check_sizes(spec, batch=batch, context=context)
     if context > config.max_position_embeddings:
         raise ValueError(f"--context {context} is longer than the model's {config.max_position_embeddings} positions")
     prompt = min(context, 1024) if prompt is None else prompt
@@ -520,11 +516,7 @@ def plan_training(model: str | GptOssConfig, target: str | Target, mesh: str | N
     if method not in ("lora", "full"):
         raise ValueError(f"--train must be lora or full, got {method!r}")
     spec = _target_mesh(config, target, mesh)
-    for name, value in (("batch", batch), ("seq-len", seq_len)):
-        if value < 1:
-            raise ValueError(f"--{name} must be at least 1, got {value}")
-    if batch % spec.data:
-        raise ValueError(f"--batch {batch} does not split over the mesh's data axis of {spec.data}")
+    _check_sizes(spec, batch=batch, seq_len=seq_len)
     lora = train.LoraConfig() if lora is None else lora
     if method == "lora":
         lora.check(config)
@@ -559,6 +551,15 @@ def _cut(config: GptOssConfig, layers: int | None) -> GptOssConfig:
     if not 1 <= layers <= config.num_hidden_layers:
         raise ValueError(f"--layers must be in [1, {config.num_hidden_layers}], got {layers}")
     return config.replace(num_hidden_layers=layers, name=f"{config.name} (first {layers} layers)")
+
+
+def _check_sizes(spec: MeshSpec, **sizes: int) -> None:
+    """Each size at least 1 (named as its flag), and `batch` split evenly over the data axis."""
+    for name, value in sizes.items():
+        if value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if sizes["batch"] % spec.data:
+        raise ValueError(f"--batch {sizes['batch']} does not split over the mesh's data axis of {spec.data}")
 
 
 def _target_mesh(config: GptOssConfig, target: Target, mesh: str | None) -> MeshSpec:
