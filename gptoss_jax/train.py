@@ -707,6 +707,7 @@ class Checkpoints:
                 self.manager.save(step, args=args, force=True)
                 self.manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001 - orbax and tensorstore report write failures as several types
+            _drop_closed_loop_reports()  # the failed write's late callbacks, for the rest of the process
             previous = self.latest()
             kept = f"the checkpoint of step {previous} is kept" if previous is not None else "no checkpoint is kept"
             raise CheckpointSaveError(f"{self.directory}: saving the checkpoint of step {step} failed "
@@ -735,7 +736,7 @@ def _orbax_logs_dropped():
     hook = sys.unraisablehook
 
     def drop_closed_loop(unraisable):
-        if not (isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value)):
+        if not _is_closed_loop(unraisable.exc_value):
             hook(unraisable)
 
     sys.unraisablehook = drop_closed_loop
@@ -745,6 +746,30 @@ def _orbax_logs_dropped():
         sys.unraisablehook = hook
         for logger, (handlers, propagate) in zip(loggers, saved):
             logger.handlers, logger.propagate = handlers, propagate
+
+
+def _is_closed_loop(error) -> bool:
+    return isinstance(error, RuntimeError) and "Event loop is closed" in str(error)
+
+
+def _drop_closed_loop_reports() -> None:
+    """After a failed write, tensorstore's callbacks can still arrive, from its own threads,
+    once orbax's event loop is closed; Python prints each as a traceback (sys.excepthook,
+    or sys.unraisablehook). Those reports are dropped; any other error still shows."""
+    excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
+    if getattr(excepthook, "drops_closed_loop", False):
+        return
+
+    def drop_excepthook(kind, error, traceback):
+        if not _is_closed_loop(error):
+            excepthook(kind, error, traceback)
+
+    def drop_unraisable(unraisable):
+        if not _is_closed_loop(unraisable.exc_value):
+            unraisablehook(unraisable)
+
+    drop_excepthook.drops_closed_loop = True
+    sys.excepthook, sys.unraisablehook = drop_excepthook, drop_unraisable
 
 
 def _short_error(e: BaseException) -> str:

@@ -2,6 +2,8 @@
 gradients against the chain rule through the frozen base, merged and unmerged adapters,
 quantization-aware training against the export, adapter files, and training on a mesh."""
 
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -311,3 +313,15 @@ def test_training_on_a_mesh_matches_one_device(base, rows):
         assert relative(on_mesh[path], one[path]) < 1e-4, path
     sharded = trainer.state["params"]["blocks/0/mlp/adapters/mlp1/b"].sharding
     assert sharded.spec[:2] == ("expert", "model")
+
+
+def test_after_a_failed_save_only_closed_loop_reports_are_dropped(monkeypatch, capsys):
+    # tensorstore reports its late callbacks through PyErr_Print, which calls sys.excepthook.
+    monkeypatch.setattr(sys, "excepthook", sys.__excepthook__)
+    monkeypatch.setattr(sys, "unraisablehook", sys.__unraisablehook__)
+    train._drop_closed_loop_reports()
+    train._drop_closed_loop_reports()  # once is enough: a second call does not wrap again
+    sys.excepthook(RuntimeError, RuntimeError("Event loop is closed"), None)
+    assert capsys.readouterr().err == ""
+    sys.excepthook(RuntimeError, RuntimeError("something else"), None)
+    assert "something else" in capsys.readouterr().err
