@@ -4,6 +4,7 @@ random weights at a real shape, on one accelerator.
 
     python benchmarks/train_bench.py --impl jax --json jax.json     # gptoss_jax.train.Trainer
     python benchmarks/train_bench.py --impl hf --json hf.json       # GptOssForCausalLM + peft
+    python benchmarks/train_bench.py --impl jax --method full       # every non-expert parameter
 
 Both train the same adapters: LoRA rank 8 (alpha 16) on the attention projections q, k, v, o and
 on both expert projections of the layers given by --expert-layers (the cookbook: 7, 15, 23),
@@ -45,9 +46,11 @@ def run_jax(config: GptOssConfig, args) -> dict:
     from gptoss_jax.loader import random_model
 
     model = random_model(config, dtype=jnp.bfloat16, seed=0)
-    lora = train.LoraConfig(rank=args.rank, alpha=2.0 * args.rank, targets=("q", "k", "v", "o", "mlp1", "mlp2"),
-                            expert_layers=tuple(args.expert_layers))
-    trainer = train.Trainer(train.add_lora(model, lora), "lora", train.OptimizerConfig(learning_rate=2e-4, steps=1000))
+    if args.method == "lora":
+        lora = train.LoraConfig(rank=args.rank, alpha=2.0 * args.rank, targets=("q", "k", "v", "o", "mlp1", "mlp2"),
+                                expert_layers=tuple(args.expert_layers))
+        model = train.add_lora(model, lora)
+    trainer = train.Trainer(model, args.method, train.OptimizerConfig(learning_rate=2e-4, steps=1000))
     rows = random_rows(config, args.batch, args.seq_len)
     positions = np.broadcast_to(np.arange(args.seq_len, dtype=np.int32), (args.batch, args.seq_len)).copy()
     batch = batch_from_rows(rows[:, :-1], positions, rows[:, 1:], np.ones((args.batch, args.seq_len), np.float32))
@@ -117,6 +120,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--impl", choices=["jax", "hf"], required=True)
     parser.add_argument("--model", choices=PRESETS, default="gpt-oss-20b", help="random weights at this shape")
+    parser.add_argument("--method", choices=["lora", "full"], default="lora",
+                        help="full: every parameter but the frozen MXFP4 experts (--impl jax only)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--rank", type=int, default=8)
@@ -127,9 +132,11 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     config = GptOssConfig.preset(args.model)
     args.expert_layers = [layer for layer in args.expert_layers if layer < config.num_hidden_layers] or [0]
+    if args.method == "full" and args.impl != "jax":
+        parser.error("--method full is measured for --impl jax only")
     result = (run_jax if args.impl == "jax" else run_hf)(config, args)
     step = float(np.median(result["step_seconds"]))
-    result.update(impl=args.impl, model=args.model, batch=args.batch, seq_len=args.seq_len, rank=args.rank,
+    result.update(impl=args.impl, method=args.method, model=args.model, batch=args.batch, seq_len=args.seq_len, rank=args.rank,
                   expert_layers=args.expert_layers, median_step_seconds=step,
                   tokens_per_second=args.batch * args.seq_len / step,
                   date=datetime.date.today().isoformat(), command=" ".join(["python", *sys.argv]))
