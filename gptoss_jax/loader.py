@@ -33,7 +33,7 @@ from gptoss_jax.kernels.dispatch import XLA, Kernels
 from gptoss_jax.kernels.moe_tpu import TpuExperts
 from gptoss_jax.model import EXPERT_AXES, GptOss, abstract_model, expert_hidden_shards, experts_for_tpu
 from gptoss_jax.sharding.memory import TPU_EXPERTS
-from gptoss_jax.sharding.placement import put_host_array
+from gptoss_jax.sharding.placement import place_params, put_host_array
 from gptoss_jax.sharding.rules import named_sharding
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
@@ -70,6 +70,7 @@ def load(path=None, *, mesh=None, dtype="bfloat16", seed: int = 0, kernels: str 
 
 
 def _assemble(graphdef, leaves, values: dict) -> GptOss:
+    place_params(leaves, values)
     for path, var in leaves:
         var.set_value(values[path])
     model = nnx.merge(graphdef, nnx.from_flat_state(leaves))

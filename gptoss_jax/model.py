@@ -34,8 +34,8 @@ from gptoss_jax.sharding.moe import sharded_expert_mix
 from gptoss_jax.sharding.rules import MODEL, named_sharding, partition_spec
 
 
-def _param(shape, dtype, axes):
-    return nnx.Param(jnp.zeros(shape, dtype), axes=axes)
+def _param(shape, dtype, axes, **metadata):
+    return nnx.Param(jnp.zeros(shape, dtype), axes=axes, **metadata)
 
 
 def _precision(dtype):
@@ -637,7 +637,8 @@ class GptOss(nnx.Module):
         self.mesh = mesh
         self.kernels = kernels
         c = config
-        self.embedding = _param((c.vocab_size, c.hidden_size), dtype, ("vocab", "embed"))
+        # Read a row per token: stored row-major on TPUs (sharding.placement.param_placement).
+        self.embedding = _param((c.vocab_size, c.hidden_size), dtype, ("vocab", "embed"), row_lookup=True)
         self.blocks = nnx.List([Block(c, i, dtype, mesh, kernels.moe_tpu) for i in range(c.num_hidden_layers)])
         self.norm = RMSNorm(c, dtype)
         self.unembedding = _param((c.vocab_size, c.hidden_size), dtype, ("vocab", "embed"))

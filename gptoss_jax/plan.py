@@ -48,6 +48,7 @@ from gptoss_jax.loader import parse_dtype
 from gptoss_jax.model import CACHE_AXES, GptOss, LayerCache, abstract_model
 from gptoss_jax.sharding.memory import format_bytes, is_expert, packed_bytes
 from gptoss_jax.sharding.mesh import MESH_AXES, MeshError, MeshSpec, check_mesh_fits_model, make_mesh, parse_mesh_spec
+from gptoss_jax.sharding.placement import param_placement
 from gptoss_jax.sharding.rules import partition_spec
 
 GiB = 2**30
@@ -372,8 +373,8 @@ def abstract_state(config: GptOssConfig, dtype, mesh, kernels: Kernels, device):
     """The model's graph and its parameters as ShapeDtypeStructs placed on the target."""
     graphdef, leaves = abstract_model(config, dtype, mesh, kernels)
     for _, var in leaves:
-        var.set_value(jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=_sharding(var.get_metadata()["axes"],
-                                                                                     var.shape, mesh, device)))
+        sharding = _sharding(var.get_metadata()["axes"], var.shape, mesh, device)
+        var.set_value(jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=param_placement(var, sharding)))
     return graphdef, nnx.from_flat_state(leaves)
 
 

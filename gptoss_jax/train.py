@@ -53,7 +53,7 @@ from gptoss_jax.model import (
     abstract_model,
     adapted_weight,
 )
-from gptoss_jax.sharding.placement import fetch, put_host_array
+from gptoss_jax.sharding.placement import fetch, param_placement, put_host_array
 from gptoss_jax.sharding.rules import DATA, named_sharding
 
 F32 = jnp.float32
@@ -564,6 +564,7 @@ class Trainer:
         self.treedef = jax.tree.structure(params)
         self.param_shapes = {path_key(p): v.shape for p, v in flat}
         self.shardings = {path_key(p): named_sharding(_axes(v), v.shape, self.mesh) for p, v in flat}
+        self.placements = {path_key(p): param_placement(v, self.shardings[path_key(p)]) for p, v in flat}
         self._set_programs(model)
         self.schedule = optimizer.schedule()
         self.state_shardings = self._state_shardings()
@@ -652,7 +653,7 @@ class Trainer:
 
     def model(self) -> GptOss:
         """The model with the current weights (cast to its dtype), dropout off, its kernels."""
-        params = jax.jit(_cast, static_argnums=1, out_shardings=self.shardings)(self.state["params"],
+        params = jax.jit(_cast, static_argnums=1, out_shardings=self.placements)(self.state["params"],
                                                                                 tuple(zip(self.keys, self.dtypes)))
         values = jax.tree.unflatten(self.treedef, [params[k] for k in self.keys])
         return nnx.merge(self.eval_program.graphdef, values, self.rngs, self.frozen, copy=True).with_kernels(self.kernels)
@@ -668,8 +669,8 @@ def _abstract(state, mesh):
     flat = nnx.to_flat_state(state)
     for _, var in flat:
         value = var.get_value()
-        var.set_value(jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=named_sharding(_axes(var), value.shape,
-                                                                                            mesh)))
+        sharding = param_placement(var, named_sharding(_axes(var), value.shape, mesh))
+        var.set_value(jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding))
     return nnx.from_flat_state(flat)
 
 

@@ -407,3 +407,16 @@ def test_a_mesh_far_larger_than_any_host_is_refused_at_once():
                                 text=True, env=env, timeout=60)
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_the_embedding_alone_is_placed_row_major_and_only_on_tpus(single):
+    """sharding.placement.param_placement: the token embedding (read a row per token) gets a
+    row-major layout on TPU devices; every other parameter, and every parameter on other
+    platforms, keeps its sharding as it is (tests/test_tpu_aot.py compiles the TPU case)."""
+    from gptoss_jax.sharding.placement import param_placement
+
+    leaves = dict(nnx.to_flat_state(nnx.state(single)))
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    assert param_placement(leaves[("embedding",)], cpu) is cpu
+    assert [path for path, var in leaves.items() if var.get_metadata().get("row_lookup")] == [("embedding",)]
+    assert single.embedding[...].format.layout.major_to_minor == (0, 1)  # CPU arrays are row-major anyway

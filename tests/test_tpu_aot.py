@@ -215,3 +215,34 @@ def test_a_layer_of_experts_dequantizes_without_integer_temporaries():
     memory = compiled.memory_analysis()
     assert memory.output_size_in_bytes == 32 * 5760 * 2880 * 2
     assert memory.temp_size_in_bytes < 64 * MB, memory
+
+
+def test_the_embedding_is_placed_for_row_lookups():
+    """XLA:TPU's default layout for gpt-oss's [201088, 2880] embedding puts the vocabulary on
+    the lanes, and a lookup of a prompt's rows then copies the whole table first (1.10 GiB of
+    temporaries); placed as sharding.placement.param_placement says, the lookup reads the rows
+    where they lie. The unembedding keeps the default layout, which its GEMM reads as it is."""
+    from gptoss_jax.config import GptOssConfig
+    from gptoss_jax.model import abstract_model
+    from gptoss_jax.sharding.placement import param_placement
+
+    mesh = tpu_aot.one_chip("v5e:1x1")
+    sharding = NamedSharding(mesh, PartitionSpec())
+    _, leaves = abstract_model(GptOssConfig.preset("gpt-oss-20b"), jnp.bfloat16)
+    leaves = dict(leaves)
+    tokens = jax.ShapeDtypeStruct((1024,), jnp.int32, sharding=sharding)
+    table = (201088, 2880)
+    for name, temporaries in (("unembedding", 1.10 * GiB), ("embedding", 0)):  # the default layout, then ours
+        placement = param_placement(leaves[(name,)], sharding)
+        compiled = jax.jit(lambda t, i: t[i]).lower(jax.ShapeDtypeStruct(table, jnp.bfloat16, sharding=placement),
+                                                    tokens).compile()
+        assert compiled.memory_analysis().temp_size_in_bytes == pytest.approx(temporaries, abs=0.01 * GiB), name
+
+
+def test_planned_programs_receive_the_embedding_row_major(planned):
+    _, _, result = planned
+    for program in (result.decode, result.prefill):
+        entry = [line for line in program.hlo.splitlines() if "embedding\\'].value" in line and "parameter(" in line]
+        layouts = {("un" if "unembedding" in line else "") + "embedding": line.split("]{")[1].split(":")[0]
+                   for line in entry}
+        assert layouts == {"embedding": "1,0", "unembedding": "0,1"}  # minor-to-major: 1,0 is row-major
