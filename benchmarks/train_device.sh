@@ -7,6 +7,7 @@ set -uo pipefail
 out=$1; shift
 runs=${*:-jax-lora-20b hf-lora-20b jax-full-20b}
 source benchmarks/device_env.sh
+export PYTHONPATH=$PYTHONPATH:$PWD/.whl  # openai_harmony (the chat format behind the data code)
 mkdir -p "$out"
 (nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo no GPU) | tee "$out/device.txt"
 for run in $runs; do
