@@ -369,11 +369,13 @@ def decode_slots(graphdef, state, slots: SlotState, *, chunk, sampled, filtered)
 
 
 @partial(jax.jit, donate_argnames=("slots",))
-def insert_slot(slots: SlotState, row, caches, logits, length, limit, stop_tokens, key, temperature, top_p, top_k):
-    """Puts one prefilled generation (row 0 of `caches`, which may hold fewer cache slots than
-    the batch: the positions they hold go to the same slots) into batch row `row`."""
+def insert_slot(slots: SlotState, row, source, caches, logits, length, limit, stop_tokens, key, temperature, top_p,
+                top_k):
+    """Puts one prefilled generation (row `source` of `caches` and `logits`; the caches may hold
+    fewer cache slots than the batch: the positions they hold go to the same slots) into batch
+    row `row`."""
     def put_row(batch, value, fill):
-        value = value[:1]
+        value = jax.lax.dynamic_slice_in_dim(value, source, 1, axis=0)
         pad = [(0, 0)] + [(0, b - v) for b, v in zip(batch.shape[1:], value.shape[1:])]
         value = jnp.pad(value, pad, constant_values=fill).astype(batch.dtype)
         return jax.lax.dynamic_update_slice(batch, value, (row,) + (0,) * (batch.ndim - 1))
@@ -420,11 +422,12 @@ class Generation:
 class ContinuousBatch:
     """A decode batch of `slots` rows that generations join and leave while it runs.
 
-    `add(generation)` prefills the prompt alone (batch 1, bucketed lengths as `generate` does)
-    and writes its cache rows, position, limits, stop tokens and sampling settings into a free
-    slot; `step()` decodes one chunk of `chunk` tokens for every occupied slot (the loop of
-    `decode_chunk`) and returns the tokens of the chunk before it, so that the device already
-    runs the next chunk while the host reads one; `cancel(generation)` stops a generation and frees
+    `add(generation)` prefills the prompt (bucketed lengths as `generate` does) and writes its
+    cache rows, position, limits, stop tokens and sampling settings into a free slot;
+    `add_many(generations)` prefills several prompts as the rows of one batch; `step()` decodes
+    one chunk of `chunk` tokens for every occupied slot (the loop of `decode_chunk`) and returns
+    the tokens of the chunk before it, so that the device already runs the next chunk while the
+    host reads one; `cancel(generation)` stops a generation and frees
     its slot. A generation that finishes frees its slot when its last tokens are returned.
     `max_len` bounds prompt plus generated tokens of every generation.
 
@@ -500,36 +503,54 @@ class ContinuousBatch:
     def add(self, generation: Generation) -> None:
         """Prefills `generation` and puts it into a free slot (ValueError if none is free or the
         generation is invalid). One that may generate nothing finishes at once, in no slot."""
-        self.check(generation)
-        if not self.free_slots:
-            raise ValueError("no free slot: wait for a generation to finish or cancel one")
-        generation.limit = min(generation.max_new_tokens, self.max_len - len(generation.prompt))
-        if generation.limit <= 0:
-            generation.finish_reason = "length"
+        self.add_many([generation])
+
+    def add_many(self, generations: list[Generation]) -> None:
+        """`add` for several generations at once: their prompts are prefilled together, as the
+        rows of one batch (a power of two of them, padded to the longest prompt's bucket), and
+        each goes into a free slot. ValueError, with nothing added, if one is invalid or there
+        are fewer free slots than generations."""
+        for generation in generations:
+            self.check(generation)
+        if len(generations) > self.free_slots:
+            raise ValueError("no free slot: wait for a generation to finish or cancel one" if not self.free_slots else
+                             f"{len(generations)} generations for {self.free_slots} free slots")
+        admitted = []
+        for generation in generations:
+            generation.limit = min(generation.max_new_tokens, self.max_len - len(generation.prompt))
+            if generation.limit <= 0:
+                generation.finish_reason = "length"
+            else:
+                admitted.append(generation)
+        if not admitted:
             return
-        row = self.owners.index(None)
-        place, length = self.place, len(generation.prompt)
-        padded = bucket(length, 16)
+        rows = round_up(1 << (len(admitted) - 1).bit_length(), self.prefill_rows)
+        longest = max(len(g.prompt) for g in admitted)
+        padded = bucket(longest, 16)
         cache_len = min(bucket(padded, 64), self.cache_len)
-        step_tokens = _prefill_step(self.model, self.prefill_rows, cache_len, padded)
-        width = round_up(length, step_tokens)
-        tokens = np.full((self.prefill_rows, width), PAD_TOKEN, np.int32)
-        positions = np.full((self.prefill_rows, width), NO_POSITION, np.int32)
-        tokens[0, :length], positions[0, :length] = generation.prompt, np.arange(length)
-        lengths = np.ones(self.prefill_rows, np.int32)
-        lengths[0] = length
-        caches = init_caches(self.model, self.prefill_rows, cache_len)
+        step_tokens = _prefill_step(self.model, rows, cache_len, padded)
+        width = round_up(longest, step_tokens)
+        tokens = np.full((rows, width), PAD_TOKEN, np.int32)
+        positions = np.full((rows, width), NO_POSITION, np.int32)
+        lengths = np.ones(rows, np.int32)
+        for i, generation in enumerate(admitted):
+            length = len(generation.prompt)
+            tokens[i, :length], positions[i, :length], lengths[i] = generation.prompt, np.arange(length), length
+        caches = init_caches(self.model, rows, cache_len)
         logits, caches = _prefill_in_steps(self.graphdef, self.params, tokens, positions, lengths, caches, step_tokens,
-                                           place)
-        stops = assistant_stop_tokens() if generation.stop_tokens is None else list(generation.stop_tokens)
-        stop_row = np.full(self.max_stop_tokens, -1, np.int32)
-        stop_row[:len(stops)] = stops
-        key = np.asarray(jax.random.key_data(jax.random.key(generation.seed % 2**32)))
-        self.state = insert_slot(self.state, np.int32(row), caches, logits, np.int32(length), np.int32(generation.limit),
-                                 stop_row, key, np.float32(generation.temperature), np.float32(generation.top_p),
-                                 np.int32(min(generation.top_k, self.model.config.vocab_size)))
-        generation.slot, generation.tokens_queued = row, 0
-        self.owners[row] = generation
+                                           self.place)
+        for i, generation in enumerate(admitted):
+            stops = assistant_stop_tokens() if generation.stop_tokens is None else list(generation.stop_tokens)
+            stop_row = np.full(self.max_stop_tokens, -1, np.int32)
+            stop_row[:len(stops)] = stops
+            key = np.asarray(jax.random.key_data(jax.random.key(generation.seed % 2**32)))
+            row = self.owners.index(None)
+            self.state = insert_slot(self.state, np.int32(row), np.int32(i), caches, logits, np.int32(lengths[i]),
+                                     np.int32(generation.limit), stop_row, key, np.float32(generation.temperature),
+                                     np.float32(generation.top_p),
+                                     np.int32(min(generation.top_k, self.model.config.vocab_size)))
+            generation.slot, generation.tokens_queued = row, 0
+            self.owners[row] = generation
 
     def cancel(self, generation: Generation) -> None:
         """Stops `generation` (finish_reason "cancelled" unless it had finished) and frees its slot;

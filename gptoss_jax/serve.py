@@ -220,12 +220,17 @@ class Scheduler:
         with self.cond:
             admitted = [self.waiting.popleft() for _ in range(min(batch.free_slots, len(self.waiting)))]
             self.metrics.queue_depth.set(len(self.waiting))
+        valid = []
         for job in admitted:
             try:
-                batch.add(job.generation)
+                batch.check(job.generation)
             except ValueError as error:  # checked by the handler already; reported all the same
                 job.deliver([], None, str(error))
                 continue
+            valid.append(job)
+        if valid:  # prefilled together: one program for every prompt admitted in this round
+            batch.add_many([job.generation for job in valid])
+        for job in valid:
             self.metrics.prompt_tokens.inc(len(job.generation.prompt))
             if job.generation.finish_reason is not None:
                 job.deliver([], job.generation.finish_reason)

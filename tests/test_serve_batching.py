@@ -63,6 +63,35 @@ def test_generations_join_and_leave_and_match_generate_alone(model):
     assert max(occupancy) == 3 and occupancy[-1] == 0 and batch.free_slots == 3
 
 
+def test_prompts_admitted_together_are_prefilled_as_one_batch(model, monkeypatch):
+    """add_many: three prompts of different lengths (and one that may generate nothing) in
+    one prefill of 4 rows, each then decoding what `generate` gives it alone."""
+    from gptoss_jax import engine
+
+    shapes, real = [], engine.prefill
+
+    def counting(graphdef, state, tokens, *args):
+        shapes.append(tokens.shape)
+        return real(graphdef, state, tokens, *args)
+
+    monkeypatch.setattr(engine, "prefill", counting)
+    generations = [Generation(prompt_of(n, 90 + n), 7, temperature=t, seed=n, stop_tokens=[])
+                   for n, t in ((5, 0), (17, 1.0), (2, 0))]
+    nothing = Generation(prompt_of(3, 99), 0, temperature=0, stop_tokens=[])
+    batch = ContinuousBatch(model, slots=4, max_len=40, chunk=3)
+    batch.add_many([generations[0], nothing, *generations[1:]])
+    assert shapes == [(4, 32)] and batch.free_slots == 1 and nothing.finish_reason == "length"
+    run(batch, [])
+    monkeypatch.setattr(engine, "prefill", real)
+    assert [g.tokens for g in generations] == [solo(model, g) for g in generations]
+    batch.add_many([Generation([1], 5), Generation([2], 5)])
+    with pytest.raises(ValueError, match="3 generations for 2 free slots"):
+        batch.add_many([Generation([1], 5) for _ in range(3)])
+    with pytest.raises(ValueError, match="outside"):  # one invalid generation: none is added
+        batch.add_many([Generation([1], 5), Generation([1, 512], 1)])
+    assert batch.free_slots == 2
+
+
 def test_sampling_settings_per_slot(model):
     settings = [dict(temperature=0), dict(temperature=1.0, seed=3), dict(temperature=0.9, top_k=40, top_p=0.9, seed=-6),
                 dict(temperature=1.3, top_k=40, top_p=0.5, seed=2**40 + 5)]
