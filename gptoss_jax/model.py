@@ -594,8 +594,15 @@ class MoE(nnx.Module):
             return jax.lax.ragged_dot(x, jnp.swapaxes(weights, 1, 2), group_sizes, preferred_element_type=F32,
                                       precision=_precision(dt)).astype(dt)
 
+        def frozen_product(x, w, target):
+            return grouped(x, self.expert_projection(w, target))
+
+        # A layer's dequantized experts are recomputed for each projection's backward pass rather
+        # than kept from the forward: one projection's weights live at a time (docs/finetuning.md).
+        frozen_product = jax.checkpoint(frozen_product, static_argnums=2)
+
         def project(x, target):
-            out = grouped(x, self.expert_projection(w, target))
+            out = frozen_product(x, w, target)
             low_rank = self.low_rank(w, target)
             if low_rank is not None:
                 a, b, scale = low_rank
